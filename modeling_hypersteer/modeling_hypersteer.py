@@ -1,0 +1,1163 @@
+"""PyTorch HyperSteer: a hypernetwork that turns a natural-language steering prompt into a steering vector for a
+frozen causal LM, described in "HyperSteer: Activation Steering at Scale with Hypernetworks" (Sun et al., 2025,
+https://huggingface.co/papers/2506.03292).
+
+For a batch row with steering prompt `s`, user prompt `x` and factor `a`, the hypernetwork `H` returns
+
+    v = H(s, x) in R^hidden_size,    h_t <- h_t + a * g_t * v    after decoder layer `steering_layer`,
+
+where `g_t = 1`, or with `token_gate=True`, `g_t = sigmoid(w^T (RMSNorm(h_t) * v / rms(v)) + b)`.
+
+The file is organised like PEFT's LoRA: the layers that own parameters and math first (`HyperSteerRMSNorm`,
+`HyperSteerCrossAttention`, `HyperSteerTokenGate`, `HyperSteerHypernetwork`), then the config-driven wiring that
+freezes the base, places the steering hook and handles saving (`HyperSteerModel`).
+
+This module and `configuration_hypersteer.py` are copied next to saved weights as remote code, so they import
+only torch, transformers and each other.
+"""
+
+import copy
+import inspect
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+
+from .configuration_hypersteer import HyperSteerConfig
+
+
+logger = logging.get_logger(__name__)
+
+REMOTE_CODE_FILES = ("configuration_hypersteer.py", "modeling_hypersteer.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_hypersteer.HyperSteerConfig",
+    "AutoModel": "modeling_hypersteer.HyperSteerModel",
+    "AutoModelForCausalLM": "modeling_hypersteer.HyperSteerModel",
+}
+# Keyword arguments that `AutoModel*.from_pretrained` hands to a remote-code class and that concern the HyperSteer
+# folder itself, never the base model's load.
+_AUTO_CLASS_ONLY_KWARGS = ("trust_remote_code", "_from_auto", "adapter_kwargs", "code_revision", "_commit_hash")
+
+
+def tokenize_steering_prompts(tokenizer, steering_prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise steering prompts the same way for training and inference.
+
+    Prompts are plain text (no chat template) with the tokenizer's own special tokens, right-padded and truncated to
+    `max_length` tokens.
+
+    Returns:
+        `dict` with `steering_input_ids` and `steering_attention_mask`, both `torch.LongTensor` of shape
+        `(batch_size, steering_sequence_length)`.
+    """
+    if isinstance(steering_prompts, str):
+        steering_prompts = [steering_prompts]
+    for index, prompt in enumerate(steering_prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(
+                f"Steering prompt {index} is {prompt!r}; every row needs a non-empty natural-language steering prompt "
+                "such as 'references to legal terminology'."
+            )
+    if tokenizer is None:
+        raise ValueError(
+            "Text steering prompts need a tokenizer: pass `tokenizer=` to `from_base_model`/`from_pretrained`, or pass "
+            "`steering_input_ids`/`steering_attention_mask` tensors instead."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has no pad token; set one (e.g. `tokenizer.pad_token = "
+            "tokenizer.eos_token`) so steering prompts of different lengths can be batched."
+        )
+    encoding = tokenizer(
+        list(steering_prompts),
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        padding_side="right",
+        return_tensors="pt",
+    )
+    return {"steering_input_ids": encoding["input_ids"], "steering_attention_mask": encoding["attention_mask"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers: parameters, initialisation and math
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HyperSteerRMSNorm(nn.Module):
+    """RMS norm computed in float32 (bf16-safe): `y = x / sqrt(mean(x^2) + eps) * weight`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+
+
+class HyperSteerCrossAttention(nn.Module):
+    """Pre-norm multi-head cross-attention from hypernetwork states to the base residual at the steering layer.
+
+    Both sides are RMS-normalised before their projections: base residual norms grow with depth and the BOS
+    position is an outlier, so unnormalised keys would let one position dominate the softmax.
+
+        h <- h + W_o softmax((W_q norm_q(h)) (W_k norm_c(c))^T / sqrt(d)) W_v norm_c(c)
+    """
+
+    def __init__(self, config: HyperSteerConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        inner_size = self.num_heads * self.head_dim
+        self.query_norm = HyperSteerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.context_norm = HyperSteerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.q_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.o_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context_states: torch.Tensor, context_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Hypernetwork states (queries).
+            context_states (`torch.FloatTensor` of shape `(batch_size, context_length, hidden_size)`):
+                Base residual at the steering layer (keys and values).
+            context_mask (`torch.BoolTensor` of shape `(batch_size, context_length)`):
+                `True` where a context position may be attended (the user's prompt, never padding or labels).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`: the updated residual.
+        """
+        batch_size, sequence_length, _ = hidden_states.shape
+        context_length = context_states.shape[1]
+        # (batch_size, length, hidden_size) -> (batch_size, num_heads, length, head_dim)
+        query = self.q_proj(self.query_norm(hidden_states))
+        query = query.view(batch_size, sequence_length, self.num_heads, self.head_dim).transpose(1, 2)
+        normed_context = self.context_norm(context_states)
+        key = self.k_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
+        # A row with no attendable context would give NaN softmax rows (and NaN gradients); let such a row attend
+        # everywhere and discard its result instead.
+        has_context = context_mask.any(dim=-1)
+        attend = context_mask | ~has_context[:, None]
+        attention = F.scaled_dot_product_attention(query, key, value, attn_mask=attend[:, None, None, :])
+        attention = attention * has_context[:, None, None, None].to(attention.dtype)
+        # (batch_size, num_heads, sequence_length, head_dim) -> (batch_size, sequence_length, num_heads * head_dim)
+        attention = attention.transpose(1, 2).reshape(batch_size, sequence_length, self.num_heads * self.head_dim)
+        return hidden_states + self.o_proj(attention)
+
+
+class HyperSteerTokenGate(nn.Module):
+    """Per-token steering coefficient read from the base activation at each position (PSR-style token gating):
+
+        g_t = sigmoid(w^T (RMSNorm(h_t) * v / rms(v)) + b),    g_t in [0, 1].
+
+    The elementwise product lets the gate depend on how each token's state aligns with the steering direction.
+    """
+
+    def __init__(self, config: HyperSteerConfig):
+        super().__init__()
+        self.norm = HyperSteerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, 1, bias=True)
+        self.eps = config.rms_norm_eps
+
+    def forward(self, hidden_states: torch.Tensor, steering_vectors: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): base residual.
+            steering_vectors (`torch.FloatTensor` of shape `(batch_size, hidden_size)`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, sequence_length)` with values in [0, 1].
+        """
+        vectors = steering_vectors.to(torch.float32)
+        direction = vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + self.eps)
+        features = self.norm(hidden_states.to(self.proj.weight.dtype)) * direction[:, None, :].to(self.proj.weight.dtype)
+        return torch.sigmoid(self.proj(features).squeeze(-1))
+
+
+class HyperSteerHypernetwork(nn.Module):
+    """The trainable part of HyperSteer: decoder blocks over the steering prompt, optional cross-attention to the
+    base residual, last-token pooling, a final norm and an output projection to `v`.
+
+    The decoder blocks are of the base's own architecture, so `hypernet_init="base"` can start from the base's first
+    pretrained layers. With `hypernet_type="cross_attention"`, a cross-attention sublayer precedes every decoder
+    block (as gated cross-attention layers are interleaved with a frozen LM in Flamingo), which keeps each pretrained
+    block intact. The output projection starts at zero, so an untrained model steers by exactly zero.
+    """
+
+    def __init__(self, config: HyperSteerConfig, decoder_layers: Sequence[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(decoder_layers)
+        if config.hypernet_type == "cross_attention":
+            self.cross_attentions = nn.ModuleList(HyperSteerCrossAttention(config) for _ in decoder_layers)
+        else:
+            self.cross_attentions = None
+        self.norm = HyperSteerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.output_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layer_attention_masks: Sequence[torch.Tensor | None],
+        layer_position_embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        position_ids: torch.LongTensor,
+        context_states: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+                Embedded hypernetwork input, real tokens packed to the left (right padding only).
+            attention_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): real-token mask.
+            layer_attention_masks (`list`): the causal mask each decoder block expects (per its attention type).
+            layer_position_embeddings (`list`): the rotary `(cos, sin)` each decoder block expects.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+            context_states (`torch.FloatTensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
+                Base residual at the steering layer, for `hypernet_type="cross_attention"`.
+            context_mask (`torch.BoolTensor` of shape `(batch_size, context_length)`, *optional*).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`: the steering vectors `v`.
+        """
+        hidden_states = inputs_embeds
+        for index, layer in enumerate(self.layers):
+            if self.cross_attentions is not None:
+                hidden_states = self.cross_attentions[index](hidden_states, context_states, context_mask)
+            layer_output = layer(
+                hidden_states,
+                attention_mask=layer_attention_masks[index],
+                position_ids=position_ids,
+                position_embeddings=layer_position_embeddings[index],
+                past_key_values=None,
+                use_cache=False,
+            )
+            hidden_states = layer_output[0] if isinstance(layer_output, tuple) else layer_output
+        # Pool the last real token: packed inputs make its index `length - 1` for every row.
+        last_index = attention_mask.sum(dim=-1) - 1
+        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        return self.output_projection(self.norm(pooled))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    Base model outputs with the steering that produced them.
+
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        Language-modelling loss of the steered base on the label tokens.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Steered prediction scores.
+    past_key_values (`Cache`, *optional*): the base's key/value cache.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): the base's hidden states (steered from the steering
+        layer on).
+    attentions (`tuple(torch.FloatTensor)`, *optional*): the base's attention weights.
+    steering_vectors (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        The vectors `v` added at the steering layer (before the steering factor).
+    steering_gates (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The per-token gate `g_t` when `token_gate=True`.
+    """
+
+    steering_vectors: torch.FloatTensor | None = None
+    steering_gates: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring: base model, freezing, steering hook, generation, saving and loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SteeringRequest:
+    """Everything one `forward`/`generate`/`compute_steering_vectors` call steers with; it lives for that call only.
+
+    `steering_vectors` is filled at the first pass through the steering layer (the prefill, for generation) and
+    reused by every later decoding step of the same request.
+    """
+
+    steering_input_ids: torch.LongTensor | None
+    steering_attention_mask: torch.Tensor | None
+    steering_factor: torch.Tensor
+    context_mask: torch.Tensor | None
+    context_input_ids: torch.LongTensor | None = None
+    label_mask: torch.Tensor | None = None
+    steering_vectors: torch.Tensor | None = None
+    steering_gates: torch.Tensor | None = None
+    is_generation: bool = False
+    decoding_from_cache: bool = False
+    stop_after_vectors: bool = False
+    prompt_last_position: torch.Tensor | None = None
+    passes: int = 0
+
+    def expand_to(self, batch_size: int) -> None:
+        """Repeat per-row inputs for beam search / `num_return_sequences`, which expand the batch before prefill."""
+        current = self.steering_factor.shape[0]
+        if batch_size == current:
+            return
+        if batch_size % current != 0:
+            raise ValueError(
+                f"The base model ran a batch of {batch_size} rows, which is not a multiple of the {current} steering "
+                "rows given; pass one steering prompt/factor per input row."
+            )
+        repeats = batch_size // current
+        for name in ("steering_input_ids", "steering_attention_mask", "steering_factor", "context_mask",
+                     "context_input_ids", "label_mask", "steering_vectors"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.repeat_interleave(repeats, dim=0))
+
+
+class _StopAtSteeringLayer(Exception):
+    """Raised by the hook once `v` is known, so `compute_steering_vectors` skips the layers above the steering one."""
+
+
+class HyperSteerPreTrainedModel(PreTrainedModel):
+    config_class = HyperSteerConfig
+    config: HyperSteerConfig
+    base_model_prefix = "language_model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = []
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise the hypernetwork's own modules; decoder blocks are initialised when built (copied from the base
+        or drawn by the base architecture's own initialiser) and the frozen base is never touched."""
+        std = self.config.initializer_range
+        if isinstance(module, HyperSteerRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, nn.Linear):
+            if module is self.hypernetwork.output_projection:
+                # Zero output projection (as LoRA zeroes `lora_B`): at step 0 the steered model equals the base.
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
+    """Steer a frozen causal LM with vectors produced from natural-language steering prompts by a hypernetwork,
+    described in detail in https://huggingface.co/papers/2506.03292.
+
+    The base LM (`language_model`) is frozen and never saved; only `hypernetwork` is trained and saved. The steering
+    vector is computed *inside* the base forward, at the steering layer, from the very residual it is added to (one
+    base pass), by a forward hook that exists only for the duration of one call.
+
+    Args:
+        config ([`HyperSteerConfig`]): the architecture.
+        language_model ([`PreTrainedModel`]): a decoder-only causal LM exposing `model.layers` (Gemma-2, Gemma-3
+            text, Llama/SmolLM2, Qwen2/3, ...).
+        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
+        hypernet_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the trainable weights;
+            float32 master weights keep training stable under `--bf16` autocast with a bf16 base.
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from modeling_hypersteer import HyperSteerModel
+
+    >>> base = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it")
+    >>> tokenizer = AutoTokenizer.from_pretrained("google/gemma-2-2b-it")
+    >>> model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=20)
+    >>> inputs = tokenizer.apply_chat_template(
+    ...     [[{"role": "user", "content": "Explain sorting."}]], add_generation_prompt=True, return_tensors="pt",
+    ...     return_dict=True)
+    >>> output_ids = model.generate(**inputs, steering_prompt="legal terminology", max_new_tokens=32)
+    ```
+    """
+
+    def __init__(self, config: HyperSteerConfig, language_model: PreTrainedModel | None = None, tokenizer=None,
+                 hypernet_dtype: torch.dtype | None = None):
+        super().__init__(config)
+        if language_model is None:
+            raise ValueError(
+                "HyperSteerModel wraps a frozen base model: build it with `HyperSteerModel.from_base_model(base, ...)` "
+                "or load it with `HyperSteerModel.from_pretrained(path)`, which loads the base named in the config."
+            )
+        decoder_layers = _decoder_layers_of(language_model)
+        _check_base_matches_config(language_model, config)
+        base_config = language_model.config.get_text_config()
+        self._hypernet_layer_types = [
+            _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
+        ]
+        hypernet_layers = [
+            _hypernet_decoder_layer(language_model, decoder_layers, index, config.hypernet_init)
+            for index in range(config.hypernet_num_layers)
+        ]
+        self.hypernetwork = HyperSteerHypernetwork(config, hypernet_layers)
+        self.post_init()
+        # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
+        self.language_model = language_model
+        language_model.requires_grad_(False)
+        language_model.eval()
+        steering_device = _module_device(decoder_layers[config.steering_layer])
+        self.hypernetwork.to(device=steering_device, dtype=hypernet_dtype or torch.float32)
+        # The checkpoint holds the hypernetwork only; declaring the base keys as never-saved also keeps Trainer's
+        # checkpoint reload from warning about them.
+        self._keys_to_ignore_on_save = {f"language_model.{name}" for name in language_model.state_dict()}
+        self.tokenizer = tokenizer
+        self.generation_config = copy.deepcopy(language_model.generation_config)
+
+    # ----- construction, saving and loading -------------------------------------------------------------------
+
+    @classmethod
+    def from_base_model(cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None,
+                        **config_kwargs) -> "HyperSteerModel":
+        """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
+
+        The base's shape (hidden size, heads, layers) is read from the base itself.
+        """
+        _decoder_layers_of(base_model)
+        base_config = base_model.config.get_text_config()
+        hidden_size = base_config.hidden_size
+        num_heads = base_config.num_attention_heads
+        shape = {
+            "hidden_size": hidden_size,
+            "num_attention_heads": num_heads,
+            "head_dim": getattr(base_config, "head_dim", None) or hidden_size // num_heads,
+            "base_num_hidden_layers": base_config.num_hidden_layers,
+            "rms_norm_eps": getattr(base_config, "rms_norm_eps", None) or 1e-6,
+        }
+        for name, value in shape.items():
+            config_kwargs.setdefault(name, value)
+        config_kwargs.setdefault("base_model_name_or_path", base_model.name_or_path or None)
+        config = HyperSteerConfig(**config_kwargs)
+        return cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        base_model: PreTrainedModel | None = None,
+        tokenizer=None,
+        config: HyperSteerConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        subfolder: str = "",
+        hypernet_dtype: torch.dtype | None = None,
+        **base_model_kwargs,
+    ) -> "HyperSteerModel":
+        """Load a saved HyperSteer: the config and hypernetwork weights from `pretrained_model_name_or_path`, the
+        frozen base from `config.base_model_name_or_path` (at `config.base_model_revision`) unless `base_model` is given.
+
+        Remaining keyword arguments (`dtype`, `device_map`, `attn_implementation`, ...) go to the base's
+        `AutoModelForCausalLM.from_pretrained`. `revision` refers to the HyperSteer repository, never to the base.
+        """
+        if model_args:
+            raise TypeError(f"HyperSteerModel.from_pretrained takes no extra positional arguments, got {model_args}.")
+        for name in _AUTO_CLASS_ONLY_KWARGS:
+            base_model_kwargs.pop(name, None)
+        hub_kwargs = {
+            "cache_dir": cache_dir,
+            "force_download": force_download,
+            "local_files_only": local_files_only,
+            "token": token,
+            "revision": revision,
+            "subfolder": subfolder,
+        }
+        if config is None:
+            config = HyperSteerConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise ValueError(
+                    f"The config in {pretrained_model_name_or_path} names no `base_model_name_or_path`; pass the loaded "
+                    "base with `base_model=`."
+                )
+            base_model = AutoModelForCausalLM.from_pretrained(
+                config.base_model_name_or_path,
+                revision=config.base_model_revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                **base_model_kwargs,
+            )
+        elif base_model_kwargs:
+            logger.warning(
+                f"Ignoring base-model loading arguments {sorted(base_model_kwargs)} because `base_model` was given."
+            )
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(pretrained_model_name_or_path, config, hub_kwargs)
+        model = cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
+        weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
+        model.load_hypernetwork_state_dict(load_state_dict(weights_file))
+        model.eval()
+        return model
+
+    def load_hypernetwork_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load hypernetwork weights saved by `save_pretrained` (keys prefixed `hypernetwork.`), strictly."""
+        prefix = "hypernetwork."
+        foreign = sorted(key for key in state_dict if not key.startswith(prefix))
+        if foreign:
+            raise ValueError(
+                f"The checkpoint holds keys outside the hypernetwork ({foreign[:5]}...); a HyperSteer checkpoint stores "
+                "only `hypernetwork.*` weights."
+            )
+        expected = self.hypernetwork.state_dict()
+        weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        for key, value in weights.items():
+            if key in expected and expected[key].shape != value.shape:
+                raise ValueError(
+                    f"Checkpoint tensor `{prefix}{key}` has shape {tuple(value.shape)} but this model expects "
+                    f"{tuple(expected[key].shape)}: the checkpoint was trained for a base of another hidden size or "
+                    "architecture than the one given."
+                )
+        result = self.hypernetwork.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"Checkpoint does not match the hypernetwork: missing {result.missing_keys[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}. Was it saved with another `hypernet_type`/`hypernet_num_layers`?"
+            )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict: dict | None = None,
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Save the config (with `auto_map`), the hypernetwork weights (never the base), the generation config, the
+        tokenizer and the two remote-code files, so `AutoModelForCausalLM.from_pretrained(dir,
+        trust_remote_code=True)` works where this package is not installed."""
+        if state_dict is None:
+            state_dict = {f"hypernetwork.{key}": value for key, value in self.hypernetwork.state_dict().items()}
+        else:
+            state_dict = {key: value for key, value in state_dict.items() if key.startswith("hypernetwork.")}
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        source_dir = Path(__file__).resolve().parent
+        for file_name in REMOTE_CODE_FILES:
+            if Path(save_directory, file_name).resolve() != (source_dir / file_name):
+                shutil.copyfile(source_dir / file_name, Path(save_directory, file_name))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+
+    # ----- parameters -------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def train(self, mode: bool = True) -> "HyperSteerModel":
+        """Train the hypernetwork; the frozen base always stays in eval mode (its dropout would only add noise)."""
+        super().train(mode)
+        self.language_model.eval()
+        return self
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Return `(trainable parameters, all parameters)`, counting the frozen base too."""
+        trainable = sum(parameter.numel() for parameter in self.parameters() if parameter.requires_grad)
+        return trainable, sum(parameter.numel() for parameter in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        logger.warning(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the base's and the hypernetwork's decoder layers.
+
+        Defaults to non-reentrant checkpointing: the frozen base receives inputs that do not require grad, so
+        reentrant checkpointing would cut the gradient path from the loss back to the hypernetwork.
+        """
+        gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    # ----- steering ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        steering_input_ids: torch.LongTensor | None = None,
+        steering_attention_mask: torch.Tensor | None = None,
+        steering_vectors: torch.FloatTensor | None = None,
+        steering_factor: float | Sequence[float] | torch.Tensor | None = None,
+        steering_prompt: str | Sequence[str] | None = None,
+        **kwargs,
+    ) -> HyperSteerCausalLMOutputWithPast:
+        r"""
+        Run the base model once, steered at `config.steering_layer`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): prompt (and response) tokens.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`): 1 for real tokens, 0 for padding.
+                Left or right padding gives the same result: positions are derived from this mask.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): response tokens, -100
+                elsewhere. The hypernetwork only reads positions that are real and not labels, so it never sees the
+                response it is trained to produce.
+            steering_input_ids (`torch.LongTensor` of shape `(batch_size, steering_sequence_length)`, *optional*):
+                Tokenised steering prompts (see `tokenize_steering_prompts`).
+            steering_attention_mask (`torch.Tensor` of shape `(batch_size, steering_sequence_length)`, *optional*).
+            steering_vectors (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*): precomputed
+                vectors to add instead of running the hypernetwork.
+            steering_factor (`float`, list of floats or `torch.Tensor` of shape `(batch_size,)`, *optional*):
+                Per-row factors; defaults to `config.default_steering_factor`. 0 reproduces the base exactly.
+            steering_prompt (`str` or list of `str`, *optional*): text steering prompts (needs the tokenizer).
+
+        Returns:
+            [`HyperSteerCausalLMOutputWithPast`] with `steering_vectors` of shape `(batch_size, hidden_size)`.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass `input_ids` or `inputs_embeds`.")
+        batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=device)
+        decoding_from_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
+        request = self._build_request(
+            batch_size=batch_size,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            steering_prompt=steering_prompt,
+            steering_input_ids=steering_input_ids,
+            steering_attention_mask=steering_attention_mask,
+            steering_vectors=steering_vectors,
+            steering_factor=steering_factor,
+        )
+        request.decoding_from_cache = decoding_from_cache
+        if position_ids is None and not decoding_from_cache:
+            position_ids = _positions_from_mask(attention_mask)
+        with self._steering_hook(request):
+            outputs = self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        return HyperSteerCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            steering_vectors=request.steering_vectors,
+            steering_gates=request.steering_gates,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        steering_prompt: str | Sequence[str] | None = None,
+        steering_factor: float | Sequence[float] | torch.Tensor | None = None,
+        steering_input_ids: torch.LongTensor | None = None,
+        steering_attention_mask: torch.Tensor | None = None,
+        steering_vectors: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        """Generate with the base's own `generate` (every decoding strategy, cache and stopping rule), steered.
+
+        `v` is computed once at the prefill from the prompt's residual and reused at every decoding step, where it is
+        added according to `config.steering_positions`. Per-row steering prompts and factors share one batch; beam
+        search and `num_return_sequences` repeat them to match. All other arguments are the base's `generate`
+        arguments; the return value is the base's.
+        """
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        inputs_embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("Pass the prompt as `input_ids` (or `inputs_embeds`) to steer generation.")
+        batch_size, sequence_length = reference.shape[:2]
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=reference.device)
+        if kwargs.get("use_cache") is False and self.config.steering_positions != "all":
+            # Without a cache every step re-runs the whole sequence; prompt/generated positions are still told
+            # apart by position id, which the hook reads from the decoder layer's arguments.
+            logger.warning_once("Generating with `use_cache=False` re-runs the prompt at every step; this is slow.")
+        request = self._build_request(
+            batch_size=batch_size,
+            input_ids=input_ids if input_ids is not None and input_ids.dim() == 2 else None,
+            attention_mask=attention_mask,
+            labels=None,
+            steering_prompt=steering_prompt,
+            steering_input_ids=steering_input_ids,
+            steering_attention_mask=steering_attention_mask,
+            steering_vectors=steering_vectors,
+            steering_factor=steering_factor,
+        )
+        request.is_generation = True
+        with self._steering_hook(request):
+            return self.language_model.generate(inputs, **kwargs)
+
+    def compute_steering_vectors(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        steering_prompt: str | Sequence[str] | None = None,
+        steering_input_ids: torch.LongTensor | None = None,
+        steering_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ) -> torch.FloatTensor:
+        """Return the steering vectors `v` without generating.
+
+        For `"no_context"` no base pass is needed (`input_ids` may be omitted) and the result can be cached per
+        steering prompt and passed to `generate(steering_vectors=...)`. Otherwise the base runs only up to the
+        steering layer.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
+        """
+        if self.config.hypernet_type == "no_context" and input_ids is None:
+            steering = self._steering_inputs(None, steering_prompt, steering_input_ids, steering_attention_mask)
+            vectors = self._run_hypernetwork(steering[0], steering[1], None, None, None)
+            _check_finite(vectors)
+            return vectors
+        if input_ids is None:
+            raise ValueError(
+                f"`hypernet_type={self.config.hypernet_type!r}` reads the user's prompt: pass `input_ids` and "
+                "`attention_mask` as well as the steering prompt."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        request = self._build_request(
+            batch_size=input_ids.shape[0],
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            steering_prompt=steering_prompt,
+            steering_input_ids=steering_input_ids,
+            steering_attention_mask=steering_attention_mask,
+            steering_vectors=None,
+            steering_factor=None,
+        )
+        request.stop_after_vectors = True
+        try:
+            with self._steering_hook(request):
+                self.language_model.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=_positions_from_mask(attention_mask),
+                    use_cache=False,
+                )
+        except _StopAtSteeringLayer:
+            pass
+        _check_finite(request.steering_vectors)
+        return request.steering_vectors
+
+    def _build_request(
+        self,
+        batch_size: int,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor,
+        labels: torch.LongTensor | None,
+        steering_prompt,
+        steering_input_ids,
+        steering_attention_mask,
+        steering_vectors,
+        steering_factor,
+    ) -> _SteeringRequest:
+        """Validate one call's steering inputs at the boundary and collect them for the hook."""
+        device = attention_mask.device
+        real_tokens = attention_mask.bool()
+        label_mask = labels.ne(-100) & real_tokens if labels is not None else None
+        context_mask = real_tokens & ~label_mask if label_mask is not None else real_tokens
+        if steering_vectors is not None:
+            if steering_prompt is not None or steering_input_ids is not None:
+                raise ValueError("Pass either `steering_vectors` or a steering prompt, not both.")
+            if steering_vectors.dim() != 2 or steering_vectors.shape != (batch_size, self.config.hidden_size):
+                raise ValueError(
+                    f"`steering_vectors` must have shape (batch_size, hidden_size) = ({batch_size}, "
+                    f"{self.config.hidden_size}), got {tuple(steering_vectors.shape)}."
+                )
+            ids = mask = None
+        else:
+            ids, mask = self._steering_inputs(batch_size, steering_prompt, steering_input_ids, steering_attention_mask)
+        context_input_ids = None
+        if self.config.hypernet_type == "in_context" and steering_vectors is None:
+            if input_ids is None:
+                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
+            context_input_ids = input_ids
+        return _SteeringRequest(
+            steering_input_ids=ids,
+            steering_attention_mask=mask,
+            steering_factor=self._steering_factors(batch_size, steering_factor, device),
+            context_mask=context_mask,
+            context_input_ids=context_input_ids,
+            label_mask=label_mask,
+            steering_vectors=steering_vectors,
+        )
+
+    def _steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
+        """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
+        if steering_prompt is not None:
+            if steering_input_ids is not None:
+                raise ValueError("Pass either `steering_prompt` or `steering_input_ids`, not both.")
+            prompts = [steering_prompt] * (batch_size or 1) if isinstance(steering_prompt, str) else list(steering_prompt)
+            encoding = tokenize_steering_prompts(self.tokenizer, prompts, self.config.max_steering_prompt_length)
+            steering_input_ids = encoding["steering_input_ids"]
+            steering_attention_mask = encoding["steering_attention_mask"]
+        if steering_input_ids is None:
+            raise ValueError(
+                "No steering prompt given: pass `steering_prompt=` (text, one per row), `steering_input_ids=` or "
+                "`steering_vectors=`. For unsteered outputs use `steering_factor=0` or `model.language_model`."
+            )
+        if steering_attention_mask is None:
+            steering_attention_mask = torch.ones_like(steering_input_ids)
+        if batch_size is not None and steering_input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {steering_input_ids.shape[0]} steering prompts for {batch_size} input rows; pass one steering "
+                "prompt per row (or a single string for all rows)."
+            )
+        if steering_attention_mask.shape != steering_input_ids.shape:
+            raise ValueError(
+                f"`steering_attention_mask` has shape {tuple(steering_attention_mask.shape)} but `steering_input_ids` "
+                f"has {tuple(steering_input_ids.shape)}."
+            )
+        if steering_input_ids.shape[1] == 0:
+            raise ValueError("The steering prompts are empty (0 tokens); pass non-empty steering prompts.")
+        device = self.get_input_embeddings().weight.device
+        return steering_input_ids.to(device), steering_attention_mask.to(device)
+
+    def _steering_factors(self, batch_size: int, steering_factor, device) -> torch.Tensor:
+        """Return the per-row factors as a float32 tensor of shape `(batch_size,)`."""
+        if steering_factor is None:
+            steering_factor = self.config.default_steering_factor
+        if isinstance(steering_factor, torch.Tensor):
+            factors = steering_factor.to(device=device, dtype=torch.float32).reshape(-1)
+        elif isinstance(steering_factor, (int, float)):
+            factors = torch.full((batch_size,), float(steering_factor), device=device)
+        else:
+            factors = torch.tensor([float(value) for value in steering_factor], device=device)
+        if factors.numel() == 1 and batch_size != 1:
+            factors = factors.expand(batch_size)
+        if factors.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
+                "single number."
+            )
+        if not isinstance(steering_factor, torch.Tensor) and not all(abs(value) < float("inf") for value in factors.tolist()):
+            raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
+        return factors
+
+    @contextmanager
+    def _steering_hook(self, request: _SteeringRequest) -> Iterator[None]:
+        """Register the steering hook on the steering layer for one call; it is removed even if the call raises."""
+        layer = _decoder_layers_of(self.language_model)[self.config.steering_layer]
+
+        def steer(module, args, kwargs, output):
+            hidden_states = output[0] if isinstance(output, tuple) else output
+            steered = self._apply_steering(request, hidden_states, kwargs.get("position_ids"))
+            if isinstance(output, tuple):
+                return (steered,) + tuple(output[1:])
+            return steered
+
+        # `prepend=True` runs before the hooks transformers installs to record hidden states, so the recorded
+        # state of the steering layer is the steered one.
+        handle = layer.register_forward_hook(steer, with_kwargs=True, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _apply_steering(self, request: _SteeringRequest, hidden_states: torch.Tensor,
+                        position_ids: torch.LongTensor | None) -> torch.Tensor:
+        """Compute `v` at the first pass of the request, then add `factor * g_t * v` at the selected positions.
+
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the output
+                residual of the steering layer.
+        Returns:
+            `torch.FloatTensor` of the same shape and dtype.
+        """
+        first_pass = request.passes == 0
+        request.passes += 1
+        if first_pass:
+            request.expand_to(hidden_states.shape[0])
+            if position_ids is not None and request.is_generation:
+                request.prompt_last_position = position_ids.max(dim=-1, keepdim=True).values
+        if request.steering_vectors is None:
+            context_states = hidden_states if self.config.hypernet_type == "cross_attention" else None
+            request.steering_vectors = self._run_hypernetwork(
+                request.steering_input_ids,
+                request.steering_attention_mask,
+                context_states,
+                request.context_mask,
+                request.context_input_ids,
+            )
+            if request.is_generation:
+                _check_finite(request.steering_vectors)
+        if request.stop_after_vectors:
+            raise _StopAtSteeringLayer()
+        vectors = request.steering_vectors.to(device=hidden_states.device)
+        scale = request.steering_factor.to(hidden_states.device)[:, None, None]
+        position_mask = self._steering_position_mask(request, hidden_states, position_ids, first_pass)
+        if position_mask is not None:
+            scale = scale * position_mask[..., None].to(scale.dtype)
+        if self.hypernetwork.token_gate is not None:
+            gates = self.hypernetwork.token_gate(hidden_states.to(vectors.device), vectors).to(hidden_states.device)
+            request.steering_gates = gates if first_pass else request.steering_gates
+            scale = scale * gates[..., None]
+        return hidden_states + (scale * vectors[:, None, :]).to(hidden_states.dtype)
+
+    def _steering_position_mask(self, request, hidden_states, position_ids, first_pass) -> torch.Tensor | None:
+        """`None` to steer every position, else a `(batch_size, sequence_length)` mask of positions to steer."""
+        mode = self.config.steering_positions
+        if mode == "all":
+            return None
+        batch_size, sequence_length = hidden_states.shape[:2]
+        if request.is_generation:
+            if first_pass or position_ids is None or request.prompt_last_position is None:
+                # Prefill holds the prompt only; with a cache, every later pass holds generated tokens only.
+                generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+                if not first_pass:
+                    generated = ~generated
+            else:
+                generated = position_ids.expand(batch_size, -1) > request.prompt_last_position.to(position_ids.device)
+        elif request.decoding_from_cache:
+            generated = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+        elif request.label_mask is not None:
+            generated = request.label_mask
+        else:
+            generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+        generated = generated.to(hidden_states.device)
+        return generated if mode == "generated" else ~generated
+
+    def _run_hypernetwork(self, steering_input_ids, steering_attention_mask, context_states, context_mask,
+                          context_input_ids) -> torch.Tensor:
+        """Embed the hypernetwork's input with the frozen base embeddings and run it.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in the hypernetwork's dtype.
+        """
+        parameter = self.hypernetwork.output_projection.weight
+        with torch.no_grad():
+            inputs_embeds = self.get_input_embeddings()(steering_input_ids).to(parameter)
+        token_mask = steering_attention_mask.bool().to(parameter.device)
+        if context_input_ids is not None:
+            with torch.no_grad():
+                context_embeds = self.get_input_embeddings()(context_input_ids).to(parameter)
+            inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask, context_embeds, context_mask.to(parameter.device))
+        else:
+            inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask)
+        batch_size, sequence_length = token_mask.shape
+        position_ids = torch.arange(sequence_length, device=parameter.device).expand(batch_size, -1)
+        layer_masks, layer_positions = self._hypernet_layer_arguments(inputs_embeds, token_mask, position_ids)
+        if context_states is not None:
+            context_states = context_states.to(parameter)
+            context_mask = context_mask.to(parameter.device)
+        else:
+            context_mask = None
+        return self.hypernetwork(
+            inputs_embeds,
+            token_mask,
+            layer_masks,
+            layer_positions,
+            position_ids,
+            context_states=context_states,
+            context_mask=context_mask,
+        )
+
+    def _hypernet_layer_arguments(self, inputs_embeds, token_mask, position_ids):
+        """Causal masks and rotary embeddings for the hypernetwork's decoder blocks, built the way the base builds
+        them for its own layers (per attention type: full or sliding window)."""
+        base_config = self.language_model.config.get_text_config()
+        mask_kwargs = {
+            "config": base_config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": token_mask.long(),
+            "past_key_values": None,
+            "position_ids": position_ids,
+        }
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self._hypernet_layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        rotary = self.language_model.model.rotary_emb
+        rotary_device = next(rotary.buffers()).device
+        takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        positions = {}
+        for layer_type in set(self._hypernet_layer_types):
+            extra = (layer_type,) if takes_layer_type else ()
+            cos, sin = rotary(inputs_embeds.to(rotary_device), position_ids.to(rotary_device), *extra)
+            positions[layer_type] = (cos.to(inputs_embeds.device), sin.to(inputs_embeds.device))
+        layer_masks = [masks.get(layer_type, masks["full_attention"]) for layer_type in self._hypernet_layer_types]
+        layer_positions = [positions[layer_type] for layer_type in self._hypernet_layer_types]
+        return layer_masks, layer_positions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_layers_of(language_model: nn.Module) -> nn.ModuleList:
+    """The base's decoder layers, or a `ValueError` naming what is supported."""
+    inner = getattr(language_model, "model", None)
+    layers = getattr(inner, "layers", None)
+    config = getattr(language_model, "config", None)
+    if (
+        not isinstance(layers, nn.ModuleList)
+        or len(layers) == 0
+        or getattr(config, "is_encoder_decoder", False)
+        or not hasattr(inner, "rotary_emb")
+    ):
+        raise ValueError(
+            f"HyperSteer supports decoder-only causal LMs with rotary positions that expose `model.model.layers` "
+            f"(Gemma-2, Gemma-3 text, Llama/SmolLM2, Qwen2/3); got {type(language_model).__name__}. For multimodal "
+            "checkpoints pass the text-only causal LM."
+        )
+    return layers
+
+
+def _check_base_matches_config(language_model: PreTrainedModel, config: HyperSteerConfig) -> None:
+    base_config = language_model.config.get_text_config()
+    if config.hidden_size is None or config.num_attention_heads is None or config.head_dim is None:
+        raise ValueError(
+            "The config does not record the base model's shape (`hidden_size`, `num_attention_heads`, `head_dim`); "
+            "build the model with `HyperSteerModel.from_base_model(base, ...)`."
+        )
+    if config.hidden_size != base_config.hidden_size:
+        raise ValueError(
+            f"Hidden-size mismatch: the HyperSteer config/checkpoint expects a base with hidden_size="
+            f"{config.hidden_size}, but {type(language_model).__name__} has hidden_size={base_config.hidden_size}. "
+            f"Load it with the base it was trained on ({config.base_model_name_or_path!r})."
+        )
+    num_layers = base_config.num_hidden_layers
+    if config.base_num_hidden_layers is not None and config.base_num_hidden_layers != num_layers:
+        raise ValueError(
+            f"The HyperSteer config expects a base with {config.base_num_hidden_layers} layers, but the given base has "
+            f"{num_layers}. Load it with the base it was trained on ({config.base_model_name_or_path!r})."
+        )
+    if not 0 <= config.steering_layer < num_layers:
+        raise ValueError(
+            f"`steering_layer={config.steering_layer}` is out of range for a base with {num_layers} layers; choose "
+            f"0..{num_layers - 1}."
+        )
+    if config.hypernet_init == "base" and config.hypernet_num_layers > num_layers:
+        raise ValueError(
+            f"`hypernet_init='base'` needs `hypernet_num_layers` <= {num_layers} (the base's depth), got "
+            f"{config.hypernet_num_layers}; lower it or use `hypernet_init='random'`."
+        )
+
+
+def _layer_type(base_config, layer_index: int) -> str:
+    layer_types = getattr(base_config, "layer_types", None)
+    return layer_types[layer_index] if layer_types else "full_attention"
+
+
+def _hypernet_decoder_layer(language_model, decoder_layers, index: int, init: str) -> nn.Module:
+    """A decoder block of the base's architecture: a copy of base layer `index` (`init="base"`) or the same block
+    freshly drawn by the base architecture's own initialiser (`init="random"`)."""
+    layer = copy.deepcopy(decoder_layers[index % len(decoder_layers)])
+    # The copy carries transformers' output-recording hooks from the base; they must not fire inside the hypernet.
+    for module in layer.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._forward_hooks_with_kwargs.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+    layer.requires_grad_(True)
+    if init == "random":
+        with torch.no_grad():
+            for module in layer.modules():
+                module.__dict__.pop("_is_hf_initialized", None)
+                for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                    tensor.__dict__.pop("_is_hf_initialized", None)
+                language_model._init_weights(module)
+    # Mark the block as initialised so `post_init` leaves it as built.
+    for module in layer.modules():
+        module._is_hf_initialized = True
+    return layer
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids that count only real tokens, so left and right padding give the same positions."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.clamp(min=0)
+
+
+def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):
+    """Concatenate two padded sequences and move every real token to the left, in order.
+
+    Args:
+        first_embeds (`torch.FloatTensor` of shape `(batch_size, first_length, hidden_size)`), first_mask (`torch.BoolTensor`
+        of shape `(batch_size, first_length)`), and optionally the same for a second sequence.
+
+    Returns:
+        `(embeds, mask)` of shapes `(batch_size, first_length + second_length, hidden_size)` and
+        `(batch_size, first_length + second_length)`: row `b` holds its real tokens at positions
+        `0 .. n_b - 1` and zeros after, whatever the padding side of the inputs.
+    """
+    embeds, mask = first_embeds, first_mask.bool()
+    if second_embeds is not None:
+        embeds = torch.cat([embeds, second_embeds], dim=1)
+        mask = torch.cat([mask, second_mask.bool()], dim=1)
+    num_real = mask.sum(dim=-1, keepdim=True)
+    target = torch.where(mask, mask.cumsum(-1) - 1, num_real + (~mask).cumsum(-1) - 1)
+    packed = torch.zeros_like(embeds).scatter(1, target[..., None].expand_as(embeds), embeds)
+    packed_mask = torch.arange(mask.shape[1], device=mask.device)[None, :] < num_real
+    return packed * packed_mask[..., None].to(packed.dtype), packed_mask
+
+
+def _check_finite(vectors: torch.Tensor) -> None:
+    if not torch.isfinite(vectors).all():
+        raise ValueError(
+            "The hypernetwork produced NaN/inf steering vectors; the checkpoint is corrupt or training diverged "
+            "(try a lower learning rate or float32 hypernetwork weights)."
+        )
+
+
+def _load_tokenizer(pretrained_model_name_or_path, config: HyperSteerConfig, hub_kwargs: dict):
+    """The tokenizer saved next to the hypernetwork, else the base's."""
+    try:
+        return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        logger.info(f"No tokenizer in {pretrained_model_name_or_path} ({error}); using the base model's.")
+    return AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
+
+
+AutoModel.register(HyperSteerConfig, HyperSteerModel, exist_ok=True)
+AutoModelForCausalLM.register(HyperSteerConfig, HyperSteerModel, exist_ok=True)
+
+
+__all__ = [
+    "HyperSteerModel",
+    "HyperSteerPreTrainedModel",
+    "HyperSteerHypernetwork",
+    "HyperSteerCausalLMOutputWithPast",
+    "tokenize_steering_prompts",
+]

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+
+setup(
+    name="modeling-hypersteer",
+    version="0.1.0",
+    description="HyperSteer: steering vectors from natural-language prompts with a hypernetwork, HuggingFace-native.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_hypersteer", "modeling_hypersteer.*"]),
+    package_data={"modeling_hypersteer": ["resources/*.jsonl", "resources/*.md", "model_card_template.md"]},
+    py_modules=["train_hypersteer", "evaluate_steering", "generate_concept_data", "quickstart"],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "evaluate>=0.4",
+        "huggingface-hub>=1.0",
+        "openai>=1.40",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "gguf>=0.10", "pandas>=2", "pyarrow>=14"],
+        "gguf": ["gguf>=0.10"],
+    },
+)
