@@ -115,11 +115,10 @@ class DataArguments:
     )
     concept_split_seed: int = field(default=42, metadata={"help": "Seed of the held-in / held-out concept split."})
     max_examples_per_concept: int | None = field(default=None, metadata={"help": "Cap on training rows per concept."})
-    eval_examples_per_concept: int = field(
-        default=4, metadata={"help": "Held-in rows per concept kept out of training for held-in evaluation."}
-    )
-    max_eval_concepts: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many concepts per eval set (faster evaluation)."}
+    eval_examples_per_concept: int | None = field(
+        default=2,
+        metadata={"help": "Per held-in concept, distinct base prompts kept out of training for held-in evaluation; "
+                  "also the cap on evaluation rows per held-out concept."},
     )
     use_negatives: bool = field(default=False, metadata={"help": "Also train on negative (concept-free) rows."})
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
@@ -192,6 +191,14 @@ def load_base_model(model_args: ModelArguments):
     return base, tokenizer, path
 
 
+def hypernetwork_fingerprints(trainer: HyperSteerTrainer) -> list[list[float]]:
+    """(sum, sum of squares) of the hypernetwork weights on every process, to confirm DDP kept ranks in sync."""
+    parameters = [parameter.detach().double() for parameter in trainer.model.hypernetwork.parameters()]
+    local = torch.stack([sum(p.sum() for p in parameters), sum(p.pow(2).sum() for p in parameters)])
+    gathered = trainer.accelerator.gather(local.to(trainer.args.device)[None])
+    return [[round(value, 9) for value in row] for row in gathered.cpu().tolist()]
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
 
@@ -238,7 +245,6 @@ def main(argv: list[str] | None = None) -> dict:
             concept_split,
             eval_examples_per_concept=data_args.eval_examples_per_concept,
             max_examples_per_concept=data_args.max_examples_per_concept,
-            max_eval_concepts=data_args.max_eval_concepts,
             use_negatives=data_args.use_negatives,
             seed=data_args.concept_split_seed,
         )
@@ -273,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    rank_fingerprints = hypernetwork_fingerprints(trainer)
+    if any(fingerprint != rank_fingerprints[0] for fingerprint in rank_fingerprints):
+        logger.warning(f"Processes ended with different hypernetwork weights: {rank_fingerprints}")
     metrics = dict(train_result.metrics)
     metrics["train_samples"] = len(tokenized["train"])
     trainer.log_metrics("train", metrics)
@@ -295,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.warning(f"No loss curve written: {error}")
         with open(os.path.join(training_args.output_dir, "training_summary.json"), "w", encoding="utf-8") as handle:
             json.dump({"metrics": metrics, "concept_split": CONCEPT_SPLIT_FILE,
-                       "sources": data_args.dataset_name_or_path}, handle, indent=2)
+                       "sources": data_args.dataset_name_or_path, "world_size": training_args.world_size,
+                       "rank_fingerprints": rank_fingerprints}, handle, indent=2)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="Train HyperSteer")
     return metrics

@@ -582,14 +582,29 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """Checkpoint the base's and the hypernetwork's decoder layers.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the base's and the hypernetwork's decoder layers (non-reentrant only).
 
-        Defaults to non-reentrant checkpointing: the frozen base receives inputs that do not require grad, so
-        reentrant checkpointing would cut the gradient path from the loss back to the hypernetwork.
+        The frozen base receives inputs that do not require grad, so reentrant checkpointing would cut the gradient
+        path from the loss back to the hypernetwork.
         """
-        gradient_checkpointing_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        activation_checkpointing_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if activation_checkpointing_kwargs["use_reentrant"]:
+            raise ValueError(
+                "HyperSteer needs non-reentrant checkpointing: the frozen base's inputs do not require grad, so "
+                "`use_reentrant=True` would stop gradients from reaching the hypernetwork. Pass "
+                "`{'use_reentrant': False}` (the default)."
+            )
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def enable_input_require_grads(self) -> None:
+        """Deliberately a no-op.
+
+        `PreTrainedModel` makes the input embeddings require grad when checkpointing, for adapters that live inside
+        checkpointed layers. Here no trainable weight sits below the steering layer, and embeddings that require
+        grad would make every frozen layer below it build an autograd graph for nothing.
+        """
 
     # ----- steering ---------------------------------------------------------------------------------------------
 

@@ -27,8 +27,10 @@ class HyperSteerTrainingArguments(TrainingArguments):
     > Parameters whose defaults differ from [`TrainingArguments`]:
     > - `learning_rate`: `8e-5` instead of `5e-5` (the paper's setting).
     > - `logging_steps`: `10` instead of `500`, since useful runs are a few hundred steps on small data.
-    > - `gradient_checkpointing_kwargs`: `{"use_reentrant": False}`; reentrant checkpointing would cut the gradient
+    > - `activation_checkpointing_kwargs`: `{"use_reentrant": False}`; reentrant checkpointing would cut the gradient
     >   path through the frozen base, whose inputs do not require grad.
+    > - `ddp_find_unused_parameters`: `False`; every hypernetwork weight is used at every step, so DDP's extra graph
+    >   traversal would only cost time.
     > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
 
     Args:
@@ -39,9 +41,12 @@ class HyperSteerTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=8e-5, metadata={"help": "Initial AdamW learning rate (paper: 8e-5)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (int) or ratio of steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
-    gradient_checkpointing_kwargs: dict | str | None = field(
+    activation_checkpointing_kwargs: dict | str | None = field(
         default_factory=lambda: {"use_reentrant": False},
-        metadata={"help": "Keyword arguments for `gradient_checkpointing_enable`."},
+        metadata={"help": "Keyword arguments for `torch.utils.checkpoint.checkpoint` when checkpointing is on."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Passed to DDP; every hypernetwork weight is used at every step."}
     )
     plot_loss_curve: bool = field(
         default=True, metadata={"help": "Write loss_curve.png (train / held-in / held-out loss) into output_dir."}

@@ -452,3 +452,28 @@ def test_construction_errors(tester, tmp_path):
     wider.config.hidden_size = 64
     with pytest.raises(ValueError, match="Hidden-size mismatch"):
         HyperSteerModel.from_pretrained(tmp_path / "hypersteer", base_model=wider)
+
+
+def test_activation_checkpointing_keeps_gradients_and_the_single_graph(tester):
+    model = tester.get_model("gemma2", steering_layer=1, token_gate=True)
+    batch = tester.training_batch()
+    model.train()
+    model(**batch).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.hypernetwork.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+    assert all(layer.gradient_checkpointing for layer in model.hypernetwork.layers)
+    embeddings_require_grad = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: embeddings_require_grad.append(output.requires_grad)
+    )
+    try:
+        model(**batch).loss.backward()
+    finally:
+        handle.remove()
+    assert embeddings_require_grad and not any(embeddings_require_grad)
+    for name, parameter in model.hypernetwork.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model.activation_checkpointing_enable({"use_reentrant": True})

@@ -1,0 +1,202 @@
+"""Training: HyperSteerTrainer and train_hypersteer.py on real AxBench rows with a tiny random base."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, build_tiny_base
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import train_hypersteer
+from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.data import HyperSteerDataCollator, load_concept_data, tokenize_dataset
+from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("tiny_base")
+    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def concept_file(axbench_dir):
+    return str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet")
+
+
+def _arguments(base_dir, data, output_dir, **overrides):
+    arguments = {
+        "base_model_name_or_path": str(base_dir),
+        "steering_layer": 2,
+        "hypernet_num_layers": 2,
+        "dataset_name_or_path": data,
+        "heldout_concepts": 2,
+        "max_examples_per_concept": 4,
+        "max_length": 192,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "max_steps": 30,
+        "logging_steps": 1,
+        "eval_steps": 15,
+        "save_steps": 15,
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
+    arguments.update(overrides)
+    argv = []
+    for key, value in arguments.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def test_end_to_end_run_learns_and_saves_a_loadable_hypernetwork(tiny_base_dir, concept_file, tmp_path):
+    output_dir = tmp_path / "run"
+    metrics = train_hypersteer.main(_arguments(tiny_base_dir, concept_file, output_dir))
+    assert {"eval_heldin_loss", "eval_heldout_loss", "eval_heldin_steering_vector_norm"} <= set(metrics)
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    assert all("steering_vector_norm" in entry for entry in state["log_history"] if "loss" in entry)
+    assert (output_dir / "loss_curve.png").stat().st_size > 10_000
+
+    split = json.loads((output_dir / "concept_split.json").read_text())
+    assert len(split["heldout_concepts"]) == 2 and not set(split["heldout_concepts"]) & set(split["heldin_concepts"])
+
+    weights = load_file(output_dir / "model.safetensors")
+    assert all(key.startswith("hypernetwork.") for key in weights)
+    checkpoint = output_dir / "checkpoint-15"
+    assert os.path.getsize(checkpoint / "model.safetensors") < os.path.getsize(tiny_base_dir / "model.safetensors")
+    assert not any(name.startswith("language_model") for name in load_file(checkpoint / "model.safetensors"))
+
+    loaded = HyperSteerModel.from_pretrained(output_dir)
+    auto_loaded = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
+    for model in (loaded, auto_loaded):
+        for key, value in weights.items():
+            assert torch.equal(model.state_dict()[key], value)
+    assert loaded.config.base_model_name_or_path == str(tiny_base_dir)
+
+
+def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(tiny_tokenizer, concept_file, tmp_path):
+    base = build_tiny_base("gemma2", len(tiny_tokenizer))
+    model = HyperSteerModel.from_base_model(base, tokenizer=tiny_tokenizer, steering_layer=2, hypernet_num_layers=2,
+                                            token_gate=True)
+    data = load_concept_data(concept_file).select(range(16))
+    dataset = tokenize_dataset(data, tiny_tokenizer, max_length=192)
+    before_hypernet = {name: p.detach().clone() for name, p in model.hypernetwork.named_parameters()}
+    before_base = {name: p.detach().clone() for name, p in model.language_model.named_parameters()}
+    args = HyperSteerTrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+        eval_strategy="no", save_strategy="no", logging_steps=2,
+    )
+    trainer = HyperSteerTrainer(model=model, args=args, train_dataset=dataset,
+                                data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer))
+    trainer.train()
+    for name, parameter in model.hypernetwork.named_parameters():
+        assert not torch.equal(parameter, before_hypernet[name]), f"{name} did not change"
+    for name, parameter in model.language_model.named_parameters():
+        assert torch.equal(parameter, before_base[name]), f"base parameter {name} changed"
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("steering_gate_mean" in entry and 0 <= entry["steering_gate_mean"] <= 1 for entry in logged)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.hypernetwork.parameters()}
+
+
+def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
+    common = {"max_steps": 6, "save_steps": 3, "eval_strategy": "no", "learning_rate": 1e-2}
+    train_hypersteer.main(_arguments(tiny_base_dir, concept_file, tmp_path / "straight", **common))
+    # The straight run's step-3 checkpoint is exactly what a run killed after step 3 leaves behind.
+    train_hypersteer.main(_arguments(
+        tiny_base_dir, concept_file, tmp_path / "resumed",
+        resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"), **common,
+    ))
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert set(straight) == set(resumed)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+    def losses(path):
+        history = json.loads((path / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    straight_losses, resumed_losses = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    # Same batches in the same order after the resume point.
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
+
+
+def test_two_cpu_processes_agree_and_save_a_loadable_model(tiny_base_dir, concept_file, tmp_path):
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(REPO_ROOT / "train_hypersteer.py"), "--use_cpu",
+        *_arguments(tiny_base_dir, concept_file, output_dir, max_steps=6, eval_strategy="no", save_strategy="no",
+                    per_device_train_batch_size=2),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    fingerprints = summary["rank_fingerprints"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    model = HyperSteerModel.from_pretrained(output_dir)
+    total = sum(p.double().sum().item() for p in model.hypernetwork.parameters())
+    assert total == pytest.approx(fingerprints[0][0], rel=1e-9)
+
+
+def _write_parquet(path, rows):
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("problem", ["missing_column", "empty", "unknown_path", "offline_hub_id"])
+def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, tmp_path, problem):
+    row = {"input": "Hi", "output": "Hello", "output_concept": "greetings", "concept_id": 0, "category": "positive",
+           "concept_genre": "text"}
+    if problem == "missing_column":
+        data, expected = _write_parquet(tmp_path / "bad.parquet", [{k: v for k, v in row.items() if k != "output"}]), "output"
+    elif problem == "empty":
+        data, expected = _write_parquet(tmp_path / "empty.parquet", {key: [] for key in row}), "empty.parquet"
+    elif problem == "unknown_path":
+        data, expected = str(tmp_path / "nowhere" / "train_data.parquet"), "nowhere"
+    else:
+        data, expected = "someone/not-a-local-dataset", "someone/not-a-local-dataset"
+    output_dir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_hypersteer.py"), *_arguments(tiny_base_dir, data, output_dir)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert result.returncode != 0
+    last_lines = result.stderr.strip().splitlines()[-3:]
+    assert any(expected in line for line in last_lines), result.stderr[-2000:]
+    assert not output_dir.exists()
+
+
+def test_yaml_config_and_flag_override(tiny_base_dir, concept_file, tmp_path):
+    config = tmp_path / "args.yaml"
+    config.write_text(f"base_model_name_or_path: {tiny_base_dir}\nsteering_layer: 1\nhypernet_num_layers: 1\n"
+                      f"dataset_name_or_path: {concept_file}\noutput_dir: {tmp_path / 'out'}\n")
+    model_args, data_args, training_args = train_hypersteer.parse_arguments(["--config", str(config), "--steering_layer", "2"])
+    assert model_args.steering_layer == 2 and model_args.hypernet_num_layers == 1
+    assert data_args.dataset_name_or_path == [concept_file]
+    assert training_args.learning_rate == 8e-5
+    with pytest.raises(ValueError, match="hypernet_type"):
+        train_hypersteer.parse_arguments(["--config", str(config), "--hypernet_type", "lstm"])
