@@ -42,6 +42,7 @@ from modeling_hypersteer.data import (
     HyperSteerDataCollator,
     build_splits,
     load_concept_data,
+    parse_heldout_concepts,
     split_concepts,
     tokenize_dataset,
 )
@@ -130,23 +131,6 @@ class DataArguments:
         if not sources:
             raise ValueError("--dataset_name_or_path is empty; give at least one file, folder or Hub dataset id.")
         self.dataset_name_or_path = sources
-
-    def heldout(self) -> int | float | list[str]:
-        """`--heldout_concepts` as a count, a ratio, or a list of concept descriptions."""
-        value = self.heldout_concepts.strip()
-        if "|" in value:
-            return [part.strip() for part in value.split("|") if part.strip()]
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            ratio = float(value)
-        except ValueError:
-            return [value]
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"--heldout_concepts as a ratio must be in [0, 1), got {ratio}.")
-        return ratio
 
 
 def make_parser() -> HfArgumentParser:
@@ -239,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with training_args.main_process_first(desc="loading and tokenizing concept data"):
         raw = load_concept_data(data_args.dataset_name_or_path)
-        concept_split = split_concepts(raw, heldout=data_args.heldout(), seed=data_args.concept_split_seed)
+        concept_split = split_concepts(raw, heldout=parse_heldout_concepts(data_args.heldout_concepts), seed=data_args.concept_split_seed)
         splits = build_splits(
             raw,
             concept_split,

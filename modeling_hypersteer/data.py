@@ -374,6 +374,25 @@ class ConceptSplit:
         return cls(**content)
 
 
+def parse_heldout_concepts(value: str) -> int | float | list[str]:
+    """Read a held-out rule from text: `"3"` (a count), `"0.1"` (a ratio in [0, 1)), or `"|"`-separated concept
+    descriptions (a single description is also accepted)."""
+    value = value.strip()
+    if "|" in value:
+        return [part.strip() for part in value.split("|") if part.strip()]
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        ratio = float(value)
+    except ValueError:
+        return [value]
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"A held-out ratio must be in [0, 1), got {ratio}; give a count like 3 or a ratio like 0.1.")
+    return ratio
+
+
 def split_concepts(
     dataset: Dataset, heldout: int | float | Sequence[str] | None = None, seed: int = 0
 ) -> ConceptSplit:
@@ -937,6 +956,7 @@ __all__ = [
     "concept_names",
     "format_prompt",
     "load_concept_data",
+    "parse_heldout_concepts",
     "split_concepts",
     "tokenize_dataset",
     "tokenize_example",

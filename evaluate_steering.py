@@ -1,0 +1,301 @@
+"""Evaluate a HyperSteer checkpoint the AxBench way, against any OpenAI-compatible judge, or offline.
+
+Ready-to-copy commands:
+
+    # Offline (no judge): loss of target outputs under none / prompt / hypersteer, right vs wrong concept
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --concepts heldout --output_dir outputs/eval
+
+    # Judged with gpt-4o-mini (key in $OPENAI_API_KEY), factor grid, 10 instructions per concept
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --concepts heldout \
+        --steering_factors 0.5,1.0,1.5,2.0 --methods hypersteer,prompt,none --judge_model gpt-4o-mini \
+        --output_dir outputs/eval
+
+    # Any OpenAI-compatible server (vLLM, llama.cpp, ...), AlpacaEval instructions when the Hub is reachable
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --judge_base_url http://127.0.0.1:8000/v1 \
+        --judge_model my-judge --instructions tatsu-lab/alpaca_eval --output_dir outputs/eval
+
+Writes into `--output_dir`: `samples.jsonl` (one judged generation per line), `summary.json`, `summary.md`,
+`score_vs_factor.png`, `ratings.png`, `offline_losses.png`, `generations.jsonl` (raw, resumable) and
+`judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for nothing twice).
+"""
+
+import json
+import logging
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.data import (
+    ConceptSplit,
+    build_splits,
+    concept_names,
+    load_concept_data,
+    parse_heldout_concepts,
+    split_concepts,
+)
+from modeling_hypersteer.evaluation import (
+    METHODS,
+    generate_samples,
+    generation_tasks,
+    offline_steering_metric,
+    plot_factor_sweep,
+    plot_offline_losses,
+    plot_ratings,
+    summary_markdown,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationArguments:
+    model: str = field(metadata={"help": "HyperSteer checkpoint folder or Hub id (its config names the base model)."})
+    output_dir: str = field(metadata={"help": "Where samples, summary, plots and the judge cache are written."})
+    dataset_name_or_path: list[str] | None = field(
+        default=None,
+        metadata={"help": "Concept data (same loader as training). Defaults to the training run's sources, read from "
+                  "training_summary.json next to the model."},
+    )
+    concepts: str = field(
+        default="heldout",
+        metadata={"help": "'heldin', 'heldout', 'all', or '|'-separated concept descriptions. The split is the "
+                  "training run's concept_split.json when present, else --heldout_concepts/--concept_split_seed."},
+    )
+    heldout_concepts: str = field(default="0.1", metadata={"help": "Split rule when the model has no concept_split.json."})
+    concept_split_seed: int = field(default=42, metadata={"help": "Seed of that split rule."})
+    max_concepts: int | None = field(default=None, metadata={"help": "Evaluate at most this many concepts."})
+    num_instructions_per_concept: int = field(
+        default=10, metadata={"help": "Instructions per concept; the first half selects the factor, the rest reports."}
+    )
+    instructions: str = field(
+        default="concept_data",
+        metadata={"help": "'concept_data' (held-out `input`s of the concept data), a local file (txt/jsonl/parquet "
+                  "with `instruction` or `input`), or a Hub dataset id such as tatsu-lab/alpaca_eval."},
+    )
+    steering_factors: str = field(default="0.5,1.0,1.5,2.0", metadata={"help": "Comma-separated HyperSteer factors."})
+    methods: str = field(default="hypersteer,prompt,none", metadata={"help": f"Comma-separated, from {list(METHODS)}."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per sample."})
+    do_sample: bool = field(default=True, metadata={"help": "Sample (AxBench) instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (AxBench: 1.0)."})
+    batch_size: int = field(default=8, metadata={"help": "Generation and loss batch size."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling."})
+    offline_examples_per_concept: int = field(
+        default=4, metadata={"help": "Target outputs per concept for the offline loss metric (0 skips it)."}
+    )
+    offline_steering_factor: float = field(default=1.0, metadata={"help": "HyperSteer factor of the offline metric."})
+    max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens in the offline metric."})
+    judge_model: str = field(default="gpt-4o-mini", metadata={"help": "Judge model name."})
+    judge_base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint of the judge. Without it (and without $OPENAI_API_KEY) no "
+                  "generations are judged and only the offline metric runs."},
+    )
+    judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable of the API key."})
+    judge_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight."})
+    judge_max_retries: int = field(default=5, metadata={"help": "Retries per judge request (429/5xx/timeouts)."})
+    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds per judge request."})
+    judge_initial_backoff: float = field(default=1.0, metadata={"help": "Seconds before the first retry."})
+
+    def __post_init__(self):
+        self.factor_grid = [float(value) for value in self.steering_factors.split(",") if value.strip()]
+        self.method_list = [value.strip() for value in self.methods.split(",") if value.strip()]
+        unknown = sorted(set(self.method_list) - set(METHODS))
+        if unknown:
+            raise ValueError(f"--methods has unknown entries {unknown}; choose from {list(METHODS)}.")
+        if not self.factor_grid and "hypersteer" in self.method_list:
+            raise ValueError("--steering_factors is empty; give e.g. 0.5,1.0,1.5,2.0.")
+        if self.num_instructions_per_concept < 0 or self.offline_examples_per_concept < 0:
+            raise ValueError("--num_instructions_per_concept and --offline_examples_per_concept must be >= 0.")
+        if self.dataset_name_or_path:
+            self.dataset_name_or_path = [p.strip() for v in self.dataset_name_or_path for p in v.split(",") if p.strip()]
+
+    def judge_available(self) -> bool:
+        return bool(self.judge_base_url) or bool(os.environ.get(self.judge_api_key_env))
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(EvaluationArguments)
+
+
+def _training_file(model_dir: str, name: str) -> dict | None:
+    path = Path(model_dir) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tuple[list[str], ConceptSplit, str]:
+    saved = _training_file(args.model, "concept_split.json")
+    if saved is not None:
+        split = ConceptSplit.from_json(Path(args.model) / "concept_split.json")
+        origin = "the training run's concept_split.json"
+    else:
+        split = split_concepts(data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed)
+        origin = f"--heldout_concepts {args.heldout_concepts} with seed {args.concept_split_seed}"
+    if args.concepts == "heldin":
+        concepts = list(split.heldin_concepts)
+    elif args.concepts == "heldout":
+        concepts = list(split.heldout_concepts)
+    elif args.concepts == "all":
+        concepts = list(split.heldin_concepts) + list(split.heldout_concepts)
+    else:
+        concepts = [part.strip() for part in args.concepts.split("|") if part.strip()]
+        unknown = sorted(set(concepts) - set(concept_names(data)))
+        if unknown:
+            raise ValueError(f"--concepts names concepts absent from the data: {unknown}.")
+    available = set(concept_names(data))
+    concepts = sorted(concept for concept in concepts if concept in available)
+    if args.max_concepts is not None:
+        concepts = concepts[: args.max_concepts]
+    if not concepts:
+        raise ValueError(f"No concepts selected by --concepts {args.concepts!r} (split from {origin}).")
+    return concepts, split, origin
+
+
+def _instructions(args: EvaluationArguments, eval_rows: list[dict], concepts: list[str]) -> dict[str, list[str]]:
+    if args.instructions == "concept_data":
+        pools = {concept: [] for concept in concepts}
+        for row in eval_rows:
+            if row["output_concept"] in pools:
+                pools[row["output_concept"]].append(row["input"])
+        return pools
+    path = Path(args.instructions)
+    if path.exists():
+        if path.suffix == ".txt":
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            table = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
+                                          split="train")
+            column = "instruction" if "instruction" in table.column_names else "input"
+            if column not in table.column_names:
+                raise ValueError(f"{path} has no `instruction` or `input` column (columns: {table.column_names}).")
+            texts = list(table[column])
+    else:
+        try:
+            table = datasets.load_dataset(args.instructions, split="eval")
+        except (ConnectionError, FileNotFoundError, ValueError) as error:
+            raise ValueError(
+                f"Could not load instructions {args.instructions!r} ({error}). Offline, use --instructions "
+                "concept_data or a local file."
+            ) from error
+        texts = list(table["instruction"])
+    texts = list(dict.fromkeys(texts))
+    # Every concept gets the same instructions, so concepts are compared on identical prompts.
+    return {concept: texts for concept in concepts}
+
+
+def _make_judge(args: EvaluationArguments):
+    from modeling_hypersteer.openai_client import CachedChatClient
+
+    return CachedChatClient(
+        model=args.judge_model,
+        base_url=args.judge_base_url,
+        api_key_env=args.judge_api_key_env,
+        cache_path=Path(args.output_dir) / "judge_cache.sqlite",
+        max_concurrency=args.judge_concurrency,
+        max_retries=args.judge_max_retries,
+        timeout=args.judge_timeout,
+        initial_backoff=args.judge_initial_backoff,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(args.seed)
+
+    sources = args.dataset_name_or_path or (_training_file(args.model, "training_summary.json") or {}).get("sources")
+    if not sources:
+        raise ValueError(f"No concept data given and {args.model} has no training_summary.json naming its sources; "
+                         "pass --dataset_name_or_path.")
+    data = load_concept_data(sources)
+    concepts, split, origin = _selected_concepts(args, data)
+    logger.info(f"Evaluating {len(concepts)} concept(s) from {sources}; split from {origin}.")
+    splits = build_splits(data, split, eval_examples_per_concept=max(args.num_instructions_per_concept,
+                                                                    args.offline_examples_per_concept, 2),
+                          seed=split.seed)
+    eval_rows = [row for name in ("eval_heldin", "eval_heldout") for row in splits[name]]
+    eval_rows = [row for row in eval_rows if row["output_concept"] in set(concepts) and not row["is_negative"]]
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    model = HyperSteerModel.from_pretrained(args.model)
+    tokenizer = model.tokenizer
+    summary: dict = {"methods": {}, "offline": {}, "judge": None}
+
+    if args.offline_examples_per_concept > 0:
+        by_set = {"heldin": set(split.heldin_concepts), "heldout": set(split.heldout_concepts)}
+        for name, members in by_set.items():
+            chosen, counts = [], {}
+            for row in eval_rows:
+                concept = row["output_concept"]
+                if concept in members and counts.get(concept, 0) < args.offline_examples_per_concept:
+                    counts[concept] = counts.get(concept, 0) + 1
+                    chosen.append(row)
+            if len(counts) >= 2:
+                summary["offline"][name] = offline_steering_metric(
+                    model, tokenizer, chosen, steering_factor=args.offline_steering_factor,
+                    batch_size=args.batch_size, max_length=args.max_length, desc=f"Offline metric ({name})",
+                )
+            elif counts:
+                logger.warning(f"Only one {name} concept selected: the wrong-concept control needs two; skipped.")
+        if summary["offline"]:
+            plot_offline_losses(summary["offline"], Path(args.output_dir) / "offline_losses.png")
+
+    if not args.judge_available():
+        logger.warning("No judge endpoint (--judge_base_url or $%s): ran the offline metric only.",
+                       args.judge_api_key_env)
+    elif args.num_instructions_per_concept > 0:
+        from modeling_hypersteer.judge import judge_generations, select_and_report
+
+        tasks = generation_tasks(_instructions(args, eval_rows, concepts), args.num_instructions_per_concept)
+        samples = generate_samples(
+            model, tokenizer, tasks, args.method_list, args.factor_grid,
+            generations_path=Path(args.output_dir) / "generations.jsonl", max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample, temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+        )
+        client = _make_judge(args)
+        try:
+            judged = judge_generations(client, samples, judge_model=args.judge_model)
+        finally:
+            client.close()
+        with open(Path(args.output_dir) / "samples.jsonl", "w", encoding="utf-8") as handle:
+            for sample in judged:
+                handle.write(json.dumps(sample) + "\n")
+        summary["methods"] = select_and_report(judged)["methods"]
+        summary["judge"] = {"model": args.judge_model, "base_url": client.base_url,
+                            "requests_sent": client.requests_sent, "cache_hits": client.cache_hits}
+        plot_factor_sweep(judged, Path(args.output_dir) / "score_vs_factor.png")
+        plot_ratings(summary, Path(args.output_dir) / "ratings.png")
+
+    summary["config"] = {key: value for key, value in asdict(args).items()}
+    summary["model_config"] = model.config.to_diff_dict()
+    summary["concepts"] = concepts
+    summary["meta_info"] = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "device": str(model.get_input_embeddings().weight.device),
+    }
+    with open(Path(args.output_dir) / "summary.json", "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2, default=str)
+    (Path(args.output_dir) / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    logger.info("\n" + summary_markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

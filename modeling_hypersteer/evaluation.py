@@ -1,0 +1,463 @@
+"""Steering evaluation: generation for each method, the offline loss metric, AxBench-style reporting and plots.
+
+Methods compared on identical rows:
+
+* `hypersteer`: the HyperSteer model steered by the concept at each factor of a grid;
+* `prompt`: the frozen base with the concept put into the prompt by `PROMPT_STEERING_TEMPLATE` (a system turn, or the
+  user turn when the chat template has no system role);
+* `none`: the frozen base, unsteered.
+
+The offline metric needs no judge. It is the mean cross-entropy of the concept data's target outputs under each method,
+steered by the right concept and, as a control, by a wrong one (`concept_derangement`):
+
+    gain ratio        = (L_none - L_hypersteer) / (L_none - L_prompt)
+    specificity ratio = (L_hypersteer,wrong - L_hypersteer) / (L_prompt,wrong - L_prompt)
+
+Training on teacher outputs also teaches a concept-free shift toward the teacher's style, which lowers the loss
+whatever the concept; only the specificity ratio separates steering from that shift.
+"""
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .data import HyperSteerDataCollator, format_prompt, tokenize_example
+from .modeling_hypersteer import HyperSteerModel, _positions_from_mask
+
+
+logger = logging.get_logger(__name__)
+
+PROMPT_STEERING_TEMPLATE = (
+    "Answer the user's request helpfully, and weave the following concept clearly and naturally into your answer: "
+    "{concept}."
+)
+METHODS = ("hypersteer", "prompt", "none")
+SELECT_SPLIT, TEST_SPLIT = "select", "test"
+
+
+def prompt_steering_system_prompt(concept: str) -> str:
+    """The fixed prompt-steering instruction for `concept` (given as a system turn when the template has one)."""
+    return PROMPT_STEERING_TEMPLATE.format(concept=concept)
+
+
+def concept_derangement(concepts: Iterable[str]) -> dict[str, str]:
+    """A fixed derangement: each concept maps to the next one in sorted order (the last to the first).
+
+    Raises:
+        `ValueError` with fewer than two distinct concepts, where no wrong concept exists.
+    """
+    ordered = sorted(set(concepts))
+    if len(ordered) < 2:
+        raise ValueError(
+            f"The wrong-concept control needs at least 2 distinct concepts, got {ordered}; evaluate more concepts."
+        )
+    return {concept: ordered[(index + 1) % len(ordered)] for index, concept in enumerate(ordered)}
+
+
+def _safe_ratio(numerator: float, denominator: float) -> float | None:
+    """`numerator / denominator`, or `None` when the denominator is too small for the ratio to mean anything."""
+    if abs(denominator) < 1e-6:
+        return None
+    return numerator / denominator
+
+
+def _per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each row's label tokens: `(batch_size,)` in float32."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
+    )
+    return losses.sum(-1) / shift_labels.ne(-100).sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def _row_losses(
+    model: HyperSteerModel,
+    features: list[dict],
+    collator: HyperSteerDataCollator,
+    steered: bool,
+    batch_size: int,
+    progress: tqdm,
+) -> list[float]:
+    losses = []
+    device = model.get_input_embeddings().weight.device
+    for start in range(0, len(features), batch_size):
+        batch = {key: value.to(device) for key, value in collator(features[start : start + batch_size]).items()}
+        if steered:
+            logits = model(**batch).logits
+        else:
+            logits = model.language_model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=_positions_from_mask(batch["attention_mask"]),
+            ).logits
+        losses.extend(_per_row_loss(logits, batch["labels"]).tolist())
+        progress.update(len(features[start : start + batch_size]))
+    return losses
+
+
+def offline_steering_metric(
+    model: HyperSteerModel,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    steering_factor: float = 1.0,
+    batch_size: int = 8,
+    max_length: int = 512,
+    desc: str = "Offline metric",
+) -> dict[str, Any]:
+    """Loss of target outputs under each method, with the right concept and a wrong one.
+
+    Args:
+        model ([`HyperSteerModel`]): the trained model; its frozen `language_model` gives `none` and `prompt`.
+        tokenizer: the base's tokenizer (with a chat template).
+        rows (`Sequence[dict]`): AxBench-schema rows with `input`, `output` and `output_concept`.
+        steering_factor (`float`, *optional*, defaults to 1.0): factor of the HyperSteer conditions.
+
+    Returns:
+        `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`: means over concepts
+        of per-concept mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `num_rows`,
+        `num_concepts` and `per_concept` losses.
+    """
+    rows = [dict(row) for row in rows]
+    if not rows:
+        raise ValueError("The offline metric needs at least one row with `input`, `output` and `output_concept`.")
+    wrong = concept_derangement(row["output_concept"] for row in rows)
+    features = defaultdict(list)
+    for row in rows:
+        for suffix, concept in (("", row["output_concept"]), ("_wrong", wrong[row["output_concept"]])):
+            example = {**row, "output_concept": concept, "steering_factor": steering_factor}
+            features[f"hypersteer{suffix}"].append(tokenize_example(example, tokenizer, max_length=max_length))
+            features[f"prompt{suffix}"].append(tokenize_example(
+                example, tokenizer, max_length=max_length, system_prompt=prompt_steering_system_prompt(concept)
+            ))
+    features["none"] = features["hypersteer"]
+    # Every method is scored on the same rows: a row that does not fit one condition leaves all of them.
+    keep = [index for index in range(len(rows)) if all(values[index] is not None for values in features.values())]
+    if len(keep) < len(rows):
+        logger.warning(
+            f"Offline metric: dropped {len(rows) - len(keep)} of {len(rows)} rows whose prompt fills "
+            f"max_length={max_length} tokens in some condition; raise `max_length` to keep them."
+        )
+    if not keep:
+        raise ValueError(f"Every row's prompt fills max_length={max_length} tokens; raise `max_length`.")
+    rows = [rows[index] for index in keep]
+    collator = HyperSteerDataCollator(tokenizer=tokenizer)
+    conditions = {
+        name: ([values[index] for index in keep], name.startswith("hypersteer")) for name, values in features.items()
+    }
+    row_losses = {}
+    with tqdm(total=len(rows) * len(conditions), desc=desc, unit="row") as progress:
+        for condition, (features, steered) in conditions.items():
+            row_losses[condition] = _row_losses(model, features, collator, steered, batch_size, progress)
+
+    per_concept = defaultdict(lambda: defaultdict(list))
+    for index, row in enumerate(rows):
+        for condition, losses in row_losses.items():
+            per_concept[row["output_concept"]][condition].append(losses[index])
+    per_concept = {
+        concept: {condition: sum(values) / len(values) for condition, values in conditions_.items()}
+        for concept, conditions_ in sorted(per_concept.items())
+    }
+    losses = {
+        condition: sum(concept_losses[condition] for concept_losses in per_concept.values()) / len(per_concept)
+        for condition in conditions
+    }
+    return {
+        "losses": losses,
+        "gain_ratio": _safe_ratio(losses["none"] - losses["hypersteer"], losses["none"] - losses["prompt"]),
+        "specificity_ratio": _safe_ratio(
+            losses["hypersteer_wrong"] - losses["hypersteer"], losses["prompt_wrong"] - losses["prompt"]
+        ),
+        "steering_factor": steering_factor,
+        "num_rows": len(rows),
+        "num_concepts": len(per_concept),
+        "per_concept": per_concept,
+    }
+
+
+def generation_tasks(instructions_by_concept: dict[str, Sequence[str]], num_instructions: int) -> list[dict[str, Any]]:
+    """Pair each concept with up to `num_instructions` instructions, the first half for factor selection and the
+    second half for the report (AxBench's protocol).
+
+    Returns:
+        `list[dict]` with `concept`, `instruction` and `split` (`"select"` or `"test"`).
+    """
+    tasks = []
+    for concept in sorted(instructions_by_concept):
+        chosen = list(dict.fromkeys(instructions_by_concept[concept]))[:num_instructions]
+        if len(chosen) < 2:
+            raise ValueError(
+                f"Concept {concept!r} has {len(chosen)} distinct instruction(s); factor selection and reporting need "
+                "at least 2 (one per half)."
+            )
+        half = len(chosen) // 2
+        for index, instruction in enumerate(chosen):
+            tasks.append({"concept": concept, "instruction": instruction,
+                          "split": SELECT_SPLIT if index < half else TEST_SPLIT})
+    return tasks
+
+
+def _sample_key(sample: dict) -> tuple:
+    return sample["method"], sample["concept"], float(sample["factor"]), sample["instruction"]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a half-written last line (from a killed run) is ignored."""
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning(f"Ignoring an incomplete line in {path} (a run was interrupted while writing it).")
+    return rows
+
+
+@torch.no_grad()
+def generate_samples(
+    model: HyperSteerModel,
+    tokenizer,
+    tasks: Sequence[dict[str, Any]],
+    methods: Sequence[str],
+    steering_factors: Sequence[float],
+    generations_path: str | os.PathLike | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 42,
+) -> list[dict[str, Any]]:
+    """Generate for every task, method and (for `hypersteer`) factor, in batches, with a progress bar.
+
+    Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
+    rerun skips what is already there.
+
+    Returns:
+        `list[dict]` with `method`, `concept`, `factor`, `instruction`, `split` and `generation`.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+    done = {_sample_key(sample): sample for sample in read_jsonl(generations_path)} if generations_path else {}
+    all_jobs = [
+        {"method": method, "factor": float(factor), **task}
+        for method in methods
+        for factor in (steering_factors if method == "hypersteer" else [1.0 if method == "prompt" else 0.0])
+        for task in tasks
+    ]
+    jobs = [job for job in all_jobs if _sample_key(job) not in done]
+    device = model.get_input_embeddings().weight.device
+    handle = open(generations_path, "a", encoding="utf-8") if generations_path else None
+    try:
+        with tqdm(total=len(jobs), desc="Generating", unit="generation") as progress:
+            groups = defaultdict(list)
+            for job in jobs:
+                groups[(job["method"], job["factor"])].append(job)
+            for (method, factor), group in groups.items():
+                for start in range(0, len(group), batch_size):
+                    batch = group[start : start + batch_size]
+                    prompts = [
+                        format_prompt(tokenizer, job["instruction"],
+                                      prompt_steering_system_prompt(job["concept"]) if method == "prompt" else None)
+                        for job in batch
+                    ]
+                    encoding = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                                         return_tensors="pt").to(device)
+                    generation_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                         "pad_token_id": tokenizer.pad_token_id}
+                    if do_sample:
+                        generation_kwargs["temperature"] = temperature
+                        torch.manual_seed(seed + start)
+                    if method == "hypersteer":
+                        output_ids = model.generate(**encoding, steering_prompt=[job["concept"] for job in batch],
+                                                    steering_factor=factor, **generation_kwargs)
+                    else:
+                        output_ids = model.language_model.generate(**encoding, **generation_kwargs)
+                    texts = tokenizer.batch_decode(output_ids[:, encoding["input_ids"].shape[1] :],
+                                                   skip_special_tokens=True)
+                    for job, text in zip(batch, texts):
+                        sample = {**job, "generation": text.strip()}
+                        done[_sample_key(sample)] = sample
+                        if handle is not None:
+                            handle.write(json.dumps(sample) + "\n")
+                            handle.flush()
+                    progress.update(len(batch))
+    finally:
+        if handle is not None:
+            handle.close()
+    return [done[_sample_key(job)] for job in all_jobs]
+
+
+def _plot_setup():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_factor_sweep(samples: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Mean judged score against steering factor per method (methods without a factor grid as flat lines)."""
+    plt = _plot_setup()
+    scores = defaultdict(lambda: defaultdict(list))
+    for sample in samples:
+        if sample.get("judge_status") == "ok" and sample.get("score") is not None:
+            scores[sample["method"]][float(sample["factor"])].append(sample["score"])
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    all_factors = sorted({factor for by_factor in scores.values() for factor in by_factor})
+    for method, by_factor in sorted(scores.items()):
+        factors = sorted(by_factor)
+        means = [sum(by_factor[f]) / len(by_factor[f]) for f in factors]
+        if len(factors) == 1 and len(all_factors) > 1:
+            axis.hlines(means[0], all_factors[0], all_factors[-1], linestyles="--", label=method)
+        else:
+            axis.plot(factors, means, marker="o", label=method)
+    axis.set_xlabel("steering factor")
+    axis.set_ylabel("judge score (harmonic mean, 0-2)")
+    axis.set_title("Score vs steering factor")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_ratings(summary: dict, path: str | os.PathLike) -> Path:
+    """The three judge ratings per method at each concept's selected factor (test half)."""
+    plt = _plot_setup()
+    methods = sorted(summary.get("methods", {}))
+    ratings = ("concept_score", "instruction_score", "fluency_score")
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    width = 0.8 / len(ratings)
+    for offset, rating in enumerate(ratings):
+        values = [summary["methods"][m].get(rating) or 0.0 for m in methods]
+        axis.bar([i + offset * width for i in range(len(methods))], values, width=width, label=rating.replace("_", " "))
+    axis.set_xticks([i + width for i in range(len(methods))], methods)
+    axis.set_ylim(0, 2)
+    axis.set_ylabel("mean rating (0-2), test half")
+    axis.set_title("Judge ratings per method")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_offline_losses(offline: dict[str, dict], path: str | os.PathLike) -> Path:
+    """Grouped bars of the offline losses per evaluated concept set (e.g. held-in and held-out)."""
+    plt = _plot_setup()
+    conditions = ("none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong")
+    names = sorted(offline)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(conditions)
+    for offset, condition in enumerate(conditions):
+        values = [offline[name]["losses"][condition] for name in names]
+        axis.bar([i + offset * width for i in range(len(names))], values, width=width, label=condition)
+    axis.set_xticks([i + 2 * width for i in range(len(names))], names)
+    axis.set_ylabel("mean target-output loss")
+    axis.set_title("Offline metric: lower is better; wrong-concept bars are the control")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def summary_markdown(summary: dict) -> str:
+    """A Markdown report of `summary.json`."""
+    lines = ["# Steering evaluation", ""]
+    methods = summary.get("methods") or {}
+    if methods:
+        lines += [
+            "Judged (AxBench protocol: factor chosen per concept on the select half, reported on the test half).",
+            "",
+            "| method | score | concept | instruction | fluency | failed judgements |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, result in sorted(methods.items()):
+            lines.append(
+                f"| {name} | {_format(result.get('score'))} | {_format(result.get('concept_score'))} | "
+                f"{_format(result.get('instruction_score'))} | {_format(result.get('fluency_score'))} | "
+                f"{result.get('failed_judgements', 0)} |"
+            )
+        lines.append("")
+    elif summary.get("judge") is None:
+        lines += ["No judge endpoint was configured: only the offline metric was run.", ""]
+    offline = summary.get("offline") or {}
+    if offline:
+        lines += [
+            "Offline metric (mean loss of target outputs; `_wrong` = steered by a wrong concept).",
+            "",
+            "| concepts | rows | none | prompt | hypersteer | prompt_wrong | hypersteer_wrong | gain ratio | specificity ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, result in sorted(offline.items()):
+            losses = result["losses"]
+            lines.append(
+                f"| {name} | {result['num_rows']} | {_format(losses['none'])} | {_format(losses['prompt'])} | "
+                f"{_format(losses['hypersteer'])} | {_format(losses['prompt_wrong'])} | "
+                f"{_format(losses['hypersteer_wrong'])} | {_format(result['gain_ratio'])} | "
+                f"{_format(result['specificity_ratio'])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def side_by_side(
+    model: HyperSteerModel,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    steering_factor: float = 1.0,
+    max_new_tokens: int = 64,
+) -> list[dict[str, str]]:
+    """Greedy unsteered, prompt-steered and HyperSteer generations for `(concept, instruction)` pairs.
+
+    Returns:
+        `list[dict]` with `concept`, `instruction`, `none`, `prompt` and `hypersteer`.
+    """
+    tasks = [{"concept": concept, "instruction": instruction, "split": TEST_SPLIT} for concept, instruction in pairs]
+    samples = generate_samples(
+        model, tokenizer, tasks, METHODS, [steering_factor], max_new_tokens=max_new_tokens, do_sample=False,
+        batch_size=len(tasks),
+    )
+    rows = {(task["concept"], task["instruction"]): dict(task) for task in tasks}
+    for sample in samples:
+        rows[(sample["concept"], sample["instruction"])][sample["method"]] = sample["generation"]
+    return [rows[(concept, instruction)] for concept, instruction in pairs]
+
+
+__all__ = [
+    "PROMPT_STEERING_TEMPLATE",
+    "METHODS",
+    "concept_derangement",
+    "offline_steering_metric",
+    "generation_tasks",
+    "generate_samples",
+    "plot_factor_sweep",
+    "plot_ratings",
+    "plot_offline_losses",
+    "summary_markdown",
+    "side_by_side",
+    "read_jsonl",
+]
