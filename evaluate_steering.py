@@ -19,6 +19,7 @@ Writes into `--output_dir`: `samples.jsonl` (one judged generation per line), `s
 `judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for nothing twice).
 """
 
+import argparse
 import json
 import logging
 import os
@@ -123,7 +124,9 @@ class EvaluationArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(EvaluationArguments)
+    return HfArgumentParser(
+        EvaluationArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _training_file(model_dir: str, name: str) -> dict | None:

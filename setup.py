@@ -10,7 +10,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_hypersteer", "modeling_hypersteer.*"]),
-    package_data={"modeling_hypersteer": ["resources/*.jsonl", "resources/*.md", "model_card_template.md"]},
+    package_data={"modeling_hypersteer": ["resources/*.jsonl", "resources/*.md", "model_cards/*.md"]},
     py_modules=["train_hypersteer", "evaluate_steering", "generate_concept_data", "quickstart"],
     install_requires=[
         "torch>=2.4",

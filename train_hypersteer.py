@@ -14,8 +14,11 @@ Ready-to-copy commands:
         --dataset_name_or_path ../shared/data/axbench/concept10 --heldout_concepts 3 --max_steps 200 \
         --per_device_train_batch_size 4 --output_dir outputs/smollm2-hypersteer
 
-    # Two CPU processes (DDP over gloo)
-    accelerate launch --cpu --num_processes 2 train_hypersteer.py ... same flags ...
+    # Two CPU processes (DDP over gloo; accelerate's torchrun launcher plus --use_cpu, as the test suite runs it)
+    accelerate launch --multi_gpu --num_processes 2 train_hypersteer.py --use_cpu ... same flags ...
+
+    # All GPUs of a machine, or FSDP / DeepSpeed ZeRO-3 for a Gemma-2-9B base (see examples/accelerate_configs/)
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu_ddp.yaml train_hypersteer.py ...
 
     # Resume exactly from a checkpoint
     python train_hypersteer.py ... same flags ... --resume_from_checkpoint outputs/smollm2-hypersteer/checkpoint-100
@@ -24,6 +27,7 @@ Arguments can also come from one JSON file (`python train_hypersteer.py args.jso
 (`--config args.yaml`); flags given on the command line override the file.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -134,7 +138,11 @@ class DataArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, HyperSteerTrainingArguments))
+    return HfArgumentParser(
+        (ModelArguments, DataArguments, HyperSteerTrainingArguments),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -252,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
         concept_split.to_json(os.path.join(training_args.output_dir, CONCEPT_SPLIT_FILE))
+        if training_args.push_to_hub:
+            # Trainer's intermediate pushes upload `output_dir` with only config and weights copied in from the
+            # checkpoint; the remote code must already be there for those revisions to load.
+            HyperSteerModel.save_remote_code(training_args.output_dir)
 
     trainer = HyperSteerTrainer(
         model=model,

@@ -550,12 +550,19 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         super().save_pretrained(save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return
+        self.save_remote_code(save_directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+
+    @staticmethod
+    def save_remote_code(save_directory: str | os.PathLike) -> None:
+        """Copy the two files `auto_map` points to (`configuration_hypersteer.py`, `modeling_hypersteer.py`) into
+        `save_directory`, e.g. before a Trainer pushes checkpoints that must load with `trust_remote_code=True`."""
+        os.makedirs(save_directory, exist_ok=True)
         source_dir = Path(__file__).resolve().parent
         for file_name in REMOTE_CODE_FILES:
             if Path(save_directory, file_name).resolve() != (source_dir / file_name):
                 shutil.copyfile(source_dir / file_name, Path(save_directory, file_name))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(save_directory)
 
     # ----- parameters -------------------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .model_card import DEFAULT_LICENSE, write_model_card
+
 
 logger = logging.get_logger(__name__)
 
@@ -59,7 +61,8 @@ class HyperSteerTrainer(Trainer):
     It differs from [`Trainer`] only in logging two steering diagnostics per step — the mean L2 norm of the steering
     vectors and, with `token_gate=True`, the mean gate value over real tokens — for training and for every evaluation
     set (pass `eval_dataset={"heldin": ..., "heldout": ...}` to get `eval_heldin_loss` and `eval_heldout_loss`).
-    The model returns its own loss and saves its own (hypernetwork-only) weights, so nothing else is overridden.
+    The model returns its own loss and saves its own (hypernetwork-only) weights; the only other override writes the
+    HyperSteer model card instead of Trainer's generic one when pushing to the Hub.
     """
 
     def __init__(self, *args, **kwargs):
@@ -86,6 +89,41 @@ class HyperSteerTrainer(Trainer):
                 logs[f"{prefix}{name}"] = self.accelerator.gather_for_metrics(mean[None]).mean().item()
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the HyperSteer model card to `output_dir/README.md` instead of Trainer's generic card.
+
+        [`Trainer.push_to_hub`] calls this before uploading `output_dir`. The card reads `training_summary.json` and
+        `concept_split.json` from `output_dir` (see [`~modeling_hypersteer.model_card.write_model_card`]).
+        `finetuned_from` overrides the base model's Hub id. `dataset` (or `dataset_tags`) names the training data.
+        """
+        if not self.is_world_process_zero():
+            return
+        if tasks or dataset_args:
+            logger.warning(f"The HyperSteer model card ignores tasks={tasks!r} and dataset_args={dataset_args!r}.")
+        datasets = dataset if dataset is not None else dataset_tags
+        write_model_card(
+            self.args.output_dir,
+            self.accelerator.unwrap_model(self.model),
+            repo_id=self.hub_model_id or self.args.hub_model_id,
+            model_name=model_name,
+            base_model=finetuned_from,
+            license=license or DEFAULT_LICENSE,
+            language=language,
+            tags=tags,
+            dataset_names=[datasets] if isinstance(datasets, str) else datasets,
+        )
 
 
 def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:

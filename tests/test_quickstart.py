@@ -1,0 +1,38 @@
+"""The offline quickstart on the real SmolLM2-135M-Instruct, in a reduced mode (a few training steps)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
+    output_dir = tmp_path / "quickstart"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "quickstart.py"), "--max_steps", "3", "--max_new_tokens", "8",
+         "--offline_examples_per_concept", "1", "--output_dir", str(output_dir)],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    stdout = result.stdout
+    blocks = stdout.split("=== Concept: ")[1:]
+    assert len(blocks) == 4 and sum("HELD-OUT" in block for block in blocks) == 1
+    for block in blocks:
+        for label in ("Unsteered:", "Prompt-steered:", "HyperSteer:"):
+            assert label in block, block
+    for name in ("heldin", "heldout"):
+        assert f"{name} gain ratio" in stdout and f"{name} specificity ratio" in stdout
+    assert "identical greedy tokens to the trained model: True" in stdout
+
+    results = json.loads((output_dir / "quickstart_results.json").read_text())
+    for name in ("heldin", "heldout"):
+        offline = results["offline"][name]
+        assert offline["num_concepts"] == (15 if name == "heldin" else 3)
+        assert all(math.isfinite(value) for value in offline["losses"].values())
+        for ratio in ("gain_ratio", "specificity_ratio"):
+            assert offline[ratio] is None or math.isfinite(offline[ratio])
+    assert (output_dir / "loss_curve.png").is_file() and (output_dir / "model.safetensors").is_file()
