@@ -63,15 +63,21 @@ class EvaluationArguments:
     output_dir: str = field(metadata={"help": "Where samples, summary, plots and the judge cache are written."})
     dataset_name_or_path: list[str] | None = field(
         default=None,
-        metadata={"help": "Concept data (same loader as training). Defaults to the training run's sources, read from "
-                  "training_summary.json next to the model."},
+        metadata={
+            "help": "Concept data (same loader as training). Defaults to the training run's sources, read from "
+            "training_summary.json next to the model."
+        },
     )
     concepts: str = field(
         default="heldout",
-        metadata={"help": "'heldin', 'heldout', 'all', or '|'-separated concept descriptions. The split is the "
-                  "training run's concept_split.json when present, else --heldout_concepts/--concept_split_seed."},
+        metadata={
+            "help": "'heldin', 'heldout', 'all', or '|'-separated concept descriptions. The split is the "
+            "training run's concept_split.json when present, else --heldout_concepts/--concept_split_seed."
+        },
     )
-    heldout_concepts: str = field(default="0.1", metadata={"help": "Split rule when the model has no concept_split.json."})
+    heldout_concepts: str = field(
+        default="0.1", metadata={"help": "Split rule when the model has no concept_split.json."}
+    )
     concept_split_seed: int = field(default=42, metadata={"help": "Seed of that split rule."})
     max_concepts: int | None = field(default=None, metadata={"help": "Evaluate at most this many concepts."})
     num_instructions_per_concept: int = field(
@@ -79,11 +85,15 @@ class EvaluationArguments:
     )
     instructions: str = field(
         default="concept_data",
-        metadata={"help": "'concept_data' (held-out `input`s of the concept data), a local file (txt/jsonl/parquet "
-                  "with `instruction` or `input`), or a Hub dataset id such as tatsu-lab/alpaca_eval."},
+        metadata={
+            "help": "'concept_data' (held-out `input`s of the concept data), a local file (txt/jsonl/parquet "
+            "with `instruction` or `input`), or a Hub dataset id such as tatsu-lab/alpaca_eval."
+        },
     )
     steering_factors: str = field(default="0.5,1.0,1.5,2.0", metadata={"help": "Comma-separated HyperSteer factors."})
-    methods: str = field(default="hypersteer,prompt,none", metadata={"help": f"Comma-separated, from {list(METHODS)}."})
+    methods: str = field(
+        default="hypersteer,prompt,none", metadata={"help": f"Comma-separated, from {list(METHODS)}."}
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per sample."})
     do_sample: bool = field(default=True, metadata={"help": "Sample (AxBench) instead of greedy decoding."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (AxBench: 1.0)."})
@@ -97,8 +107,10 @@ class EvaluationArguments:
     judge_model: str = field(default="gpt-4o-mini", metadata={"help": "Judge model name."})
     judge_base_url: str | None = field(
         default=None,
-        metadata={"help": "OpenAI-compatible endpoint of the judge. Without it (and without $OPENAI_API_KEY) no "
-                  "generations are judged and only the offline metric runs."},
+        metadata={
+            "help": "OpenAI-compatible endpoint of the judge. Without it (and without $OPENAI_API_KEY) no "
+            "generations are judged and only the offline metric runs."
+        },
     )
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable of the API key."})
     judge_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight."})
@@ -117,7 +129,9 @@ class EvaluationArguments:
         if self.num_instructions_per_concept < 0 or self.offline_examples_per_concept < 0:
             raise ValueError("--num_instructions_per_concept and --offline_examples_per_concept must be >= 0.")
         if self.dataset_name_or_path:
-            self.dataset_name_or_path = [p.strip() for v in self.dataset_name_or_path for p in v.split(",") if p.strip()]
+            self.dataset_name_or_path = [
+                p.strip() for v in self.dataset_name_or_path for p in v.split(",") if p.strip()
+            ]
 
     def judge_available(self) -> bool:
         return bool(self.judge_base_url) or bool(os.environ.get(self.judge_api_key_env))
@@ -140,7 +154,9 @@ def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tup
         split = ConceptSplit.from_json(Path(args.model) / "concept_split.json")
         origin = "the training run's concept_split.json"
     else:
-        split = split_concepts(data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed)
+        split = split_concepts(
+            data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed
+        )
         origin = f"--heldout_concepts {args.heldout_concepts} with seed {args.concept_split_seed}"
     if args.concepts == "heldin":
         concepts = list(split.heldin_concepts)
@@ -174,8 +190,9 @@ def _instructions(args: EvaluationArguments, eval_rows: list[dict], concepts: li
         if path.suffix == ".txt":
             texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
-            table = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
-                                          split="train")
+            table = datasets.load_dataset(
+                "parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train"
+            )
             column = "instruction" if "instruction" in table.column_names else "input"
             if column not in table.column_names:
                 raise ValueError(f"{path} has no `instruction` or `input` column (columns: {table.column_names}).")
@@ -217,21 +234,29 @@ def main(argv: list[str] | None = None) -> dict:
         (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
     else:
         (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(args.seed)
 
     sources = args.dataset_name_or_path or (_training_file(args.model, "training_summary.json") or {}).get("sources")
     if not sources:
-        raise ValueError(f"No concept data given and {args.model} has no training_summary.json naming its sources; "
-                         "pass --dataset_name_or_path.")
+        raise ValueError(
+            f"No concept data given and {args.model} has no training_summary.json naming its sources; "
+            "pass --dataset_name_or_path."
+        )
     data = load_concept_data(sources)
     concepts, split, origin = _selected_concepts(args, data)
     logger.info(f"Evaluating {len(concepts)} concept(s) from {sources}; split from {origin}.")
-    splits = build_splits(data, split, eval_examples_per_concept=max(args.num_instructions_per_concept,
-                                                                    args.offline_examples_per_concept, 2),
-                          seed=split.seed)
+    splits = build_splits(
+        data,
+        split,
+        eval_examples_per_concept=max(args.num_instructions_per_concept, args.offline_examples_per_concept, 2),
+        seed=split.seed,
+    )
     eval_rows = [row for name in ("eval_heldin", "eval_heldout") for row in splits[name]]
     eval_rows = [row for row in eval_rows if row["output_concept"] in set(concepts) and not row["is_negative"]]
 
@@ -251,8 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
                     chosen.append(row)
             if len(counts) >= 2:
                 summary["offline"][name] = offline_steering_metric(
-                    model, tokenizer, chosen, steering_factor=args.offline_steering_factor,
-                    batch_size=args.batch_size, max_length=args.max_length, desc=f"Offline metric ({name})",
+                    model,
+                    tokenizer,
+                    chosen,
+                    steering_factor=args.offline_steering_factor,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    desc=f"Offline metric ({name})",
                 )
             elif counts:
                 logger.warning(f"Only one {name} concept selected: the wrong-concept control needs two; skipped.")
@@ -260,16 +290,25 @@ def main(argv: list[str] | None = None) -> dict:
             plot_offline_losses(summary["offline"], Path(args.output_dir) / "offline_losses.png")
 
     if not args.judge_available():
-        logger.warning("No judge endpoint (--judge_base_url or $%s): ran the offline metric only.",
-                       args.judge_api_key_env)
+        logger.warning(
+            "No judge endpoint (--judge_base_url or $%s): ran the offline metric only.", args.judge_api_key_env
+        )
     elif args.num_instructions_per_concept > 0:
         from modeling_hypersteer.judge import judge_generations, select_and_report
 
         tasks = generation_tasks(_instructions(args, eval_rows, concepts), args.num_instructions_per_concept)
         samples = generate_samples(
-            model, tokenizer, tasks, args.method_list, args.factor_grid,
-            generations_path=Path(args.output_dir) / "generations.jsonl", max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample, temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+            model,
+            tokenizer,
+            tasks,
+            args.method_list,
+            args.factor_grid,
+            generations_path=Path(args.output_dir) / "generations.jsonl",
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
         client = _make_judge(args)
         try:
@@ -280,8 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
             for sample in judged:
                 handle.write(json.dumps(sample) + "\n")
         summary["methods"] = select_and_report(judged)["methods"]
-        summary["judge"] = {"model": args.judge_model, "base_url": client.base_url,
-                            "requests_sent": client.requests_sent, "cache_hits": client.cache_hits}
+        summary["judge"] = {
+            "model": args.judge_model,
+            "base_url": client.base_url,
+            "requests_sent": client.requests_sent,
+            "cache_hits": client.cache_hits,
+        }
         plot_factor_sweep(judged, Path(args.output_dir) / "score_vs_factor.png")
         plot_ratings(summary, Path(args.output_dir) / "ratings.png")
 
@@ -289,8 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary["model_config"] = model.config.to_diff_dict()
     summary["concepts"] = concepts
     summary["meta_info"] = {
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
         "device": str(model.get_input_embeddings().weight.device),
     }
     with open(Path(args.output_dir) / "summary.json", "w", encoding="utf-8") as handle:

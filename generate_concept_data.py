@@ -50,7 +50,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import transformers
 from transformers import HfArgumentParser
@@ -91,10 +91,10 @@ class ConceptDataArguments:
             "<name>.teacher_cache.sqlite (API answers), so rerunning the command resumes."
         }
     )
-    max_concepts: Optional[int] = field(
+    max_concepts: int | None = field(
         default=None, metadata={"help": "Use only the first N concepts of --concepts_file (default: all)."}
     )
-    instructions_file: Optional[str] = field(
+    instructions_file: str | None = field(
         default=None,
         metadata={
             "help": "Instruction pool: a text file (one per line), a JSONL file with an `input` field, or a parquet "
@@ -121,7 +121,7 @@ class ConceptDataArguments:
         default="gpt-4o-mini",
         metadata={"help": "Teacher model: the endpoint's model name (openai) or a local model directory (hf)."},
     )
-    teacher_base_url: Optional[str] = field(
+    teacher_base_url: str | None = field(
         default=None,
         metadata={
             "help": "Base URL of the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
@@ -140,7 +140,7 @@ class ConceptDataArguments:
         default=1.0, metadata={"help": "Seconds before the first retry; doubles at each retry (with jitter)."}
     )
     request_timeout: float = field(default=120.0, metadata={"help": "Seconds before one API request is abandoned."})
-    cache_path: Optional[str] = field(
+    cache_path: str | None = field(
         default=None,
         metadata={"help": "sqlite cache of API answers (default: <output_path stem>.teacher_cache.sqlite)."},
     )
@@ -149,7 +149,7 @@ class ConceptDataArguments:
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Maximum length of each teacher answer, in tokens."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per `generate` call (hf backend)."})
-    device: Optional[str] = field(
+    device: str | None = field(
         default=None, metadata={"help": "Device of the hf teacher (default: cuda if available, else cpu)."}
     )
     dtype: str = field(
@@ -230,7 +230,7 @@ def _genre_of(record: dict[str, Any], concept: str) -> str:
     return "text"
 
 
-def load_concepts(path: str, max_concepts: Optional[int] = None) -> list[Concept]:
+def load_concepts(path: str, max_concepts: int | None = None) -> list[Concept]:
     """Reads concept descriptions from a text file, a JSONL file, an AxBench `metadata.jsonl`, or AxBench data rows.
 
     - text: one description per line; ids are the positions (0-based) of the non-empty lines;
@@ -292,7 +292,7 @@ def load_concepts(path: str, max_concepts: Optional[int] = None) -> list[Concept
     return selected[:max_concepts] if max_concepts is not None else selected
 
 
-def load_instructions(path: Optional[str]) -> list[str]:
+def load_instructions(path: str | None) -> list[str]:
     """Reads the instruction pool (text lines, JSONL `input`/`instruction` field, or parquet `input` column).
 
     With `path=None`, reads the package's bundled set if it exists. Empty and repeated instructions are dropped.
@@ -401,7 +401,7 @@ class _RowWriter:
         if needs_newline:
             self._handle.write("\n")
 
-    def add(self, concept: Concept, instruction: str, output: Optional[str], failure: Optional[str] = None) -> None:
+    def add(self, concept: Concept, instruction: str, output: str | None, failure: str | None = None) -> None:
         if failure is None and (output is None or not output.strip()):
             failure = "empty answer"
         if failure is not None:
@@ -517,9 +517,7 @@ def write_parquet_atomically(rows: Sequence[dict[str, Any]], path: Path) -> None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [(name, pa.int64() if name == "concept_id" else pa.string()) for name in OUTPUT_COLUMNS]
-    )
+    schema = pa.schema([(name, pa.int64() if name == "concept_id" else pa.string()) for name in OUTPUT_COLUMNS])
     table = pa.Table.from_pylist([{name: row[name] for name in OUTPUT_COLUMNS} for row in rows], schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -535,7 +533,7 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser(ConceptDataArguments)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> ConceptDataArguments:
+def parse_args(argv: Sequence[str] | None = None) -> ConceptDataArguments:
     """Parses flags, or a lone `.json` / `.yaml` file of arguments."""
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -548,7 +546,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ConceptDataArguments:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Runs the generation; returns the exit status (1 if every generation attempted in this run failed)."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO

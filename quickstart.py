@@ -67,27 +67,48 @@ class QuickstartArguments:
 
 
 def _train(args: QuickstartArguments) -> dict:
-    return train_hypersteer.main([
-        "--base_model_name_or_path", train_hypersteer.SMOLLM2_ALIAS,
-        "--steering_layer", str(args.steering_layer),
-        "--hypernet_type", "cross_attention",
-        "--hypernet_num_layers", str(args.hypernet_num_layers),
-        "--dataset_name_or_path", str(BUNDLED_CONCEPTS),
-        "--heldout_concepts", "|".join(HELDOUT_CONCEPTS),
-        "--eval_examples_per_concept", "2",
-        "--max_length", str(args.max_length),
-        "--max_steps", str(args.max_steps),
-        "--per_device_train_batch_size", "4",
-        "--learning_rate", str(args.learning_rate),
-        "--warmup_steps", str(min(5, args.max_steps // 10)),
-        "--logging_steps", str(max(1, args.max_steps // 10)),
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--output_dir", args.output_dir,
-        "--seed", str(args.seed),
-        "--report_to", "none",
-        "--disable_tqdm", "false",
-    ])
+    return train_hypersteer.main(
+        [
+            "--base_model_name_or_path",
+            train_hypersteer.SMOLLM2_ALIAS,
+            "--steering_layer",
+            str(args.steering_layer),
+            "--hypernet_type",
+            "cross_attention",
+            "--hypernet_num_layers",
+            str(args.hypernet_num_layers),
+            "--dataset_name_or_path",
+            str(BUNDLED_CONCEPTS),
+            "--heldout_concepts",
+            "|".join(HELDOUT_CONCEPTS),
+            "--eval_examples_per_concept",
+            "2",
+            "--max_length",
+            str(args.max_length),
+            "--max_steps",
+            str(args.max_steps),
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            str(args.learning_rate),
+            "--warmup_steps",
+            str(min(5, args.max_steps // 10)),
+            "--logging_steps",
+            str(max(1, args.max_steps // 10)),
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--output_dir",
+            args.output_dir,
+            "--seed",
+            str(args.seed),
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "false",
+        ]
+    )
 
 
 def _offline_rows(output_dir: str, per_concept: int) -> dict[str, list[dict]]:
@@ -128,39 +149,57 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise ValueError(f"The bundled concept set lacks the quickstart's concepts {missing}; reinstall the package.")
 
-    print(f"[1/4] Training a cross-attention HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
-          f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})")
+    print(
+        f"[1/4] Training a cross-attention HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
+        f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})"
+    )
     metrics = _train(args)
     train_seconds = time.perf_counter() - start
     model = HyperSteerModel.from_pretrained(args.output_dir)
     tokenizer = model.tokenizer
 
-    print("\n[2/4] Side by side (greedy decoding, steering factor "
-          f"{args.steering_factor}):")
-    pairs = [(concept, UNSEEN_INSTRUCTIONS[index % len(UNSEEN_INSTRUCTIONS)])
-             for index, concept in enumerate(SHOWN_HELDIN_CONCEPTS + HELDOUT_CONCEPTS[:1])]
-    rows = side_by_side(model, tokenizer, pairs, steering_factor=args.steering_factor,
-                        max_new_tokens=args.max_new_tokens)
+    print(f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}):")
+    pairs = [
+        (concept, UNSEEN_INSTRUCTIONS[index % len(UNSEEN_INSTRUCTIONS)])
+        for index, concept in enumerate(SHOWN_HELDIN_CONCEPTS + HELDOUT_CONCEPTS[:1])
+    ]
+    rows = side_by_side(
+        model, tokenizer, pairs, steering_factor=args.steering_factor, max_new_tokens=args.max_new_tokens
+    )
     _print_side_by_side(rows, set(HELDOUT_CONCEPTS))
 
     print("\n[3/4] Offline metric: loss of the concept data's target outputs (lower is better)")
     offline = {
-        name: offline_steering_metric(model, tokenizer, rows_, steering_factor=args.steering_factor,
-                                      max_length=args.max_length * 2, desc=f"Offline metric ({name})")
+        name: offline_steering_metric(
+            model,
+            tokenizer,
+            rows_,
+            steering_factor=args.steering_factor,
+            max_length=args.max_length * 2,
+            desc=f"Offline metric ({name})",
+        )
         for name, rows_ in _offline_rows(args.output_dir, args.offline_examples_per_concept).items()
     }
     for name, result in offline.items():
         losses = result["losses"]
-        print(f"  {name:>8} ({result['num_concepts']} concepts, {result['num_rows']} rows): "
-              f"none {losses['none']:.3f} | prompt {losses['prompt']:.3f} | hypersteer {losses['hypersteer']:.3f} | "
-              f"wrong-concept prompt {losses['prompt_wrong']:.3f} | wrong-concept hypersteer "
-              f"{losses['hypersteer_wrong']:.3f}")
-        print(f"  {name:>8} gain ratio        (L_none - L_hs) / (L_none - L_prompt)            = "
-              f"{_ratio(result['gain_ratio'])}")
-        print(f"  {name:>8} specificity ratio (L_hs,wrong - L_hs) / (L_prompt,wrong - L_prompt) = "
-              f"{_ratio(result['specificity_ratio'])}")
+        print(
+            f"  {name:>8} ({result['num_concepts']} concepts, {result['num_rows']} rows): "
+            f"none {losses['none']:.3f} | prompt {losses['prompt']:.3f} | hypersteer {losses['hypersteer']:.3f} | "
+            f"wrong-concept prompt {losses['prompt_wrong']:.3f} | wrong-concept hypersteer "
+            f"{losses['hypersteer_wrong']:.3f}"
+        )
+        print(
+            f"  {name:>8} gain ratio        (L_none - L_hs) / (L_none - L_prompt)            = "
+            f"{_ratio(result['gain_ratio'])}"
+        )
+        print(
+            f"  {name:>8} specificity ratio (L_hs,wrong - L_hs) / (L_prompt,wrong - L_prompt) = "
+            f"{_ratio(result['specificity_ratio'])}"
+        )
 
-    print(f"\n[4/4] Reloading {args.output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+    print(
+        f"\n[4/4] Reloading {args.output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)"
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True)
     concept, instruction = pairs[0]
     encoding = tokenizer([format_prompt(tokenizer, instruction)], add_special_tokens=False, return_tensors="pt")
@@ -168,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     original = model.generate(**encoding, steering_prompt=concept, steering_factor=args.steering_factor, **generation)
     again = reloaded.generate(**encoding, steering_prompt=concept, steering_factor=args.steering_factor, **generation)
     same = torch.equal(original, again)
-    print(f"  {type(reloaded).__name__} loaded from {args.output_dir}; identical greedy tokens to the trained model: {same}")
+    print(
+        f"  {type(reloaded).__name__} loaded from {args.output_dir}; identical greedy tokens to the trained model: {same}"
+    )
     if not same:
         raise RuntimeError("The reloaded model generated different tokens from the trained one.")
 
@@ -177,14 +218,20 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_seconds": round(wall_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "train_loss": metrics.get("train_loss"),
-        "offline": {name: {key: result[key] for key in ("losses", "gain_ratio", "specificity_ratio", "num_rows",
-                                                         "num_concepts")} for name, result in offline.items()},
+        "offline": {
+            name: {
+                key: result[key] for key in ("losses", "gain_ratio", "specificity_ratio", "num_rows", "num_concepts")
+            }
+            for name, result in offline.items()
+        },
         "side_by_side": rows,
         "arguments": vars(args),
     }
     Path(args.output_dir, "quickstart_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(f"\nDone in {wall_seconds / 60:.1f} min. Model and loss curve in {args.output_dir}; results in "
-          f"{Path(args.output_dir, 'quickstart_results.json')}.")
+    print(
+        f"\nDone in {wall_seconds / 60:.1f} min. Model and loss curve in {args.output_dir}; results in "
+        f"{Path(args.output_dir, 'quickstart_results.json')}."
+    )
     if not all(math.isfinite(value) for result in offline.values() for value in result["losses"].values()):
         raise RuntimeError("The offline metric produced non-finite losses.")
     return results

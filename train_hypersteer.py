@@ -69,7 +69,9 @@ class ModelArguments:
         }
     )
     base_model_revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
-    steering_layer: int = field(default=20, metadata={"help": "Decoder layer whose output is steered (paper: 20 for Gemma-2-2B)."})
+    steering_layer: int = field(
+        default=20, metadata={"help": "Decoder layer whose output is steered (paper: 20 for Gemma-2-2B)."}
+    )
     hypernet_type: str = field(
         default="cross_attention", metadata={"help": f"Hypernetwork variant, one of {list(HYPERNET_TYPES)}."}
     )
@@ -82,11 +84,15 @@ class ModelArguments:
         default="all", metadata={"help": f"Where the vector is added, one of {list(STEERING_POSITIONS)}."}
     )
     token_gate: bool = field(default=False, metadata={"help": "Learn a per-token steering gate g_t in [0, 1]."})
-    max_steering_prompt_length: int = field(default=64, metadata={"help": "Steering prompts are cut to this many tokens."})
+    max_steering_prompt_length: int = field(
+        default=64, metadata={"help": "Steering prompts are cut to this many tokens."}
+    )
     base_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of the frozen base: 'auto' (as saved), 'float32', 'bfloat16' or 'float16'. "
-                  "The trainable hypernetwork always keeps float32 weights."},
+        metadata={
+            "help": "dtype of the frozen base: 'auto' (as saved), 'float32', 'bfloat16' or 'float16'. "
+            "The trainable hypernetwork always keeps float32 weights."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation of the base ('eager', 'sdpa', ...)."}
@@ -115,15 +121,19 @@ class DataArguments:
     )
     heldout_concepts: str = field(
         default="0.1",
-        metadata={"help": "Concepts never seen in training: a count (e.g. 3), a ratio (e.g. 0.1), or '|'-separated "
-                  "concept descriptions."},
+        metadata={
+            "help": "Concepts never seen in training: a count (e.g. 3), a ratio (e.g. 0.1), or '|'-separated "
+            "concept descriptions."
+        },
     )
     concept_split_seed: int = field(default=42, metadata={"help": "Seed of the held-in / held-out concept split."})
     max_examples_per_concept: int | None = field(default=None, metadata={"help": "Cap on training rows per concept."})
     eval_examples_per_concept: int | None = field(
         default=2,
-        metadata={"help": "Per held-in concept, distinct base prompts kept out of training for held-in evaluation; "
-                  "also the cap on evaluation rows per held-out concept."},
+        metadata={
+            "help": "Per held-in concept, distinct base prompts kept out of training for held-in evaluation; "
+            "also the cap on evaluation rows per held-out concept."
+        },
     )
     use_negatives: bool = field(default=False, metadata={"help": "Also train on negative (concept-free) rows."})
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
@@ -170,7 +180,9 @@ def parse_arguments(argv: list[str] | None = None):
 
 
 def load_base_model(model_args: ModelArguments):
-    path = smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
+    path = (
+        smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
+    )
     dtype = model_args.base_dtype if model_args.base_dtype == "auto" else getattr(torch, model_args.base_dtype)
     kwargs = {"revision": model_args.base_model_revision, "dtype": dtype}
     if model_args.attn_implementation:
@@ -178,7 +190,9 @@ def load_base_model(model_args: ModelArguments):
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.base_model_revision)
     if tokenizer.pad_token is None:
-        logger.warning(f"The tokenizer of {path} has no pad token; using its EOS token {tokenizer.eos_token!r} to pad.")
+        logger.warning(
+            f"The tokenizer of {path} has no pad token; using its EOS token {tokenizer.eos_token!r} to pad."
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return base, tokenizer, path
 
@@ -227,11 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
         max_steering_prompt_length=model_args.max_steering_prompt_length,
     )
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.3f}")
+    logger.info(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.3f}"
+    )
 
     with training_args.main_process_first(desc="loading and tokenizing concept data"):
         raw = load_concept_data(data_args.dataset_name_or_path)
-        concept_split = split_concepts(raw, heldout=parse_heldout_concepts(data_args.heldout_concepts), seed=data_args.concept_split_seed)
+        concept_split = split_concepts(
+            raw, heldout=parse_heldout_concepts(data_args.heldout_concepts), seed=data_args.concept_split_seed
+        )
         splits = build_splits(
             raw,
             concept_split,
@@ -242,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         tokenized = {
             name: tokenize_dataset(
-                split, tokenizer, max_length=data_args.max_length,
+                split,
+                tokenizer,
+                max_length=data_args.max_length,
                 max_steering_prompt_length=model_args.max_steering_prompt_length,
             )
             for name, split in splits.items()
@@ -252,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             f"No training rows left after the concept split of {data_args.dataset_name_or_path}; hold out fewer concepts."
         )
-    eval_sets = {name[len("eval_"):]: split for name, split in tokenized.items() if name.startswith("eval_")}
+    eval_sets = {name[len("eval_") :]: split for name, split in tokenized.items() if name.startswith("eval_")}
     if not eval_sets and training_args.eval_strategy != "no":
         logger.warning("No evaluation rows: turning evaluation off.")
         training_args.eval_strategy = "no"
@@ -299,9 +319,17 @@ def main(argv: list[str] | None = None) -> dict:
             except ValueError as error:
                 logger.warning(f"No loss curve written: {error}")
         with open(os.path.join(training_args.output_dir, "training_summary.json"), "w", encoding="utf-8") as handle:
-            json.dump({"metrics": metrics, "concept_split": CONCEPT_SPLIT_FILE,
-                       "sources": data_args.dataset_name_or_path, "world_size": training_args.world_size,
-                       "rank_fingerprints": rank_fingerprints}, handle, indent=2)
+            json.dump(
+                {
+                    "metrics": metrics,
+                    "concept_split": CONCEPT_SPLIT_FILE,
+                    "sources": data_args.dataset_name_or_path,
+                    "world_size": training_args.world_size,
+                    "rank_fingerprints": rank_fingerprints,
+                },
+                handle,
+                indent=2,
+            )
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="Train HyperSteer")
     return metrics

@@ -108,7 +108,11 @@ class HyperSteerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if isinstance(self.steering_layer, bool) or not isinstance(self.steering_layer, int) or self.steering_layer < 0:
+        if (
+            isinstance(self.steering_layer, bool)
+            or not isinstance(self.steering_layer, int)
+            or self.steering_layer < 0
+        ):
             raise ValueError(f"`steering_layer` must be a non-negative layer index, got {self.steering_layer!r}.")
         if self.base_num_hidden_layers is not None:
             if self.steering_layer >= self.base_num_hidden_layers:
@@ -124,8 +128,13 @@ class HyperSteerConfig(PreTrainedConfig):
                 )
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"`hidden_size` must be positive, got {self.hidden_size}.")
-        if not isinstance(self.default_steering_factor, (int, float)) or self.default_steering_factor != self.default_steering_factor:
-            raise ValueError(f"`default_steering_factor` must be a finite number, got {self.default_steering_factor!r}.")
+        if (
+            not isinstance(self.default_steering_factor, (int, float))
+            or self.default_steering_factor != self.default_steering_factor
+        ):
+            raise ValueError(
+                f"`default_steering_factor` must be a finite number, got {self.default_steering_factor!r}."
+            )
         if self.rms_norm_eps <= 0 or self.initializer_range < 0:
             raise ValueError(
                 f"`rms_norm_eps` must be > 0 and `initializer_range` >= 0, got {self.rms_norm_eps} and {self.initializer_range}."

@@ -199,9 +199,7 @@ def _normalise(dataset: Dataset, origin: str) -> Dataset:
     categories = list(dataset["category"])
     unknown = sorted({category for category in categories if category not in KNOWN_CATEGORIES})
     if unknown:
-        raise ValueError(
-            f"{origin}: column 'category' holds {unknown}; allowed values are {list(KNOWN_CATEGORIES)}."
-        )
+        raise ValueError(f"{origin}: column 'category' holds {unknown}; allowed values are {list(KNOWN_CATEGORIES)}.")
     is_negative = [category != "positive" for category in categories]
     concepts = list(dataset["output_concept"])
     bad_positive = [
@@ -537,7 +535,9 @@ def build_splits(
             )
     elif eval_fraction is not None and not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}.")
-    if max_examples_per_concept is not None and (not _is_int(max_examples_per_concept) or max_examples_per_concept < 1):
+    if max_examples_per_concept is not None and (
+        not _is_int(max_examples_per_concept) or max_examples_per_concept < 1
+    ):
         raise ValueError(
             f"`max_examples_per_concept` must be a positive int or None, got {max_examples_per_concept!r}."
         )

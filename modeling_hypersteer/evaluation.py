@@ -136,9 +136,11 @@ def offline_steering_metric(
         for suffix, concept in (("", row["output_concept"]), ("_wrong", wrong[row["output_concept"]])):
             example = {**row, "output_concept": concept, "steering_factor": steering_factor}
             features[f"hypersteer{suffix}"].append(tokenize_example(example, tokenizer, max_length=max_length))
-            features[f"prompt{suffix}"].append(tokenize_example(
-                example, tokenizer, max_length=max_length, system_prompt=prompt_steering_system_prompt(concept)
-            ))
+            features[f"prompt{suffix}"].append(
+                tokenize_example(
+                    example, tokenizer, max_length=max_length, system_prompt=prompt_steering_system_prompt(concept)
+                )
+            )
     features["none"] = features["hypersteer"]
     # Every method is scored on the same rows: a row that does not fit one condition leaves all of them.
     keep = [index for index in range(len(rows)) if all(values[index] is not None for values in features.values())]
@@ -201,8 +203,9 @@ def generation_tasks(instructions_by_concept: dict[str, Sequence[str]], num_inst
             )
         half = len(chosen) // 2
         for index, instruction in enumerate(chosen):
-            tasks.append({"concept": concept, "instruction": instruction,
-                          "split": SELECT_SPLIT if index < half else TEST_SPLIT})
+            tasks.append(
+                {"concept": concept, "instruction": instruction, "split": SELECT_SPLIT if index < half else TEST_SPLIT}
+            )
     return tasks
 
 
@@ -268,24 +271,36 @@ def generate_samples(
                 for start in range(0, len(group), batch_size):
                     batch = group[start : start + batch_size]
                     prompts = [
-                        format_prompt(tokenizer, job["instruction"],
-                                      prompt_steering_system_prompt(job["concept"]) if method == "prompt" else None)
+                        format_prompt(
+                            tokenizer,
+                            job["instruction"],
+                            prompt_steering_system_prompt(job["concept"]) if method == "prompt" else None,
+                        )
                         for job in batch
                     ]
-                    encoding = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
-                                         return_tensors="pt").to(device)
-                    generation_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                         "pad_token_id": tokenizer.pad_token_id}
+                    encoding = tokenizer(
+                        prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+                    ).to(device)
+                    generation_kwargs = {
+                        "max_new_tokens": max_new_tokens,
+                        "do_sample": do_sample,
+                        "pad_token_id": tokenizer.pad_token_id,
+                    }
                     if do_sample:
                         generation_kwargs["temperature"] = temperature
                         torch.manual_seed(seed + start)
                     if method == "hypersteer":
-                        output_ids = model.generate(**encoding, steering_prompt=[job["concept"] for job in batch],
-                                                    steering_factor=factor, **generation_kwargs)
+                        output_ids = model.generate(
+                            **encoding,
+                            steering_prompt=[job["concept"] for job in batch],
+                            steering_factor=factor,
+                            **generation_kwargs,
+                        )
                     else:
                         output_ids = model.language_model.generate(**encoding, **generation_kwargs)
-                    texts = tokenizer.batch_decode(output_ids[:, encoding["input_ids"].shape[1] :],
-                                                   skip_special_tokens=True)
+                    texts = tokenizer.batch_decode(
+                        output_ids[:, encoding["input_ids"].shape[1] :], skip_special_tokens=True
+                    )
                     for job, text in zip(batch, texts):
                         sample = {**job, "generation": text.strip()}
                         done[_sample_key(sample)] = sample
@@ -344,7 +359,9 @@ def plot_ratings(summary: dict, path: str | os.PathLike) -> Path:
     width = 0.8 / len(ratings)
     for offset, rating in enumerate(ratings):
         values = [summary["methods"][m].get(rating) or 0.0 for m in methods]
-        axis.bar([i + offset * width for i in range(len(methods))], values, width=width, label=rating.replace("_", " "))
+        axis.bar(
+            [i + offset * width for i in range(len(methods))], values, width=width, label=rating.replace("_", " ")
+        )
     axis.set_xticks([i + width for i in range(len(methods))], methods)
     axis.set_ylim(0, 2)
     axis.set_ylabel("mean rating (0-2), test half")
@@ -438,7 +455,13 @@ def side_by_side(
     """
     tasks = [{"concept": concept, "instruction": instruction, "split": TEST_SPLIT} for concept, instruction in pairs]
     samples = generate_samples(
-        model, tokenizer, tasks, METHODS, [steering_factor], max_new_tokens=max_new_tokens, do_sample=False,
+        model,
+        tokenizer,
+        tasks,
+        METHODS,
+        [steering_factor],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
         batch_size=len(tasks),
     )
     rows = {(task["concept"], task["instruction"]): dict(task) for task in tasks}

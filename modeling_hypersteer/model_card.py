@@ -283,15 +283,21 @@ def _model_details_table(config, base_name: str | None, base_is_hub_id: bool, nu
     )
     rows = [
         ("Base model", _base_model_markdown(base_name, base_is_hub_id)),
-        ("Base model revision", f"`{config.base_model_revision}`" if config.base_model_revision
-         else "not pinned (the default branch when loaded)"),
+        (
+            "Base model revision",
+            f"`{config.base_model_revision}`"
+            if config.base_model_revision
+            else "not pinned (the default branch when loaded)",
+        ),
         ("Steering layer", layer),
         ("Variant (`hypernet_type`)", f"`{config.hypernet_type}`: {_VARIANTS.get(config.hypernet_type, '')}"),
         ("Hypernetwork blocks (`hypernet_num_layers`)", str(config.hypernet_num_layers)),
         ("Hypernetwork initialisation (`hypernet_init`)", f"`{config.hypernet_init}`: {init}"),
         ("Token gate (`token_gate`)", gate),
-        ("Steering positions (`steering_positions`)",
-         f"`{config.steering_positions}`: {_POSITIONS.get(config.steering_positions, '')}"),
+        (
+            "Steering positions (`steering_positions`)",
+            f"`{config.steering_positions}`: {_POSITIONS.get(config.steering_positions, '')}",
+        ),
         ("Default steering factor", _format_number(config.default_steering_factor)),
         ("Max steering prompt length", f"{config.max_steering_prompt_length} tokens"),
         ("Hidden size (length of `v`)", str(config.hidden_size) if config.hidden_size else "not recorded"),
@@ -341,8 +347,10 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
         ("Held-out concepts (`eval_heldout_loss`)", _format_metric(metrics.get("eval_heldout_loss"))),
         ("Training loss, mean over the run (`train_loss`)", _format_metric(metrics.get("train_loss"))),
     ]
-    for key, label in (("eval_heldin_steering_vector_norm", "Mean steering-vector norm, held-in"),
-                       ("eval_heldout_steering_vector_norm", "Mean steering-vector norm, held-out")):
+    for key, label in (
+        ("eval_heldin_steering_vector_norm", "Mean steering-vector norm, held-in"),
+        ("eval_heldout_steering_vector_norm", "Mean steering-vector norm, held-out"),
+    ):
         if key in metrics:
             loss_rows.append((f"{label} (`{key}`)", _format_metric(metrics[key])))
     lines = [
@@ -365,13 +373,16 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
             "",
             _table(
                 ("Method", *[label for _, label in _JUDGE_COLUMNS]),
-                [(f"`{_inline(name)}`", *[_format_metric(report.get(key)) for key, _ in _JUDGE_COLUMNS])
-                 for name, report in methods.items()],
+                [
+                    (f"`{_inline(name)}`", *[_format_metric(report.get(key)) for key, _ in _JUDGE_COLUMNS])
+                    for name, report in methods.items()
+                ],
             ),
             "",
         ]
-    other = _flatten_numbers({key: value for key, value in evaluation_summary.items()
-                              if key not in ("methods", "judge", "judge_model")})
+    other = _flatten_numbers(
+        {key: value for key, value in evaluation_summary.items() if key not in ("methods", "judge", "judge_model")}
+    )
     if other:
         shown = other[:MAX_LISTED_METRICS]
         lines += [
@@ -403,11 +414,15 @@ def _extra_limitations(evaluation_summary: dict) -> str:
     if methods:
         return ""
     if evaluation_summary:
-        text = ("- **Offline evaluation only.** This checkpoint was evaluated offline only, with losses and loss "
-                "ratios on held-out target responses and no LLM judge. Generation quality has not been rated.")
+        text = (
+            "- **Offline evaluation only.** This checkpoint was evaluated offline only, with losses and loss "
+            "ratios on held-out target responses and no LLM judge. Generation quality has not been rated."
+        )
     else:
-        text = ("- **Not evaluated.** This checkpoint was not evaluated beyond its training and evaluation losses. "
-                "Steering quality has not been rated.")
+        text = (
+            "- **Not evaluated.** This checkpoint was not evaluated beyond its training and evaluation losses. "
+            "Steering quality has not been rated."
+        )
     return text + "\n"
 
 
@@ -423,8 +438,11 @@ def _base_model_warning(config_base: str | None, hub_base: str | None) -> str:
     """A warning when the config (which `from_pretrained` follows) does not name the base by a Hub id."""
     if _is_hub_id(config_base):
         return ""
-    named = (f"names the base model as {_base_model_markdown(config_base, False)}, not as a Hub id" if config_base
-             else "names no base model")
+    named = (
+        f"names the base model as {_base_model_markdown(config_base, False)}, not as a Hub id"
+        if config_base
+        else "names no base model"
+    )
     base = f"`{hub_base}`" if hub_base else "the base model"
     return (
         "\n> [!WARNING]\n"

@@ -106,7 +106,9 @@ class HyperSteerRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
-        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        hidden_states = hidden_states * torch.rsqrt(
+            hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        )
         return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
 
 
@@ -152,8 +154,12 @@ class HyperSteerCrossAttention(nn.Module):
         query = self.q_proj(self.query_norm(hidden_states))
         query = query.view(batch_size, sequence_length, self.num_heads, self.head_dim).transpose(1, 2)
         normed_context = self.context_norm(context_states)
-        key = self.k_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
+        key = (
+            self.k_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
+        )
+        value = (
+            self.v_proj(normed_context).view(batch_size, context_length, self.num_heads, self.head_dim).transpose(1, 2)
+        )
         # A row with no attendable context would give NaN softmax rows (and NaN gradients); let such a row attend
         # everywhere and discard its result instead.
         has_context = context_mask.any(dim=-1)
@@ -190,7 +196,9 @@ class HyperSteerTokenGate(nn.Module):
         """
         vectors = steering_vectors.to(torch.float32)
         direction = vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + self.eps)
-        features = self.norm(hidden_states.to(self.proj.weight.dtype)) * direction[:, None, :].to(self.proj.weight.dtype)
+        features = self.norm(hidden_states.to(self.proj.weight.dtype)) * direction[:, None, :].to(
+            self.proj.weight.dtype
+        )
         return torch.sigmoid(self.proj(features).squeeze(-1))
 
 
@@ -325,8 +333,15 @@ class _SteeringRequest:
                 "rows given; pass one steering prompt/factor per input row."
             )
         repeats = batch_size // current
-        for name in ("steering_input_ids", "steering_attention_mask", "steering_factor", "context_mask",
-                     "context_input_ids", "label_mask", "steering_vectors"):
+        for name in (
+            "steering_input_ids",
+            "steering_attention_mask",
+            "steering_factor",
+            "context_mask",
+            "context_input_ids",
+            "label_mask",
+            "steering_vectors",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.repeat_interleave(repeats, dim=0))
@@ -391,8 +406,13 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
     ```
     """
 
-    def __init__(self, config: HyperSteerConfig, language_model: PreTrainedModel | None = None, tokenizer=None,
-                 hypernet_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        config: HyperSteerConfig,
+        language_model: PreTrainedModel | None = None,
+        tokenizer=None,
+        hypernet_dtype: torch.dtype | None = None,
+    ):
         super().__init__(config)
         if language_model is None:
             raise ValueError(
@@ -426,8 +446,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
     # ----- construction, saving and loading -------------------------------------------------------------------
 
     @classmethod
-    def from_base_model(cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None,
-                        **config_kwargs) -> "HyperSteerModel":
+    def from_base_model(
+        cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None, **config_kwargs
+    ) -> "HyperSteerModel":
         """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
 
         The base's shape (hidden size, heads, layers) is read from the base itself.
@@ -522,7 +543,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 "only `hypernetwork.*` weights."
             )
         expected = self.hypernetwork.state_dict()
-        weights = {key[len(prefix):]: value for key, value in state_dict.items()}
+        weights = {key[len(prefix) :]: value for key, value in state_dict.items()}
         for key, value in weights.items():
             if key in expected and expected[key].shape != value.shape:
                 raise ValueError(
@@ -537,8 +558,14 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 f"{result.unexpected_keys[:5]}. Was it saved with another `hypernet_type`/`hypernet_num_layers`?"
             )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict: dict | None = None,
-                        is_main_process: bool = True, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        state_dict: dict | None = None,
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
         """Save the config (with `auto_map`), the hypernetwork weights (never the base), the generation config, the
         tokenizer and the two remote-code files, so `AutoModelForCausalLM.from_pretrained(dir,
         trust_remote_code=True)` works where this package is not installed."""
@@ -547,7 +574,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         else:
             state_dict = {key: value for key, value in state_dict.items() if key.startswith("hypernetwork.")}
         self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        super().save_pretrained(
+            save_directory, *args, state_dict=state_dict, is_main_process=is_main_process, **kwargs
+        )
         if not is_main_process:
             return
         self.save_remote_code(save_directory)
@@ -589,8 +618,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
-                                        every_n_layers: int = 1, offload: bool = False) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
         """Checkpoint the base's and the hypernetwork's decoder layers (non-reentrant only).
 
         The frozen base receives inputs that do not require grad, so reentrant checkpointing would cut the gradient
@@ -846,7 +876,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if steering_prompt is not None:
             if steering_input_ids is not None:
                 raise ValueError("Pass either `steering_prompt` or `steering_input_ids`, not both.")
-            prompts = [steering_prompt] * (batch_size or 1) if isinstance(steering_prompt, str) else list(steering_prompt)
+            prompts = (
+                [steering_prompt] * (batch_size or 1) if isinstance(steering_prompt, str) else list(steering_prompt)
+            )
             encoding = tokenize_steering_prompts(self.tokenizer, prompts, self.config.max_steering_prompt_length)
             steering_input_ids = encoding["steering_input_ids"]
             steering_attention_mask = encoding["steering_attention_mask"]
@@ -889,7 +921,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
                 "single number."
             )
-        if not isinstance(steering_factor, torch.Tensor) and not all(abs(value) < float("inf") for value in factors.tolist()):
+        if not isinstance(steering_factor, torch.Tensor) and not all(
+            abs(value) < float("inf") for value in factors.tolist()
+        ):
             raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
         return factors
 
@@ -913,8 +947,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         finally:
             handle.remove()
 
-    def _apply_steering(self, request: _SteeringRequest, hidden_states: torch.Tensor,
-                        position_ids: torch.LongTensor | None) -> torch.Tensor:
+    def _apply_steering(
+        self, request: _SteeringRequest, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None
+    ) -> torch.Tensor:
         """Compute `v` at the first pass of the request, then add `factor * g_t * v` at the selected positions.
 
         Args:
@@ -976,8 +1011,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         generated = generated.to(hidden_states.device)
         return generated if mode == "generated" else ~generated
 
-    def _run_hypernetwork(self, steering_input_ids, steering_attention_mask, context_states, context_mask,
-                          context_input_ids) -> torch.Tensor:
+    def _run_hypernetwork(
+        self, steering_input_ids, steering_attention_mask, context_states, context_mask, context_input_ids
+    ) -> torch.Tensor:
         """Embed the hypernetwork's input with the frozen base embeddings and run it.
 
         Returns:
@@ -990,7 +1026,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if context_input_ids is not None:
             with torch.no_grad():
                 context_embeds = self.get_input_embeddings()(context_input_ids).to(parameter)
-            inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask, context_embeds, context_mask.to(parameter.device))
+            inputs_embeds, token_mask = _pack_left(
+                inputs_embeds, token_mask, context_embeds, context_mask.to(parameter.device)
+            )
         else:
             inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask)
         batch_size, sequence_length = token_mask.shape

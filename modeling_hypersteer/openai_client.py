@@ -107,9 +107,7 @@ class ChatRequest:
             raise ValueError(f"ChatRequest.messages must be a non-empty list of messages, got {self.messages!r}.")
         for message in self.messages:
             if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-                raise ValueError(
-                    f"Each message must be a dict with 'role' and 'content' keys, got {message!r}."
-                )
+                raise ValueError(f"Each message must be a dict with 'role' and 'content' keys, got {message!r}.")
 
 
 @dataclass
@@ -290,9 +288,7 @@ class CachedChatClient:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         if initial_backoff < 0 or max_backoff < 0:
-            raise ValueError(
-                f"initial_backoff and max_backoff must be >= 0, got {initial_backoff} and {max_backoff}."
-            )
+            raise ValueError(f"initial_backoff and max_backoff must be >= 0, got {initial_backoff} and {max_backoff}.")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}.")
         self.model = model
@@ -447,8 +443,15 @@ class CachedChatClient:
                 cached = self.cache.get(key) if self.cache is not None else None
                 if cached is not None:
                     self.cache_hits += 1
-                    finish(index, ChatResult(text=cached["text"], status="ok", from_cache=True,
-                                             finish_reason=cached.get("finish_reason")))
+                    finish(
+                        index,
+                        ChatResult(
+                            text=cached["text"],
+                            status="ok",
+                            from_cache=True,
+                            finish_reason=cached.get("finish_reason"),
+                        ),
+                    )
                 else:
                     pending.setdefault(key, []).append(index)
                     models[key] = model

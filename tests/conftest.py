@@ -3,12 +3,12 @@
 Everything here is built in-process from configs or from files on local disk; nothing touches a model hub.
 """
 
-import os
 import string
 from pathlib import Path
 
 import pytest
 import torch
+from openai_stub_server import openai_stub  # noqa: F401  (fixture shared by the judge, evaluation and data-generation tests)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma2Config,
@@ -83,9 +83,15 @@ def build_tiny_base(architecture: str, vocab_size: int, num_hidden_layers: int =
         eos_token_id=2,
     )
     if architecture == "gemma2":
-        config, model_class = Gemma2Config(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common), Gemma2ForCausalLM
+        config, model_class = (
+            Gemma2Config(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common),
+            Gemma2ForCausalLM,
+        )
     elif architecture == "gemma3_text":
-        config, model_class = Gemma3TextConfig(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common), Gemma3ForCausalLM
+        config, model_class = (
+            Gemma3TextConfig(head_dim=16, sliding_window=8, query_pre_attn_scalar=16, **common),
+            Gemma3ForCausalLM,
+        )
     elif architecture == "llama":
         config, model_class = LlamaConfig(**common), LlamaForCausalLM
     elif architecture == "qwen2":

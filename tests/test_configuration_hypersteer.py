@@ -50,5 +50,7 @@ def test_invalid_values_raise_with_the_field_named(kwargs, message):
 
 
 def test_random_init_allows_more_layers_than_the_base():
-    config = HyperSteerConfig(hypernet_num_layers=6, base_num_hidden_layers=4, steering_layer=1, hypernet_init="random")
+    config = HyperSteerConfig(
+        hypernet_num_layers=6, base_num_hidden_layers=4, steering_layer=1, hypernet_init="random"
+    )
     assert config.hypernet_num_layers == 6

@@ -97,7 +97,16 @@ def test_load_single_parquet_file(axbench_dir):
     data = load_concept_data(str(path))
 
     assert len(data) == 936
-    expected = ("input", "output", "output_concept", "concept_id", "category", "concept_genre", "source", "is_negative")
+    expected = (
+        "input",
+        "output",
+        "output_concept",
+        "concept_id",
+        "category",
+        "concept_genre",
+        "source",
+        "is_negative",
+    )
     assert set(expected) <= set(data.column_names)
     assert set(data["source"]) == {str(path.resolve())}
     assert sum(data["is_negative"]) == 216
@@ -309,8 +318,13 @@ def test_split_for_other_data_is_rejected(concept10, all_train_data):
 def split_with_negatives(all_train_data):
     split = split_concepts(all_train_data, heldout=0.2, seed=3)
     splits = build_splits(
-        all_train_data, split, eval_fraction=0.1, max_examples_per_concept=24, use_negatives=True,
-        negative_steering_factor=0.0, seed=3,
+        all_train_data,
+        split,
+        eval_fraction=0.1,
+        max_examples_per_concept=24,
+        use_negatives=True,
+        negative_steering_factor=0.0,
+        seed=3,
     )
     return split, splits
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import build_tiny_base
-from openai_stub_server import openai_stub, stub_rating  # noqa: F401  (pytest fixture)
+from openai_stub_server import stub_rating
 
 import evaluate_steering
 from modeling_hypersteer import HyperSteerModel
@@ -60,13 +60,16 @@ def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_to
     assert result["gain_ratio"] is not None and math.isfinite(result["gain_ratio"])
     assert result["specificity_ratio"] is not None and math.isfinite(result["specificity_ratio"])
     expected_gain = (result["losses"]["none"] - result["losses"]["hypersteer"]) / (
-        result["losses"]["none"] - result["losses"]["prompt"])
+        result["losses"]["none"] - result["losses"]["prompt"]
+    )
     assert result["gain_ratio"] == pytest.approx(expected_gain)
 
 
 def test_an_untrained_model_scores_exactly_like_no_steering(tiny_tokenizer, concept_rows):
     """v = 0 at init: the HyperSteer rows must give the unsteered losses, for the right and the wrong concept alike."""
-    result = offline_steering_metric(_model(tiny_tokenizer, active=False), tiny_tokenizer, concept_rows, max_length=256)
+    result = offline_steering_metric(
+        _model(tiny_tokenizer, active=False), tiny_tokenizer, concept_rows, max_length=256
+    )
     losses = result["losses"]
     assert losses["hypersteer"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["hypersteer_wrong"] == pytest.approx(losses["none"], abs=1e-6)
@@ -79,14 +82,30 @@ def test_generation_resumes_without_regenerating(tiny_tokenizer, tmp_path):
     tasks = generation_tasks({"legal terms": ["Hi", "Explain sorting.", "Name a color.", "Count to three."]}, 4)
     assert [task["split"] for task in tasks] == ["select", "select", "test", "test"]
     path = tmp_path / "generations.jsonl"
-    first = generate_samples(model, tiny_tokenizer, tasks, ["hypersteer", "none"], [1.0, 2.0], generations_path=path,
-                             max_new_tokens=4, do_sample=False)
+    first = generate_samples(
+        model,
+        tiny_tokenizer,
+        tasks,
+        ["hypersteer", "none"],
+        [1.0, 2.0],
+        generations_path=path,
+        max_new_tokens=4,
+        do_sample=False,
+    )
     assert len(first) == 4 * 3 and len(path.read_text().splitlines()) == 12
     calls = []
     handle = model.language_model.register_forward_hook(lambda *args: calls.append(1))
     try:
-        second = generate_samples(model, tiny_tokenizer, tasks, ["hypersteer", "none"], [1.0, 2.0],
-                                  generations_path=path, max_new_tokens=4, do_sample=False)
+        second = generate_samples(
+            model,
+            tiny_tokenizer,
+            tasks,
+            ["hypersteer", "none"],
+            [1.0, 2.0],
+            generations_path=path,
+            max_new_tokens=4,
+            do_sample=False,
+        )
     finally:
         handle.remove()
     assert not calls and second == first
@@ -99,41 +118,98 @@ def trained_dir(tmp_path_factory, tiny_tokenizer, axbench_dir):
     root = tmp_path_factory.mktemp("eval_model")
     build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(root / "base")
     tiny_tokenizer.save_pretrained(root / "base")
-    train_hypersteer.main([
-        "--base_model_name_or_path", str(root / "base"), "--steering_layer", "2", "--hypernet_num_layers", "2",
-        "--dataset_name_or_path", str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
-        "--heldout_concepts", "3", "--max_examples_per_concept", "4", "--max_length", "192", "--max_steps", "3",
-        "--eval_strategy", "no", "--save_strategy", "no", "--learning_rate", "1e-2", "--output_dir",
-        str(root / "run"), "--report_to", "none",
-    ])
+    train_hypersteer.main(
+        [
+            "--base_model_name_or_path",
+            str(root / "base"),
+            "--steering_layer",
+            "2",
+            "--hypernet_num_layers",
+            "2",
+            "--dataset_name_or_path",
+            str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
+            "--heldout_concepts",
+            "3",
+            "--max_examples_per_concept",
+            "4",
+            "--max_length",
+            "192",
+            "--max_steps",
+            "3",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--learning_rate",
+            "1e-2",
+            "--output_dir",
+            str(root / "run"),
+            "--report_to",
+            "none",
+        ]
+    )
     return root / "run"
 
 
-def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_stub):  # noqa: F811
+def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_stub):
     output_dir = tmp_path / "eval"
     argv = [
-        "--model", str(trained_dir), "--concepts", "heldout", "--num_instructions_per_concept", "4",
-        "--steering_factors", "0.5,2.0", "--max_new_tokens", "6", "--offline_examples_per_concept", "2",
-        "--judge_base_url", openai_stub.base_url, "--judge_model", "stub-judge", "--judge_initial_backoff", "0.01",
-        "--output_dir", str(output_dir), "--max_length", "192",
+        "--model",
+        str(trained_dir),
+        "--concepts",
+        "heldout",
+        "--num_instructions_per_concept",
+        "4",
+        "--steering_factors",
+        "0.5,2.0",
+        "--max_new_tokens",
+        "6",
+        "--offline_examples_per_concept",
+        "2",
+        "--judge_base_url",
+        openai_stub.base_url,
+        "--judge_model",
+        "stub-judge",
+        "--judge_initial_backoff",
+        "0.01",
+        "--output_dir",
+        str(output_dir),
+        "--max_length",
+        "192",
     ]
     openai_stub.fail_next(3, "server_error")
     summary = evaluate_steering.main(argv)
     samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
     # 3 held-out concepts x 4 instructions x (2 hypersteer factors + prompt + none)
     assert len(samples) == 3 * 4 * 4
-    expected_keys = {"method", "concept", "factor", "instruction", "generation", "split", "concept_score",
-                     "instruction_score", "fluency_score", "score", "judge_status"}
+    expected_keys = {
+        "method",
+        "concept",
+        "factor",
+        "instruction",
+        "generation",
+        "split",
+        "concept_score",
+        "instruction_score",
+        "fluency_score",
+        "score",
+        "judge_status",
+    }
     assert all(expected_keys <= set(sample) for sample in samples)
     for sample in samples:
-        ratings = [stub_rating(build_judge_prompt(aspect, sample["concept"], sample["instruction"], sample["generation"]))
-                   for aspect in ("concept", "instruction", "fluency")]
+        ratings = [
+            stub_rating(build_judge_prompt(aspect, sample["concept"], sample["instruction"], sample["generation"]))
+            for aspect in ("concept", "instruction", "fluency")
+        ]
         assert sample["judge_status"] == "ok"
         assert sample["score"] == pytest.approx(harmonic_score(*ratings))
 
     def mean_at(method, concept, factor, split):
-        values = [s["score"] for s in samples if s["method"] == method and s["concept"] == concept
-                  and s["factor"] == factor and s["split"] == split]
+        values = [
+            s["score"]
+            for s in samples
+            if s["method"] == method and s["concept"] == concept and s["factor"] == factor and s["split"] == split
+        ]
         return sum(values) / len(values)
 
     hypersteer = summary["methods"]["hypersteer"]
@@ -147,8 +223,11 @@ def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_s
     for name in ("summary.md", "score_vs_factor.png", "ratings.png", "offline_losses.png"):
         assert (output_dir / name).is_file()
     # Identical judge prompts are paid once; the three scripted 500s were retried.
-    distinct_prompts = {build_judge_prompt(aspect, s["concept"], s["instruction"], s["generation"])
-                        for s in samples for aspect in ("concept", "instruction", "fluency")}
+    distinct_prompts = {
+        build_judge_prompt(aspect, s["concept"], s["instruction"], s["generation"])
+        for s in samples
+        for aspect in ("concept", "instruction", "fluency")
+    }
     assert summary["judge"]["requests_sent"] == len(distinct_prompts) + 3
 
     requests_before = openai_stub.request_count
@@ -159,10 +238,20 @@ def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_s
 
 def test_offline_only_without_a_judge(trained_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    summary = evaluate_steering.main([
-        "--model", str(trained_dir), "--concepts", "all", "--offline_examples_per_concept", "2",
-        "--output_dir", str(tmp_path / "eval"), "--max_length", "192",
-    ])
+    summary = evaluate_steering.main(
+        [
+            "--model",
+            str(trained_dir),
+            "--concepts",
+            "all",
+            "--offline_examples_per_concept",
+            "2",
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--max_length",
+            "192",
+        ]
+    )
     assert summary["judge"] is None and summary["methods"] == {}
     assert set(summary["offline"]) == {"heldin", "heldout"}
     assert not (tmp_path / "eval" / "samples.jsonl").exists()
@@ -172,4 +261,5 @@ def test_offline_only_without_a_judge(trained_dir, tmp_path, monkeypatch):
 def test_bad_method_is_rejected():
     with pytest.raises(ValueError, match="diffmean"):
         evaluate_steering.make_parser().parse_args_into_dataclasses(
-            args=["--model", "x", "--output_dir", "y", "--methods", "hypersteer,diffmean"])
+            args=["--model", "x", "--output_dir", "y", "--methods", "hypersteer,diffmean"]
+        )

@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT, build_tiny_base, build_tiny_tokenizer
-from openai_stub_server import default_answer, openai_stub  # noqa: F401 - `openai_stub` is a fixture
+from openai_stub_server import default_answer
 from transformers import LlamaForCausalLM
 
 import generate_concept_data as gcd
@@ -17,7 +17,10 @@ import generate_concept_data as gcd
 
 CONCEPTS = ["legal terminology and court proceedings", "C/C++ pointers and headers", "ocean tides and currents"]
 INSTRUCTIONS = [
-    "Explain sorting algorithms.", "Write a haiku about mornings.", "What is inflation?", "Describe a cat."
+    "Explain sorting algorithms.",
+    "Write a haiku about mornings.",
+    "What is inflation?",
+    "Describe a cat.",
 ]
 
 
@@ -146,8 +149,11 @@ def test_killed_run_resumes_from_the_partial_file(openai_stub, tmp_path, inputs)
     openai_stub.fail_next(answered, "ok")
     openai_stub.fail_next(1, "slow", delay=30)
     process = subprocess.Popen(
-        [sys.executable, "-c", _RUN_SCRIPT, *argv], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-c", _RUN_SCRIPT, *argv],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         openai_stub.wait_for_requests(answered + 1, timeout=60)
@@ -213,8 +219,18 @@ def test_bad_inputs_give_clear_errors(tmp_path, inputs, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("HYPERSTEER_TEST_UNSET_KEY", raising=False)
     with pytest.raises(ValueError, match="HYPERSTEER_TEST_UNSET_KEY"):
-        gcd.main(["--concepts_file", str(concepts), "--instructions_file", str(instructions),
-                  "--output_path", str(tmp_path / "k.parquet"), "--api_key_env", "HYPERSTEER_TEST_UNSET_KEY"])
+        gcd.main(
+            [
+                "--concepts_file",
+                str(concepts),
+                "--instructions_file",
+                str(instructions),
+                "--output_path",
+                str(tmp_path / "k.parquet"),
+                "--api_key_env",
+                "HYPERSTEER_TEST_UNSET_KEY",
+            ]
+        )
 
 
 def test_partial_file_of_another_teacher_is_refused(openai_stub, tmp_path, inputs):
@@ -249,12 +265,31 @@ def test_pair_plan_is_stable_and_seeded():
 def test_parser_flags_have_help_and_json_config(tmp_path):
     parser = gcd.make_parser()
     options = {action.dest: action for action in parser._actions if action.dest != "help"}
-    for name in ("concepts_file", "max_concepts", "instructions_file", "examples_per_concept", "seed", "output_path",
-                 "teacher_backend", "teacher_model", "teacher_base_url", "api_key_env", "max_concurrency"):
+    for name in (
+        "concepts_file",
+        "max_concepts",
+        "instructions_file",
+        "examples_per_concept",
+        "seed",
+        "output_path",
+        "teacher_backend",
+        "teacher_model",
+        "teacher_base_url",
+        "api_key_env",
+        "max_concurrency",
+    ):
         assert options[name].help, name
     config = tmp_path / "args.json"
-    config.write_text(json.dumps({"concepts_file": "c.txt", "output_path": "o.parquet", "teacher_backend": "hf",
-                                  "teacher_model": "/models/x"}))
+    config.write_text(
+        json.dumps(
+            {
+                "concepts_file": "c.txt",
+                "output_path": "o.parquet",
+                "teacher_backend": "hf",
+                "teacher_model": "/models/x",
+            }
+        )
+    )
     args = gcd.parse_args([str(config)])
     assert args.teacher_backend == "hf" and args.partial_path.name == "o.partial.jsonl"
     assert "python generate_concept_data.py" in gcd.__doc__
@@ -274,9 +309,28 @@ def test_hf_teacher_backend(tmp_path, inputs, monkeypatch):
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", counting_generate)
     output = tmp_path / "hf.parquet"
-    argv = ["--teacher_backend", "hf", "--teacher_model", str(model_dir), "--concepts_file", str(inputs[0]),
-            "--instructions_file", str(inputs[1]), "--examples_per_concept", "2", "--max_new_tokens", "6",
-            "--temperature", "0", "--batch_size", "4", "--output_path", str(output), "--device", "cpu"]
+    argv = [
+        "--teacher_backend",
+        "hf",
+        "--teacher_model",
+        str(model_dir),
+        "--concepts_file",
+        str(inputs[0]),
+        "--instructions_file",
+        str(inputs[1]),
+        "--examples_per_concept",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(output),
+        "--device",
+        "cpu",
+    ]
     assert gcd.main(argv) == 0
     assert calls == [4, 2]  # 6 pairs in batches of 4
     rows = read_rows(output)

@@ -58,24 +58,51 @@ class FakeHub:
         self.repos.append({"repo_id": repo_id, "private": private, "exist_ok": exist_ok, "repo_type": repo_type})
         return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'fake-user/' + repo_id}")
 
-    def upload_folder(self, api, *, repo_id, folder_path, path_in_repo=None, commit_message=None, revision=None,
-                      allow_patterns=None, ignore_patterns=None, run_as_future=False, **kwargs):
+    def upload_folder(
+        self,
+        api,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        commit_message=None,
+        revision=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        run_as_future=False,
+        **kwargs,
+    ):
         folder_path = Path(folder_path)
         ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
         candidates = sorted(
             path.relative_to(folder_path).as_posix() for path in folder_path.rglob("*") if path.is_file()
         )
-        files = list(filter_repo_objects(candidates, allow_patterns=allow_patterns,
-                                         ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS))
+        files = list(
+            filter_repo_objects(
+                candidates, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS
+            )
+        )
         destination = self.root / f"upload-{len(self.uploads)}" / (path_in_repo or "")
         for name in files:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder_path / name, destination / name)
-        self.uploads.append({"repo_id": repo_id, "commit_message": commit_message, "path_in_repo": path_in_repo,
-                             "revision": revision, "files": set(files), "folder": destination})
+        self.uploads.append(
+            {
+                "repo_id": repo_id,
+                "commit_message": commit_message,
+                "path_in_repo": path_in_repo,
+                "revision": revision,
+                "files": set(files),
+                "folder": destination,
+            }
+        )
         oid = f"{len(self.uploads):040x}"
-        info = CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}", commit_message=commit_message,
-                          commit_description="", oid=oid)
+        info = CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+            commit_message=commit_message,
+            commit_description="",
+            oid=oid,
+        )
         if run_as_future:
             future = Future()
             future.set_result(info)
@@ -127,8 +154,14 @@ def test_push_to_hub_uploads_the_checkpoint_and_a_card_with_the_key_facts(hub, t
     heldout = ["references to legal terminology", "C/C++ syntax", "mathematical equations"]
     split = {"heldin_concepts": heldin, "heldout_concepts": heldout, "sources": ["data.parquet"], "seed": 42}
 
-    info = push_to_hub(model, "me/hypersteer-tiny", private=True, commit_message="Upload", concept_split=split,
-                       dataset_names=["pyvene/axbench-concept500"])
+    info = push_to_hub(
+        model,
+        "me/hypersteer-tiny",
+        private=True,
+        commit_message="Upload",
+        concept_split=split,
+        dataset_names=["pyvene/axbench-concept500"],
+    )
 
     assert hub.repos == [{"repo_id": "me/hypersteer-tiny", "private": True, "exist_ok": True, "repo_type": None}]
     assert len(hub.uploads) == 1
@@ -204,18 +237,38 @@ def test_push_to_hub_uploads_the_checkpoint_and_a_card_with_the_key_facts(hub, t
 def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
     local_base = tmp_path / "some" / "where" / "bases" / "tiny"
     local_base.mkdir(parents=True)
-    config = HyperSteerConfig(base_model_name_or_path=str(local_base), steering_layer=1, hidden_size=32,
-                              base_num_hidden_layers=2, hypernet_num_layers=1)
+    config = HyperSteerConfig(
+        base_model_name_or_path=str(local_base),
+        steering_layer=1,
+        hidden_size=32,
+        base_num_hidden_layers=2,
+        hypernet_num_layers=1,
+    )
     output_dir = tmp_path / "run"
     output_dir.mkdir()
-    save_file({"hypernetwork.a": torch.zeros(3, 4), "hypernetwork.b": torch.zeros(5)}, output_dir / "model.safetensors")
-    (output_dir / "training_summary.json").write_text(json.dumps(
-        {"metrics": {"eval_heldin_loss": 2.5, "eval_heldout_loss": 3.25, "train_loss": 4.0, "train_samples": 40},
-         "concept_split": "concept_split.json", "sources": [str(tmp_path / "data" / "train_data.parquet")]}))
-    (output_dir / "concept_split.json").write_text(json.dumps(
-        {"heldin_concepts": ["a", "b"], "heldout_concepts": ["c"], "sources": [], "seed": 1}))
-    (output_dir / "evaluation_summary.json").write_text(json.dumps(
-        {"offline": {"heldout": {"gain_ratio": 1.28, "specificity_ratio": 0.05}}, "num_instructions": 12}))
+    save_file(
+        {"hypernetwork.a": torch.zeros(3, 4), "hypernetwork.b": torch.zeros(5)}, output_dir / "model.safetensors"
+    )
+    (output_dir / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "metrics": {
+                    "eval_heldin_loss": 2.5,
+                    "eval_heldout_loss": 3.25,
+                    "train_loss": 4.0,
+                    "train_samples": 40,
+                },
+                "concept_split": "concept_split.json",
+                "sources": [str(tmp_path / "data" / "train_data.parquet")],
+            }
+        )
+    )
+    (output_dir / "concept_split.json").write_text(
+        json.dumps({"heldin_concepts": ["a", "b"], "heldout_concepts": ["c"], "sources": [], "seed": 1})
+    )
+    (output_dir / "evaluation_summary.json").write_text(
+        json.dumps({"offline": {"heldout": {"gain_ratio": 1.28, "specificity_ratio": 0.05}}, "num_instructions": 12})
+    )
 
     card = ModelCard.load(write_model_card(output_dir, config))
     assert card.data.base_model is None and card.data.datasets is None  # local paths are not Hub ids
@@ -240,9 +293,21 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
     assert str(tmp_path) not in text
     assert "judge scores" not in text
 
-    judged = {"judge_model": "gpt-4o-mini", "methods": {"hypersteer": {
-        "score": 0.608, "concept_score": 1.1, "instruction_score": 1.5, "fluency_score": None, "num_concepts": 3,
-        "failed_judgements": 2, "best_factors": {"c": 1.0}, "per_concept": {"c": {"score": 0.608}}}}}
+    judged = {
+        "judge_model": "gpt-4o-mini",
+        "methods": {
+            "hypersteer": {
+                "score": 0.608,
+                "concept_score": 1.1,
+                "instruction_score": 1.5,
+                "fluency_score": None,
+                "num_concepts": 3,
+                "failed_judgements": 2,
+                "best_factors": {"c": 1.0},
+                "per_concept": {"c": {"score": 0.608}},
+            }
+        },
+    }
     text = render_model_card(config, evaluation_summary=judged, num_parameters=17)
     assert "judged by `gpt-4o-mini`" in text
     assert "| `hypersteer` | 0.6080 | 1.1000 | 1.5000 | not measured | 3 | 2 |" in text
@@ -263,12 +328,39 @@ def test_train_hypersteer_push_to_hub_uploads_the_hypersteer_card(hub, tiny_toke
     tiny_tokenizer.save_pretrained(base_dir)
     output_dir = tmp_path / "run"
     argv = [
-        "--base_model_name_or_path", str(base_dir), "--steering_layer", "2", "--hypernet_num_layers", "2",
-        "--dataset_name_or_path", str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
-        "--heldout_concepts", "3", "--max_examples_per_concept", "2", "--eval_examples_per_concept", "1",
-        "--max_length", "128", "--per_device_train_batch_size", "2", "--max_steps", "2", "--eval_strategy", "no",
-        "--logging_steps", "1", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
-        "--push_to_hub", "--hub_model_id", "me/x",
+        "--base_model_name_or_path",
+        str(base_dir),
+        "--steering_layer",
+        "2",
+        "--hypernet_num_layers",
+        "2",
+        "--dataset_name_or_path",
+        str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
+        "--heldout_concepts",
+        "3",
+        "--max_examples_per_concept",
+        "2",
+        "--eval_examples_per_concept",
+        "1",
+        "--max_length",
+        "128",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(output_dir),
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/x",
     ]
     metrics = train_hypersteer.main(argv)
 
@@ -309,8 +401,13 @@ def test_train_hypersteer_push_to_hub_uploads_the_hypersteer_card(hub, tiny_toke
 def test_uploaded_folder_loads_with_remote_code_only_and_generates_the_same(hub, tiny_tokenizer, tmp_path):
     base_dir = tmp_path / "base"
     build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(base_dir)
-    model = HyperSteerModel.from_base_model(AutoModelForCausalLM.from_pretrained(base_dir), tokenizer=tiny_tokenizer,
-                                            steering_layer=2, hypernet_num_layers=2, token_gate=True)
+    model = HyperSteerModel.from_base_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        tokenizer=tiny_tokenizer,
+        steering_layer=2,
+        hypernet_num_layers=2,
+        token_gate=True,
+    )
     with torch.no_grad():
         # An untrained model steers by exactly zero; a non-zero head makes a lost weight show in the tokens.
         model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
@@ -323,12 +420,14 @@ def test_uploaded_folder_loads_with_remote_code_only_and_generates_the_same(hub,
     push_to_hub(model, "me/roundtrip")
     download = tmp_path / "download" / "me--roundtrip"
     shutil.copytree(hub.uploads[-1]["folder"], download)
-    torch.save({"inputs": dict(inputs), "expected": expected, "generate_kwargs": generate_kwargs},
-               tmp_path / "reference.pt")
+    torch.save(
+        {"inputs": dict(inputs), "expected": expected, "generate_kwargs": generate_kwargs}, tmp_path / "reference.pt"
+    )
     snippet = _python_snippet((download / "README.md").read_text(encoding="utf-8"))
     snippet = snippet.replace('repo_id = "me/roundtrip"', f"repo_id = {str(download)!r}")
-    script = textwrap.dedent(
-        f"""
+    script = (
+        textwrap.dedent(
+            f"""
         import importlib, importlib.abc, sys, torch
 
         class BlockPackage(importlib.abc.MetaPathFinder):
@@ -354,9 +453,18 @@ def test_uploaded_folder_loads_with_remote_code_only_and_generates_the_same(hub,
         assert torch.equal(tokens, reference["expected"]), (tokens, reference["expected"])
         print("GENERATION-OK")
         """
-    ) + "\n# The card's usage snippet, pointed at the downloaded folder:\n" + snippet + '\nprint("SNIPPET-OK")\n'
+        )
+        + "\n# The card's usage snippet, pointed at the downloaded folder:\n"
+        + snippet
+        + '\nprint("SNIPPET-OK")\n'
+    )
     result = subprocess.run(
-        [sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
         env={**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"},
     )
     assert "GENERATION-OK" in result.stdout and "SNIPPET-OK" in result.stdout, result.stderr[-3000:]

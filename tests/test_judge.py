@@ -8,7 +8,7 @@ import textwrap
 import time
 
 import pytest
-from openai_stub_server import OpenAIStubServer, openai_stub, stub_rating  # noqa: F401 - `openai_stub` is a fixture
+from openai_stub_server import OpenAIStubServer, stub_rating
 
 from modeling_hypersteer.judge import (
     JUDGE_ASPECTS,
@@ -25,8 +25,17 @@ REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def make_client(server: OpenAIStubServer, cache_path, **kwargs) -> CachedChatClient:
-    defaults = dict(model="judge-stub", base_url=server.base_url, cache_path=cache_path, initial_backoff=0.01,
-                    max_backoff=0.5, max_retries=3, timeout=10.0, max_concurrency=8, seed=0)
+    defaults = dict(
+        model="judge-stub",
+        base_url=server.base_url,
+        cache_path=cache_path,
+        initial_backoff=0.01,
+        max_backoff=0.5,
+        max_retries=3,
+        timeout=10.0,
+        max_concurrency=8,
+        seed=0,
+    )
     defaults.update(kwargs)
     return CachedChatClient(**defaults)
 
@@ -324,8 +333,10 @@ def test_killed_run_resumes_without_repeating_paid_requests(openai_stub, tmp_pat
     openai_stub.fail_next(1, "slow", delay=30)
     process = subprocess.Popen(
         [sys.executable, str(script_path), openai_stub.base_url, str(cache_path), str(rows_path)],
-        cwd=REPO_ROOT, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         openai_stub.wait_for_requests(answered_before_kill + 1, timeout=60)

@@ -44,8 +44,9 @@ class HyperSteerModelTester:
 
     def prompts(self, padding_side="left", instructions=("Explain sorting.", "Hi")):
         texts = [
-            self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=False)
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             for text in instructions
         ]
         return self.tokenizer(
@@ -140,7 +141,8 @@ def test_untrained_model_equals_the_base_and_the_head_is_zero(tester):
     batch = tester.training_batch()
     steered = model(**batch)
     reference = model.language_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
         position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
     )
     torch.testing.assert_close(steered.logits, reference.logits, rtol=0, atol=0)
@@ -151,7 +153,11 @@ def test_initialisation_goes_through_init_weights_and_leaves_the_base_untouched(
     base = build_tiny_base("llama", len(tester.tokenizer))
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
     model = HyperSteerModel.from_base_model(
-        base, tokenizer=tester.tokenizer, steering_layer=2, hypernet_num_layers=2, hypernet_init="random",
+        base,
+        tokenizer=tester.tokenizer,
+        steering_layer=2,
+        hypernet_num_layers=2,
+        hypernet_init="random",
         initializer_range=0.0,
     )
     for name, tensor in model.language_model.state_dict().items():
@@ -201,19 +207,25 @@ def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hyperne
     left = model(**left_batch)
     torch.testing.assert_close(left.steering_vectors, right.steering_vectors, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        _per_row_loss(left.logits, left_batch["labels"]), _per_row_loss(right.logits, right_batch["labels"]),
-        rtol=1e-4, atol=1e-4,
+        _per_row_loss(left.logits, left_batch["labels"]),
+        _per_row_loss(right.logits, right_batch["labels"]),
+        rtol=1e-4,
+        atol=1e-4,
     )
     # A row alone gives the same vector and loss as inside the padded batch.
     alone = {key: value[1:2] for key, value in right_batch.items()}
     length = int(alone["attention_mask"].sum())
-    alone = {key: value[:, :length] if key in ("input_ids", "attention_mask", "labels") else value
-             for key, value in alone.items()}
+    alone = {
+        key: value[:, :length] if key in ("input_ids", "attention_mask", "labels") else value
+        for key, value in alone.items()
+    }
     single = model(**alone)
     torch.testing.assert_close(single.steering_vectors[0], right.steering_vectors[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        _per_row_loss(single.logits, alone["labels"])[0], _per_row_loss(right.logits, right_batch["labels"])[1],
-        rtol=1e-4, atol=1e-4,
+        _per_row_loss(single.logits, alone["labels"])[0],
+        _per_row_loss(right.logits, right_batch["labels"])[1],
+        rtol=1e-4,
+        atol=1e-4,
     )
 
 
@@ -236,6 +248,7 @@ def test_layers_below_the_steering_layer_build_no_autograd_graph(tester):
         def hook(module, args, kwargs):
             hidden_states = args[0] if args else kwargs["hidden_states"]
             recorded[name] = (hidden_states.requires_grad, hidden_states.grad_fn)
+
         return hook
 
     layers = model.language_model.model.layers
@@ -300,8 +313,14 @@ def test_beam_search_and_multiple_return_sequences_repeat_the_steering_rows(test
     model = tester.get_model("llama")
     inputs = tester.prompts("left")
     outputs = model.generate(
-        **inputs, steering_prompt=STEERING_PROMPTS, steering_factor=[2.0, 0.0], max_new_tokens=4, num_beams=2,
-        num_return_sequences=2, do_sample=False, pad_token_id=0,
+        **inputs,
+        steering_prompt=STEERING_PROMPTS,
+        steering_factor=[2.0, 0.0],
+        max_new_tokens=4,
+        num_beams=2,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
     )
     assert outputs.shape[0] == 4
     # Row 1 has factor 0, so its sequences are the base's beam-search sequences.
@@ -333,8 +352,9 @@ def test_save_and_load_round_trip(tester, tmp_path):
     base = build_tiny_base("gemma2", len(tester.tokenizer))
     base.save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    model = HyperSteerModel.from_base_model(base, tokenizer=tester.tokenizer, steering_layer=2, hypernet_num_layers=2,
-                                            token_gate=True)
+    model = HyperSteerModel.from_base_model(
+        base, tokenizer=tester.tokenizer, steering_layer=2, hypernet_num_layers=2, token_gate=True
+    )
     with torch.no_grad():
         model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
     inputs = tester.prompts("left")
@@ -343,8 +363,14 @@ def test_save_and_load_round_trip(tester, tmp_path):
     model.save_pretrained(tmp_path / "hypersteer")
 
     files = set(os.listdir(tmp_path / "hypersteer"))
-    assert {"config.json", "model.safetensors", "configuration_hypersteer.py", "modeling_hypersteer.py",
-            "tokenizer.json", "generation_config.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "configuration_hypersteer.py",
+        "modeling_hypersteer.py",
+        "tokenizer.json",
+        "generation_config.json",
+    } <= files
     saved = load_file(tmp_path / "hypersteer" / "model.safetensors")
     assert set(saved) == {f"hypernetwork.{key}" for key in model.hypernetwork.state_dict()}
     config = json.loads((tmp_path / "hypersteer" / "config.json").read_text())
@@ -369,7 +395,9 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
     base = build_tiny_base("llama", len(tester.tokenizer))
     base.save_pretrained(tmp_path / "base")
     model = HyperSteerModel.from_base_model(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tokenizer=tester.tokenizer, steering_layer=2,
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        tokenizer=tester.tokenizer,
+        steering_layer=2,
         hypernet_num_layers=2,
     )
     with torch.no_grad():
@@ -400,8 +428,12 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 

@@ -13,9 +13,22 @@ from conftest import REPO_ROOT
 def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
     output_dir = tmp_path / "quickstart"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "quickstart.py"), "--max_steps", "3", "--max_new_tokens", "8",
-         "--offline_examples_per_concept", "1", "--output_dir", str(output_dir)],
-        capture_output=True, text=True, timeout=1200, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO_ROOT / "quickstart.py"),
+            "--max_steps",
+            "3",
+            "--max_new_tokens",
+            "8",
+            "--offline_examples_per_concept",
+            "1",
+            "--output_dir",
+            str(output_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     stdout = result.stdout

@@ -32,11 +32,12 @@ def test_steered_generation_on_smollm2(smollm2):
     inputs = _prompts(tokenizer)
     generation = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     unsteered = base.generate(**inputs, **generation)
-    text = tokenizer.decode(unsteered[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(unsteered[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
     # Factor 0, and an untrained model (zero output projection), both reproduce the base's greedy tokens exactly.
-    assert torch.equal(model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=0.0, **generation),
-                       unsteered)
+    assert torch.equal(
+        model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=0.0, **generation), unsteered
+    )
     assert torch.equal(model.generate(**inputs, steering_prompt=list(CONCEPTS), **generation), unsteered)
 
     with torch.no_grad():
@@ -45,7 +46,7 @@ def test_steered_generation_on_smollm2(smollm2):
     assert vectors.shape == (2, 576) and torch.isfinite(vectors).all()
     steered = model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=[8.0, 8.0], **generation)
     assert steered.shape[0] == 2 and not torch.equal(steered, unsteered)
-    texts = tokenizer.batch_decode(steered[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(steered[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert all(isinstance(text, str) for text in texts)
 
 

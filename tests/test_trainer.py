@@ -91,18 +91,26 @@ def test_end_to_end_run_learns_and_saves_a_loadable_hypernetwork(tiny_base_dir, 
 
 def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(tiny_tokenizer, concept_file, tmp_path):
     base = build_tiny_base("gemma2", len(tiny_tokenizer))
-    model = HyperSteerModel.from_base_model(base, tokenizer=tiny_tokenizer, steering_layer=2, hypernet_num_layers=2,
-                                            token_gate=True)
+    model = HyperSteerModel.from_base_model(
+        base, tokenizer=tiny_tokenizer, steering_layer=2, hypernet_num_layers=2, token_gate=True
+    )
     data = load_concept_data(concept_file).select(range(16))
     dataset = tokenize_dataset(data, tiny_tokenizer, max_length=192)
     before_hypernet = {name: p.detach().clone() for name, p in model.hypernetwork.named_parameters()}
     before_base = {name: p.detach().clone() for name, p in model.language_model.named_parameters()}
     args = HyperSteerTrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
-        eval_strategy="no", save_strategy="no", logging_steps=2,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=2,
     )
-    trainer = HyperSteerTrainer(model=model, args=args, train_dataset=dataset,
-                                data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer))
+    trainer = HyperSteerTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer)
+    )
     trainer.train()
     for name, parameter in model.hypernetwork.named_parameters():
         assert not torch.equal(parameter, before_hypernet[name]), f"{name} did not change"
@@ -118,10 +126,15 @@ def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
     common = {"max_steps": 6, "save_steps": 3, "eval_strategy": "no", "learning_rate": 1e-2}
     train_hypersteer.main(_arguments(tiny_base_dir, concept_file, tmp_path / "straight", **common))
     # The straight run's step-3 checkpoint is exactly what a run killed after step 3 leaves behind.
-    train_hypersteer.main(_arguments(
-        tiny_base_dir, concept_file, tmp_path / "resumed",
-        resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"), **common,
-    ))
+    train_hypersteer.main(
+        _arguments(
+            tiny_base_dir,
+            concept_file,
+            tmp_path / "resumed",
+            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-3"),
+            **common,
+        )
+    )
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert set(straight) == set(resumed)
@@ -141,14 +154,35 @@ def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
 def test_two_cpu_processes_agree_and_save_a_loadable_model(tiny_base_dir, concept_file, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(REPO_ROOT / "train_hypersteer.py"), "--use_cpu",
-        *_arguments(tiny_base_dir, concept_file, output_dir, max_steps=6, eval_strategy="no", save_strategy="no",
-                    per_device_train_batch_size=2),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        str(REPO_ROOT / "train_hypersteer.py"),
+        "--use_cpu",
+        *_arguments(
+            tiny_base_dir,
+            concept_file,
+            output_dir,
+            max_steps=6,
+            eval_strategy="no",
+            save_strategy="no",
+            per_device_train_batch_size=2,
+        ),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["world_size"] == 2
@@ -168,10 +202,19 @@ def _write_parquet(path, rows):
 
 @pytest.mark.parametrize("problem", ["missing_column", "empty", "unknown_path", "offline_hub_id"])
 def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, tmp_path, problem):
-    row = {"input": "Hi", "output": "Hello", "output_concept": "greetings", "concept_id": 0, "category": "positive",
-           "concept_genre": "text"}
+    row = {
+        "input": "Hi",
+        "output": "Hello",
+        "output_concept": "greetings",
+        "concept_id": 0,
+        "category": "positive",
+        "concept_genre": "text",
+    }
     if problem == "missing_column":
-        data, expected = _write_parquet(tmp_path / "bad.parquet", [{k: v for k, v in row.items() if k != "output"}]), "output"
+        data, expected = (
+            _write_parquet(tmp_path / "bad.parquet", [{k: v for k, v in row.items() if k != "output"}]),
+            "output",
+        )
     elif problem == "empty":
         data, expected = _write_parquet(tmp_path / "empty.parquet", {key: [] for key in row}), "empty.parquet"
     elif problem == "unknown_path":
@@ -181,7 +224,10 @@ def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, t
     output_dir = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train_hypersteer.py"), *_arguments(tiny_base_dir, data, output_dir)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode != 0
@@ -192,9 +238,13 @@ def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, t
 
 def test_yaml_config_and_flag_override(tiny_base_dir, concept_file, tmp_path):
     config = tmp_path / "args.yaml"
-    config.write_text(f"base_model_name_or_path: {tiny_base_dir}\nsteering_layer: 1\nhypernet_num_layers: 1\n"
-                      f"dataset_name_or_path: {concept_file}\noutput_dir: {tmp_path / 'out'}\n")
-    model_args, data_args, training_args = train_hypersteer.parse_arguments(["--config", str(config), "--steering_layer", "2"])
+    config.write_text(
+        f"base_model_name_or_path: {tiny_base_dir}\nsteering_layer: 1\nhypernet_num_layers: 1\n"
+        f"dataset_name_or_path: {concept_file}\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    model_args, data_args, training_args = train_hypersteer.parse_arguments(
+        ["--config", str(config), "--steering_layer", "2"]
+    )
     assert model_args.steering_layer == 2 and model_args.hypernet_num_layers == 1
     assert data_args.dataset_name_or_path == [concept_file]
     assert training_args.learning_rate == 8e-5
