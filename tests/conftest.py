@@ -26,6 +26,18 @@ from transformers import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AXBENCH_DIR = REPO_ROOT.parent / "shared" / "data" / "axbench"
 
+# Prepended to scripts run in a fresh interpreter to prove that saved checkpoints load through remote code alone.
+BLOCK_PACKAGE_PREAMBLE = """
+import importlib.abc, sys
+
+class BlockPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_hypersteer":
+            raise ImportError("modeling_hypersteer is deliberately not importable here")
+
+sys.meta_path.insert(0, BlockPackage())
+"""
+
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_base
+from conftest import BLOCK_PACKAGE_PREAMBLE, build_tiny_base
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
@@ -428,14 +428,8 @@ def test_uploaded_folder_loads_with_remote_code_only_and_generates_the_same(hub,
     script = (
         textwrap.dedent(
             f"""
-        import importlib, importlib.abc, sys, torch
+        import importlib, torch
 
-        class BlockPackage(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "modeling_hypersteer":
-                    raise ImportError("modeling_hypersteer is deliberately not importable here")
-
-        sys.meta_path.insert(0, BlockPackage())
         try:
             importlib.import_module("modeling_hypersteer")
         except ImportError:
@@ -459,7 +453,7 @@ def test_uploaded_folder_loads_with_remote_code_only_and_generates_the_same(hub,
         + '\nprint("SNIPPET-OK")\n'
     )
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", BLOCK_PACKAGE_PREAMBLE + script],
         check=False,
         capture_output=True,
         text=True,

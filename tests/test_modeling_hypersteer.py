@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY_ARCHITECTURES, build_tiny_base
+from conftest import BLOCK_PACKAGE_PREAMBLE, TINY_ARCHITECTURES, build_tiny_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -408,14 +408,7 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
     torch.save({"inputs": dict(inputs), "expected": expected}, tmp_path / "reference.pt")
     script = textwrap.dedent(
         f"""
-        import importlib.abc, sys, torch
-
-        class BlockPackage(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "modeling_hypersteer":
-                    raise ImportError("modeling_hypersteer is deliberately not importable here")
-
-        sys.meta_path.insert(0, BlockPackage())
+        import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hypersteer")!r}, trust_remote_code=True)
@@ -428,7 +421,7 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", BLOCK_PACKAGE_PREAMBLE + script],
         capture_output=True,
         text=True,
         cwd=tmp_path,
