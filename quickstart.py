@@ -53,11 +53,11 @@ UNSEEN_INSTRUCTIONS = (
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the trained model is saved."})
-    max_steps: int = field(default=100, metadata={"help": "Training steps (batch 4); 100 take ~6 min on 2 CPU cores."})
+    max_steps: int = field(default=200, metadata={"help": "Training steps (batch 4); 200 take ~5 min on 2 CPU cores."})
     steering_layer: int = field(default=20, metadata={"help": "SmolLM2 layer (of 30) whose output is steered."})
-    hypernet_num_layers: int = field(default=2, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})
-    max_length: int = field(default=128, metadata={"help": "Prompt + response tokens per training row."})
+    hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})
+    max_length: int = field(default=96, metadata={"help": "Prompt + response tokens per training row."})
     steering_factor: float = field(default=1.0, metadata={"help": "Factor for the side-by-side and the ratios."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per side-by-side cell."})
     offline_examples_per_concept: int = field(
