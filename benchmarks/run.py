@@ -85,11 +85,24 @@ def machine_info() -> dict:
     }
 
 
+def load_config(path: Path, quick: bool) -> dict:
+    """The JSON config, with its `quick` section merged over the sections it names when `quick`."""
+    config = json.loads(Path(path).read_text())
+    overrides = config.pop("quick", {})
+    if quick:
+        for section, values in overrides.items():
+            if not section.startswith("_"):
+                config[section] = {**config[section], **values}
+    return config
+
+
 def build_base(spec: dict, seed: int):
     """Return `(base, tokenizer_or_None)` in float32 eval mode."""
     if spec["kind"] == "smollm2":
         path = smollm2_path()
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+            path
+        )
     if spec["kind"] == "gemma2_random":
         torch.manual_seed(seed)
         return Gemma2ForCausalLM(Gemma2Config(**spec["config"])).eval(), None
@@ -152,10 +165,18 @@ def generation_prompts(tokenizer, base_tokenizer, config: dict, vocab_size: int,
     gen = config["generation"]
     batch_size, length = gen["batch_size"], gen["prompt_length"]
     if base_tokenizer is not None:
-        messages = [[{"role": "user", "content": config["instructions"][index % len(config["instructions"])]}]
-                    for index in range(batch_size)]
-        encoding = base_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                      return_dict=True, padding=True, padding_side="left")
+        messages = [
+            [{"role": "user", "content": config["instructions"][index % len(config["instructions"])]}]
+            for index in range(batch_size)
+        ]
+        encoding = base_tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+            padding=True,
+            padding_side="left",
+        )
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab_size, (batch_size, length), generator=generator)
@@ -172,8 +193,12 @@ def training_batch(tokenizer, config: dict, sequence_length: int, vocab_size: in
     input_ids = torch.randint(3, vocab_size, (batch_size, sequence_length), generator=generator)
     labels = input_ids.clone()
     labels[:, : sequence_length // 2] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-            **steering_batch(tokenizer, config, batch_size, vocab_size)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        **steering_batch(tokenizer, config, batch_size, vocab_size),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,8 +231,10 @@ def paired_ratio(times: dict, numerator: str, denominator: str) -> float:
 
 
 def medians(times: dict) -> dict:
-    return {name: {"median_s": statistics.median(values), "all_s": [round(value, 4) for value in values]}
-            for name, values in times.items()}
+    return {
+        name: {"median_s": statistics.median(values), "all_s": [round(value, 4) for value in values]}
+        for name, values in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,47 +250,62 @@ def bench_generation(base, base_tokenizer, tokenizer, spec, config, repetitions)
     pad_token_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
 
     def greedy(new_tokens):
-        return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-                "pad_token_id": pad_token_id}
+        return {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "do_sample": False,
+            "pad_token_id": pad_token_id,
+        }
 
-    models = {variant: build_hypersteer(base, spec, variant, gen["hypernet_num_layers"], config["output_projection_std"],
-                                        config["seed"]) for variant in gen["variants"]}
-    guards = {variant: guard_generation(model, prompts, steering, greedy(gen["guard_new_tokens"]))
-              for variant, model in models.items()}
+    models = {
+        variant: build_hypersteer(
+            base, spec, variant, gen["hypernet_num_layers"], config["output_projection_std"], config["seed"]
+        )
+        for variant in gen["variants"]
+    }
+    guard_kwargs = greedy(gen["guard_new_tokens"])
+    body, first_layer = base.model, base.model.layers[0]
+    with torch.no_grad(), call_counter(body, first_layer) as unsteered_calls:
+        unsteered = base.generate(**prompts, **guard_kwargs)
+    guards = {
+        variant: guard_generation(model, prompts, steering, guard_kwargs, unsteered, unsteered_calls)
+        for variant, model in models.items()
+    }
 
     kwargs = greedy(gen["max_new_tokens"])
-    groups = []
+    # One rotating group: every path runs once per repetition and each ratio pairs runs of the same repetition.
+    group = {"unsteered": lambda: base.generate(**prompts, **kwargs)}
     for variant, model in models.items():
-        groups.append({
-            f"{variant}/unsteered": lambda: base.generate(**prompts, **kwargs),
-            f"{variant}/steered": lambda model=model: model.generate(**prompts, **steering, **kwargs),
-            f"{variant}/two_pass": lambda model=model: two_pass_generate(model, **prompts, **steering, **kwargs),
-        })
+        group[f"{variant}/steered"] = lambda model=model: model.generate(**prompts, **steering, **kwargs)
+        group[f"{variant}/two_pass"] = lambda model=model: two_pass_generate(model, **prompts, **steering, **kwargs)
     # The guards' short generations of every path were the warm-up.
-    times = interleaved(groups, repetitions, warmup=False, label="generate")
+    times = interleaved([group], repetitions, warmup=False, label="generate")
     new_tokens = gen["batch_size"] * gen["max_new_tokens"]
     raw = medians(times)
     for entry in raw.values():
         entry["tokens_per_s"] = new_tokens / entry["median_s"]
     return {
-        "generate_ratio": {v: paired_ratio(times, f"{v}/unsteered", f"{v}/steered") for v in models},
+        "generate_ratio": {v: paired_ratio(times, "unsteered", f"{v}/steered") for v in models},
         "generate_speedup_vs_two_pass": {v: paired_ratio(times, f"{v}/two_pass", f"{v}/steered") for v in models},
         "guards": guards,
         "raw": raw,
-        "setup": {"batch_size": gen["batch_size"], "prompt_length": prompts["input_ids"].shape[1],
-                  "max_new_tokens": gen["max_new_tokens"], "hypernet_num_layers": gen["hypernet_num_layers"],
-                  "steering_prompt_length": steering["steering_input_ids"].shape[1], "greedy": True},
+        "setup": {
+            "batch_size": gen["batch_size"],
+            "prompt_length": prompts["input_ids"].shape[1],
+            "max_new_tokens": gen["max_new_tokens"],
+            "hypernet_num_layers": gen["hypernet_num_layers"],
+            "steering_prompt_length": steering["steering_input_ids"].shape[1],
+            "greedy": True,
+        },
     }
 
 
 @torch.no_grad()
-def guard_generation(model, prompts, steering, kwargs) -> dict:
+def guard_generation(model, prompts, steering, kwargs, unsteered, unsteered_calls) -> dict:
     """Ours == base generation + additive hook of the same `v`; `v` computed once; no extra base pass; and the
-    naive scheme's `v` matches ours."""
+    naive scheme's `v` matches ours. `unsteered`/`unsteered_calls`: the base's own tokens and call counts."""
     variant = model.config.hypernet_type
     body, first_layer = model.language_model.model, model.language_model.model.layers[0]
-    with call_counter(body, first_layer) as unsteered_calls:
-        unsteered = model.language_model.generate(**prompts, **kwargs)
     vectors = []
     handle = model.hypernetwork.register_forward_hook(lambda module, args, output: vectors.append(output))
     try:
@@ -274,20 +316,25 @@ def guard_generation(model, prompts, steering, kwargs) -> dict:
     if len(vectors) != 1:
         raise GuardError(f"[{variant}] the hypernetwork ran {len(vectors)} times in one generate call (expected 1).")
     if steered_calls != unsteered_calls:
-        raise GuardError(f"[{variant}] steered generate ran the base body/layer 0 {steered_calls} times, unsteered "
-                         f"{unsteered_calls}: steering added a base pass.")
+        raise GuardError(
+            f"[{variant}] steered generate ran the base body/layer 0 {steered_calls} times, unsteered "
+            f"{unsteered_calls}: steering added a base pass."
+        )
     reference, _ = two_pass_generate(model, **prompts, **steering, vectors=vectors[0], **kwargs)
     if not torch.equal(steered, reference):
-        raise GuardError(f"[{variant}] steered greedy tokens differ from base generation + additive hook of the same v.")
-    naive_sequences, naive_vectors = two_pass_generate(model, **prompts, **steering, **kwargs)
+        raise GuardError(
+            f"[{variant}] steered greedy tokens differ from base generation + additive hook of the same v."
+        )
+    naive_vectors = naive_steering_vectors(model, **prompts, **steering)
     error = (naive_vectors - vectors[0]).abs().max().item()
     if not torch.allclose(naive_vectors, vectors[0], rtol=1e-4, atol=1e-4 * vectors[0].abs().max().item() + 1e-6):
-        raise GuardError(f"[{variant}] v from the prefill differs from v of the naive extra pass (max abs {error:.3g}).")
+        raise GuardError(
+            f"[{variant}] v from the prefill differs from v of the naive extra pass (max abs {error:.3g})."
+        )
     return {
         "hypernetwork_calls_per_generate": len(vectors),
         "base_body_calls": {"steered": steered_calls[0], "unsteered": unsteered_calls[0]},
         "tokens_equal_to_hook_with_same_v": True,
-        "two_pass_tokens_equal": bool(torch.equal(steered, naive_sequences)),
         "v_max_abs_diff_vs_two_pass": error,
         "v_norm_mean": vectors[0].norm(dim=-1).mean().item(),
         "steering_changes_tokens": not torch.equal(steered, unsteered),
@@ -313,8 +360,14 @@ class TrainingPaths:
 
     def model(self, num_layers: int) -> HyperSteerModel:
         if num_layers not in self.models:
-            model = build_hypersteer(self.base, self.spec, self.config["training"]["hypernet_type"], num_layers,
-                                     self.config["output_projection_std"], self.config["seed"]).train()
+            model = build_hypersteer(
+                self.base,
+                self.spec,
+                self.config["training"]["hypernet_type"],
+                num_layers,
+                self.config["output_projection_std"],
+                self.config["seed"],
+            ).train()
             self.models[num_layers] = model
             self.optimizers[num_layers] = torch.optim.AdamW(
                 model.hypernetwork.parameters(), lr=self.config["training"]["learning_rate"]
@@ -323,8 +376,9 @@ class TrainingPaths:
 
     def batch(self, sequence_length: int) -> dict:
         if sequence_length not in self.batches:
-            self.batches[sequence_length] = training_batch(self.tokenizer, self.config, sequence_length,
-                                                           self.vocab_size, self.config["seed"])
+            self.batches[sequence_length] = training_batch(
+                self.tokenizer, self.config, sequence_length, self.vocab_size, self.config["seed"]
+            )
         return self.batches[sequence_length]
 
     def ours(self, num_layers: int, sequence_length: int):
@@ -349,8 +403,10 @@ def guard_training(model, batch) -> dict:
     with call_counter(body, first_layer, model.hypernetwork) as calls:
         loss = hypersteer_step(model, batch)
     if calls != [1, 1, 1]:
-        raise GuardError(f"A HyperSteer training step ran the base body, layer 0 and the hypernetwork {calls} times "
-                         "(expected once each).")
+        raise GuardError(
+            f"A HyperSteer training step ran the base body, layer 0 and the hypernetwork {calls} times "
+            "(expected once each)."
+        )
     grads = {name: parameter.grad.clone() for name, parameter in model.hypernetwork.named_parameters()}
     model.zero_grad(set_to_none=True)
     three_pass_loss, reference_loss = three_pass_step(model, batch)
@@ -362,10 +418,17 @@ def guard_training(model, batch) -> dict:
         worst = max(worst, (parameter.grad - grads[name]).abs().max().item() / scale)
     model.zero_grad(set_to_none=True)
     if worst > 1e-3:
-        raise GuardError(f"HyperSteer gradients differ from the three-pass scheme's (worst relative error {worst:.3g}).")
-    return {"base_body_calls_per_step": calls[0], "hypernetwork_calls_per_step": calls[2], "loss": loss.item(),
-            "three_pass_loss": three_pass_loss.item(), "unsteered_loss": reference_loss.item(),
-            "grad_max_relative_error_vs_three_pass": worst}
+        raise GuardError(
+            f"HyperSteer gradients differ from the three-pass scheme's (worst relative error {worst:.3g})."
+        )
+    return {
+        "base_body_calls_per_step": calls[0],
+        "hypernetwork_calls_per_step": calls[2],
+        "loss": loss.item(),
+        "three_pass_loss": three_pass_loss.item(),
+        "unsteered_loss": reference_loss.item(),
+        "grad_max_relative_error_vs_three_pass": worst,
+    }
 
 
 def bench_training(paths: TrainingPaths, config, repetitions) -> dict:
@@ -376,16 +439,25 @@ def bench_training(paths: TrainingPaths, config, repetitions) -> dict:
     for n in train["hypernet_num_layers"]:
         group[f"hypersteer/N={n}"] = paths.ours(n, length)
         group[f"three_pass/N={n}"] = paths.three_pass(n, length)
-    times = interleaved([group], repetitions, warmup=True, label="train")
+    # The guards already ran HyperSteer and the three-pass scheme once; `warmup` runs every path once more.
+    times = interleaved([group], repetitions, warmup=train["warmup"], label="train")
     return {
-        "train_ratio_vs_floor": {f"N={n}": paired_ratio(times, f"hypersteer/N={n}", "floor")
-                                 for n in train["hypernet_num_layers"]},
-        "train_speedup_vs_three_pass": {f"N={n}": paired_ratio(times, f"three_pass/N={n}", f"hypersteer/N={n}")
-                                        for n in train["hypernet_num_layers"]},
+        "train_ratio_vs_floor": {
+            f"N={n}": paired_ratio(times, f"hypersteer/N={n}", "floor") for n in train["hypernet_num_layers"]
+        },
+        "train_speedup_vs_three_pass": {
+            f"N={n}": paired_ratio(times, f"three_pass/N={n}", f"hypersteer/N={n}")
+            for n in train["hypernet_num_layers"]
+        },
         "guards": guards,
         "raw": medians(times),
-        "setup": {"batch_size": train["batch_size"], "sequence_length": length, "labels": "second half",
-                  "hypernet_type": train["hypernet_type"], "optimizer": "AdamW (torch default foreach)"},
+        "setup": {
+            "batch_size": train["batch_size"],
+            "sequence_length": length,
+            "labels": "second half",
+            "hypernet_type": train["hypernet_type"],
+            "optimizer": "AdamW (torch default foreach)",
+        },
     }
 
 
@@ -399,28 +471,39 @@ def bench_scaling(paths: TrainingPaths, config, repetitions) -> dict:
     for n in scaling["hypernet_num_layers"]:
         key = f"hypersteer/N={n}/T={train['sequence_length']}"
         group.setdefault(key, paths.ours(n, train["sequence_length"]))
-    times = interleaved([group], repetitions, warmup=True, label="scaling")
+    times = interleaved([group], repetitions, warmup=scaling["warmup"], label="scaling")
     raw = medians(times)
     return {
         "raw": raw,
         "vs_sequence_length": {
             "sequence_lengths": scaling["sequence_lengths"],
-            "hypersteer_s": [raw[f"hypersteer/N={default_layers}/T={t}"]["median_s"] for t in scaling["sequence_lengths"]],
+            "hypersteer_s": [
+                raw[f"hypersteer/N={default_layers}/T={t}"]["median_s"] for t in scaling["sequence_lengths"]
+            ],
             "floor_s": [raw[f"floor/T={t}"]["median_s"] for t in scaling["sequence_lengths"]],
-            "ratio_vs_floor": [paired_ratio(times, f"hypersteer/N={default_layers}/T={t}", f"floor/T={t}")
-                               for t in scaling["sequence_lengths"]],
+            "ratio_vs_floor": [
+                paired_ratio(times, f"hypersteer/N={default_layers}/T={t}", f"floor/T={t}")
+                for t in scaling["sequence_lengths"]
+            ],
             "hypernet_num_layers": default_layers,
         },
         "vs_hypernet_num_layers": {
             "hypernet_num_layers": scaling["hypernet_num_layers"],
-            "hypersteer_s": [raw[f"hypersteer/N={n}/T={train['sequence_length']}"]["median_s"]
-                             for n in scaling["hypernet_num_layers"]],
+            "hypersteer_s": [
+                raw[f"hypersteer/N={n}/T={train['sequence_length']}"]["median_s"]
+                for n in scaling["hypernet_num_layers"]
+            ],
             "floor_s": raw[f"floor/T={train['sequence_length']}"]["median_s"]
-            if f"floor/T={train['sequence_length']}" in raw else None,
-            "ratio_vs_floor": [paired_ratio(times, f"hypersteer/N={n}/T={train['sequence_length']}",
-                                            f"floor/T={train['sequence_length']}")
-                               if f"floor/T={train['sequence_length']}" in raw else None
-                               for n in scaling["hypernet_num_layers"]],
+            if f"floor/T={train['sequence_length']}" in raw
+            else None,
+            "ratio_vs_floor": [
+                paired_ratio(
+                    times, f"hypersteer/N={n}/T={train['sequence_length']}", f"floor/T={train['sequence_length']}"
+                )
+                if f"floor/T={train['sequence_length']}" in raw
+                else None
+                for n in scaling["hypernet_num_layers"]
+            ],
             "sequence_length": train["sequence_length"],
         },
     }
@@ -435,23 +518,37 @@ def plot_scaling(scaling_by_model: dict, path: Path) -> None:
     name, scaling = next(iter(scaling_by_model.items()))
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     by_length = scaling["vs_sequence_length"]
-    left.plot(by_length["sequence_lengths"], by_length["hypersteer_s"], "o-",
-              label=f"HyperSteer step (N={by_length['hypernet_num_layers']})")
+    left.plot(
+        by_length["sequence_lengths"],
+        by_length["hypersteer_s"],
+        "o-",
+        label=f"HyperSteer step (N={by_length['hypernet_num_layers']})",
+    )
     left.plot(by_length["sequence_lengths"], by_length["floor_s"], "s--", label="floor (frozen fwd+bwd to one vector)")
     for x, y, ratio in zip(by_length["sequence_lengths"], by_length["hypersteer_s"], by_length["ratio_vs_floor"]):
         left.annotate(f"{ratio:.2f}x", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    left.set(xlabel="sequence length (tokens)", ylabel="step time (s, median)", xscale="log",
-             title=f"{name}: step time vs sequence length")
+    left.set(
+        xlabel="sequence length (tokens)",
+        ylabel="step time (s, median)",
+        xscale="log",
+        title=f"{name}: step time vs sequence length",
+    )
     left.set_xticks(by_length["sequence_lengths"], [str(t) for t in by_length["sequence_lengths"]])
     left.legend(fontsize=8)
     by_layers = scaling["vs_hypernet_num_layers"]
     right.plot(by_layers["hypernet_num_layers"], by_layers["hypersteer_s"], "o-", label="HyperSteer step")
     if by_layers["floor_s"] is not None:
         right.axhline(by_layers["floor_s"], linestyle="--", color="C1", label="floor")
-        for x, y, ratio in zip(by_layers["hypernet_num_layers"], by_layers["hypersteer_s"], by_layers["ratio_vs_floor"]):
+        for x, y, ratio in zip(
+            by_layers["hypernet_num_layers"], by_layers["hypersteer_s"], by_layers["ratio_vs_floor"]
+        ):
             right.annotate(f"{ratio:.2f}x", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    right.set(xlabel="hypernet_num_layers", ylabel="step time (s, median)", ylim=(0, None),
-              title=f"{name}: step time vs hypernetwork depth (T={by_layers['sequence_length']})")
+    right.set(
+        xlabel="hypernet_num_layers",
+        ylabel="step time (s, median)",
+        ylim=(0, None),
+        title=f"{name}: step time vs hypernetwork depth (T={by_layers['sequence_length']})",
+    )
     right.set_xticks(by_layers["hypernet_num_layers"])
     right.legend(fontsize=8)
     figure.tight_layout()
@@ -507,17 +604,30 @@ class PeakRSS:
 def memory_worker(job: dict) -> dict:
     """Runs in a fresh process: build, one warm-up step (allocates AdamW state), then the peak RSS of one step."""
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     baseline_kb = _proc_status_kb("VmRSS")
     config, spec = job["config"], job["spec"]
+    torch.set_num_threads(config["torch_threads"])
     base, _ = build_base(spec, config["seed"])
     tokenizer = smollm2_tokenizer()
-    model = build_hypersteer(base, spec, config["training"]["hypernet_type"], job["hypernet_num_layers"],
-                             config["output_projection_std"], config["seed"])
+    model = build_hypersteer(
+        base,
+        spec,
+        config["training"]["hypernet_type"],
+        job["hypernet_num_layers"],
+        config["output_projection_std"],
+        config["seed"],
+    )
     if job["scheme"] == "hypersteer+checkpointing":
         model.activation_checkpointing_enable()
     model.train()
-    batch = training_batch(tokenizer, config, config["training"]["sequence_length"],
-                           base.config.get_text_config().vocab_size, config["seed"])
+    batch = training_batch(
+        tokenizer,
+        config,
+        config["training"]["sequence_length"],
+        base.config.get_text_config().vocab_size,
+        config["seed"],
+    )
     if job["scheme"] == "floor":
         vector = torch.nn.Parameter(torch.zeros(base.config.get_text_config().hidden_size))
         optimizer = torch.optim.AdamW([vector], lr=config["training"]["learning_rate"])
@@ -547,27 +657,40 @@ def memory_worker(job: dict) -> dict:
 
 
 def bench_memory(spec, config) -> dict:
-    jobs = [{"spec": spec, "config": config, "scheme": scheme,
-             "hypernet_num_layers": config["memory"]["hypernet_num_layers"]} for scheme in config["memory"]["schemes"]]
+    jobs = [
+        {
+            "spec": spec,
+            "config": config,
+            "scheme": scheme,
+            "hypernet_num_layers": config["memory"]["hypernet_num_layers"],
+        }
+        for scheme in config["memory"]["schemes"]
+    ]
     # RSS is per process, so the fresh workers can run side by side; nothing is being timed meanwhile.
-    processes = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(job)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--memory-worker", json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for job in jobs
+    ]
     results = {}
     for job, process in zip(jobs, processes):
         stdout, stderr = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"Memory worker for {job['scheme']} failed:\n{stderr[-3000:]}")
         results[job["scheme"]] = json.loads(stdout.strip().splitlines()[-1])
+    names = {"hypersteer": "no_checkpointing", "hypersteer+checkpointing": "checkpointing", "floor": "floor"}
     return {
-        "peak_rss_ratio": {
-            "no_checkpointing": results["hypersteer"]["peak_rss_ratio"],
-            "checkpointing": results["hypersteer+checkpointing"]["peak_rss_ratio"],
-            "floor": results["floor"]["peak_rss_ratio"],
-        },
+        "peak_rss_ratio": {names[scheme]: result["peak_rss_ratio"] for scheme, result in results.items()},
         "raw": results,
-        "setup": {"hypernet_num_layers": config["memory"]["hypernet_num_layers"],
-                  "batch_size": config["training"]["batch_size"],
-                  "sequence_length": config["training"]["sequence_length"]},
+        "setup": {
+            "hypernet_num_layers": config["memory"]["hypernet_num_layers"],
+            "batch_size": config["training"]["batch_size"],
+            "sequence_length": config["training"]["sequence_length"],
+        },
     }
 
 
@@ -624,8 +747,10 @@ def render_table(results: dict) -> str:
             for key, value in train["train_speedup_vs_three_pass"].items():
                 row(name, f"train speedup vs three-pass {key}", value, "train_speedup_vs_three_pass", unit="x")
             setup = train["setup"]
-            lines.append(f"{'':<14}   (batch {setup['batch_size']} x {setup['sequence_length']} tok, labels on the "
-                         f"second half, {setup['hypernet_type']}, AdamW)")
+            lines.append(
+                f"{'':<14}   (batch {setup['batch_size']} x {setup['sequence_length']} tok, labels on the "
+                f"second half, {setup['hypernet_type']}, AdamW)"
+            )
         memory = model.get("memory")
         if memory:
             for key, value in memory["peak_rss_ratio"].items():
@@ -637,7 +762,11 @@ def render_table(results: dict) -> str:
                 row(name, f"scaling: train / floor N=2, T={length}", ratio)
             by_layers = scaling["vs_hypernet_num_layers"]
             for n, ratio in zip(by_layers["hypernet_num_layers"], by_layers["ratio_vs_floor"]):
-                if ratio is not None:
+                shown = (
+                    n == by_length["hypernet_num_layers"]
+                    and by_layers["sequence_length"] in by_length["sequence_lengths"]
+                )
+                if ratio is not None and not shown:
                     row(name, f"scaling: train / floor N={n}, T={by_layers['sequence_length']}", ratio)
     lines += ["", "raw medians (s):"]
     for name, model in results["models"].items():
@@ -646,10 +775,35 @@ def render_table(results: dict) -> str:
                 cells = [f"{key} {value['median_s']:.3f}" for key, value in model[section]["raw"].items()]
                 lines.append(f"  {name} {section}: " + ", ".join(cells))
         if "memory" in model:
-            cells = [f"{key} {value['peak_rss_step_mb']:.0f} MB (weights {value['weight_bytes'] / 2**20:.0f} MB)"
-                     for key, value in model["memory"]["raw"].items()]
+            cells = [
+                f"{key} {value['peak_rss_step_mb']:.0f} MB (weights {value['weight_bytes'] / 2**20:.0f} MB)"
+                for key, value in model["memory"]["raw"].items()
+            ]
             lines.append(f"  {name} memory peak RSS: " + ", ".join(cells))
     return "\n".join(lines)
+
+
+def bench_model(name: str, spec: dict, config: dict, tokenizer, primary: bool) -> dict:
+    """Every measurement on one model; scaling and memory on the primary model only."""
+    base, base_tokenizer = build_base(spec, config["seed"])
+    model_results = {"model": describe(base, spec)}
+    print(f"== {name}: {model_results['model']}", flush=True)
+    paths = TrainingPaths(base, tokenizer, spec, config)
+    sections = {
+        "generation": lambda: bench_generation(
+            base, base_tokenizer, tokenizer, spec, config, config["generation"]["repetitions"]
+        ),
+        "training": lambda: bench_training(paths, config, config["training"]["repetitions"]),
+    }
+    if primary:
+        sections["scaling"] = lambda: bench_scaling(paths, config, config["scaling"]["repetitions"])
+        sections["memory"] = lambda: bench_memory(spec, config)
+    for section, function in sections.items():
+        section_start = time.perf_counter()
+        model_results[section] = function()
+        model_results[section]["wall_time_s"] = time.perf_counter() - section_start
+        print(f"  {section} done in {model_results[section]['wall_time_s']:.0f} s", flush=True)
+    return model_results
 
 
 def headline(results: dict, primary: str) -> dict:
@@ -671,7 +825,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="results file (default: results/<timestamp>.json + latest.json)")
     parser.add_argument("--plot", type=Path, help="scaling plot (default: results/scaling.png)")
     parser.add_argument("--config", type=Path, default=BENCH_DIR / "default_config.json")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: `torch_threads` of the config, 1; 0 = torch's choice)",
+    )
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -679,9 +837,12 @@ def main(argv=None) -> int:
         return 0
 
     hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = json.loads(args.config.read_text())
+    hf_logging.disable_progress_bar()
+    config = load_config(args.config, args.quick)
+    threads = args.threads if args.threads is not None else config.get("torch_threads") or 0
+    if threads:
+        torch.set_num_threads(threads)
+    config["torch_threads"] = torch.get_num_threads()
     mode = "quick" if args.quick else "full"
     started = time.perf_counter()
     timestamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -691,19 +852,7 @@ def main(argv=None) -> int:
     names = config["quick_models" if args.quick else "full_models"]
     try:
         for index, name in enumerate(names):
-            spec = config["models"][name]
-            base, base_tokenizer = build_base(spec, config["seed"])
-            model_results = {"model": describe(base, spec)}
-            results["models"][name] = model_results
-            print(f"== {name}: {model_results['model']}", flush=True)
-            model_results["generation"] = bench_generation(base, base_tokenizer, tokenizer, spec, config,
-                                                           config["generation"]["repetitions"][mode])
-            paths = TrainingPaths(base, tokenizer, spec, config)
-            model_results["training"] = bench_training(paths, config, config["training"]["repetitions"][mode])
-            if index == 0:  # memory and scaling on the primary model
-                model_results["scaling"] = bench_scaling(paths, config, config["scaling"]["repetitions"][mode])
-                model_results["memory"] = bench_memory(spec, config)
-            del paths, base
+            results["models"][name] = bench_model(name, config["models"][name], config, tokenizer, primary=index == 0)
             gc.collect()
     except GuardError as error:
         print(f"\nABORTED: correctness guard failed, nothing was timed for this path.\n{error}", file=sys.stderr)
@@ -729,7 +878,9 @@ def main(argv=None) -> int:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / f"{timestamp}{suffix}.json").write_text(text)
         (results_dir / f"latest{suffix}.json").write_text(text)
-        print(f"wrote {results_dir / f'{timestamp}{suffix}.json'}, {results_dir / f'latest{suffix}.json'} and {plot_path}")
+        print(
+            f"wrote {results_dir / f'{timestamp}{suffix}.json'}, {results_dir / f'latest{suffix}.json'} and {plot_path}"
+        )
     return 0
 
 

@@ -69,8 +69,10 @@ def call_counter(*modules: torch.nn.Module) -> Iterator[list[int]]:
     counts = [0] * len(modules)
     handles = []
     for index, module in enumerate(modules):
+
         def hook(module, args, index=index):
             counts[index] += 1
+
         handles.append(module.register_forward_pre_hook(hook))
     try:
         yield counts
@@ -79,8 +81,9 @@ def call_counter(*modules: torch.nn.Module) -> Iterator[list[int]]:
             handle.remove()
 
 
-def naive_steering_vectors(model, input_ids, attention_mask, steering_input_ids, steering_attention_mask,
-                           context_mask=None) -> torch.Tensor:
+def naive_steering_vectors(
+    model, input_ids, attention_mask, steering_input_ids, steering_attention_mask, context_mask=None
+) -> torch.Tensor:
     """Pass 1 of the naive schemes: a *full* extra no-grad forward of the base body (every layer, no LM head) that
     records layer `L`'s output, then the hypernetwork on it (with grad if grad mode is on).
 
@@ -107,8 +110,15 @@ def naive_steering_vectors(model, input_ids, attention_mask, steering_input_ids,
 
 
 @torch.no_grad()
-def two_pass_generate(model, input_ids, attention_mask, steering_input_ids, steering_attention_mask,
-                      vectors: torch.Tensor | None = None, **generate_kwargs):
+def two_pass_generate(
+    model,
+    input_ids,
+    attention_mask,
+    steering_input_ids,
+    steering_attention_mask,
+    vectors: torch.Tensor | None = None,
+    **generate_kwargs,
+):
     """Naive steered generation: extra base pass + hypernetwork, then the base's `generate` with an additive hook.
 
     With `vectors` given, skip pass 1 and steer with them (to compare tokens for the very same `v`).
@@ -119,7 +129,9 @@ def two_pass_generate(model, input_ids, attention_mask, steering_input_ids, stee
     if vectors is None:
         vectors = naive_steering_vectors(model, input_ids, attention_mask, steering_input_ids, steering_attention_mask)
     with additive_steering(steering_layer(model), vectors):
-        sequences = model.language_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        sequences = model.language_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+        )
     return sequences, vectors
 
 

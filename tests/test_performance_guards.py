@@ -34,8 +34,14 @@ NEW_TOKENS = 6
 
 def _model(tokenizer, architecture="gemma2", hypernet_type="cross_attention", steering_layer=2, **config_kwargs):
     base = build_tiny_base(architecture, len(tokenizer))
-    model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=steering_layer,
-                                            hypernet_type=hypernet_type, hypernet_num_layers=2, **config_kwargs)
+    model = HyperSteerModel.from_base_model(
+        base,
+        tokenizer=tokenizer,
+        steering_layer=steering_layer,
+        hypernet_type=hypernet_type,
+        hypernet_num_layers=2,
+        **config_kwargs,
+    )
     with torch.no_grad():
         # Untrained models steer by exactly zero; a non-zero head makes every check below non-trivial.
         model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
@@ -65,14 +71,19 @@ def _training_batch(tokenizer):
 
 
 def _greedy_kwargs(tokenizer):
-    return {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False,
-            "pad_token_id": tokenizer.pad_token_id}
+    return {
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 @pytest.mark.parametrize("architecture", ("gemma2", "llama"))
 @pytest.mark.parametrize("hypernet_type", VARIANTS)
-def test_steered_generation_equals_two_pass_and_adds_only_one_hypernet_pass(tiny_tokenizer, architecture,
-                                                                            hypernet_type):
+def test_steered_generation_equals_two_pass_and_adds_only_one_hypernet_pass(
+    tiny_tokenizer, architecture, hypernet_type
+):
     model = _model(tiny_tokenizer, architecture, hypernet_type)
     inputs, steering, kwargs = _prompts(tiny_tokenizer), _steering(tiny_tokenizer), _greedy_kwargs(tiny_tokenizer)
     body, first_layer = model.language_model.model, model.language_model.model.layers[0]
@@ -87,14 +98,17 @@ def test_steered_generation_equals_two_pass_and_adds_only_one_hypernet_pass(tiny
     finally:
         handle.remove()
 
-    assert len(vectors) == 1, f"the hypernetwork ran {len(vectors)} times in one generate call; v must be computed once"
+    assert len(vectors) == 1, (
+        f"the hypernetwork ran {len(vectors)} times in one generate call; v must be computed once"
+    )
     assert steered_calls == unsteered_calls == [NEW_TOKENS, NEW_TOKENS], (
         f"steered generate ran the base body/layer 0 {steered_calls} times, unsteered {unsteered_calls}: "
         "steering must not add a base pass"
     )
     assert not torch.equal(steered, unsteered), "steering changed nothing: the guard below would be vacuous"
-    reference, _ = two_pass_generate(model, inputs["input_ids"], inputs["attention_mask"], vectors=vectors[0],
-                                     **steering, **kwargs)
+    reference, _ = two_pass_generate(
+        model, inputs["input_ids"], inputs["attention_mask"], vectors=vectors[0], **steering, **kwargs
+    )
     assert torch.equal(steered, reference), "steered tokens differ from base generation + additive hook of the same v"
     naive = naive_steering_vectors(model, inputs["input_ids"], inputs["attention_mask"], **steering)
     torch.testing.assert_close(vectors[0], naive, rtol=1e-4, atol=1e-5)
@@ -138,7 +152,9 @@ def test_training_step_is_one_base_pass_equal_to_the_three_pass_scheme(tiny_toke
     torch.testing.assert_close(loss, three_pass_loss, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(loss, reference_loss), "steering did not change the loss: the guard would be vacuous"
     for name, parameter in model.hypernetwork.named_parameters():
-        torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            parameter.grad, grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_additive_reference_hook_equals_the_model_for_the_same_vectors(tiny_tokenizer):
@@ -148,8 +164,11 @@ def test_additive_reference_hook_equals_the_model_for_the_same_vectors(tiny_toke
     with torch.no_grad():
         outputs = model(**batch)
         with additive_steering(model.language_model.model.layers[2], outputs.steering_vectors):
-            reference = model.language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+            reference = model.language_model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            )
     assert torch.equal(outputs.logits, reference.logits)
 
 
