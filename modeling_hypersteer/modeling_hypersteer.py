@@ -601,12 +601,6 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
-    def train(self, mode: bool = True) -> "HyperSteerModel":
-        """Train the hypernetwork; the frozen base always stays in eval mode (its dropout would only add noise)."""
-        super().train(mode)
-        self.language_model.eval()
-        return self
-
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """Return `(trainable parameters, all parameters)`, counting the frozen base too."""
         trainable = sum(parameter.numel() for parameter in self.parameters() if parameter.requires_grad)

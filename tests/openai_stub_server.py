@@ -29,6 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _LoopbackServer(ThreadingHTTPServer):
+    # The default listen backlog (5) drops connections when a client opens 16 at once on a busy machine; the
+    # dropped ones would be retried and counted as extra paid requests.
+    request_queue_size = 128
+    daemon_threads = True
 from typing import Any
 
 import pytest
@@ -134,14 +141,13 @@ class OpenAIStubServer:
         self._received: list[ReceivedRequest] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _LoopbackServer | None = None
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> OpenAIStubServer:
         handler = type("_BoundHandler", (_Handler,), {"stub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _LoopbackServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
