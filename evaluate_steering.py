@@ -251,13 +251,22 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_concept_data(sources)
     concepts, split, origin = _selected_concepts(args, data)
     logger.info(f"Evaluating {len(concepts)} concept(s) from {sources}; split from {origin}.")
-    splits = build_splits(
+    split_settings = (_training_file(args.model, "training_summary.json") or {}).get("split_settings")
+    if split_settings is None:
+        logger.warning(
+            f"{args.model} has no training_summary.json with split settings: rebuilding the evaluation rows with the "
+            "training defaults; held-in rows are only guaranteed unseen if training used them too."
+        )
+        split_settings = {"eval_examples_per_concept": 2, "seed": split.seed}
+    heldin_rows = build_splits(data, split, **split_settings)["eval_heldin"]
+    # Held-out concepts never reach training, so any number of their rows may be used.
+    heldout_rows = build_splits(
         data,
         split,
         eval_examples_per_concept=max(args.num_instructions_per_concept, args.offline_examples_per_concept, 2),
         seed=split.seed,
-    )
-    eval_rows = [row for name in ("eval_heldin", "eval_heldout") for row in splits[name]]
+    )["eval_heldout"]
+    eval_rows = list(heldin_rows) + list(heldout_rows)
     eval_rows = [row for row in eval_rows if row["output_concept"] in set(concepts) and not row["is_negative"]]
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -274,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if concept in members and counts.get(concept, 0) < args.offline_examples_per_concept:
                     counts[concept] = counts.get(concept, 0) + 1
                     chosen.append(row)
+            summary.setdefault("offline_rows", {})[name] = [[row["output_concept"], row["input"]] for row in chosen]
             if len(counts) >= 2:
                 summary["offline"][name] = offline_steering_metric(
                     model,

@@ -326,6 +326,14 @@ def main(argv: list[str] | None = None) -> dict:
                     "sources": data_args.dataset_name_or_path,
                     "world_size": training_args.world_size,
                     "rank_fingerprints": rank_fingerprints,
+                    # Evaluation rebuilds the splits with exactly these settings, so held-in evaluation rows are
+                    # never rows the model was trained on.
+                    "split_settings": {
+                        "eval_examples_per_concept": data_args.eval_examples_per_concept,
+                        "max_examples_per_concept": data_args.max_examples_per_concept,
+                        "use_negatives": data_args.use_negatives,
+                        "seed": data_args.concept_split_seed,
+                    },
                 },
                 handle,
                 indent=2,

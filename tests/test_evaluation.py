@@ -10,7 +10,7 @@ from openai_stub_server import stub_rating
 
 import evaluate_steering
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.data import load_concept_data
+from modeling_hypersteer.data import ConceptSplit, build_splits, load_concept_data
 from modeling_hypersteer.evaluation import (
     concept_derangement,
     generate_samples,
@@ -254,6 +254,16 @@ def test_offline_only_without_a_judge(trained_dir, tmp_path, monkeypatch):
     )
     assert summary["judge"] is None and summary["methods"] == {}
     assert set(summary["offline"]) == {"heldin", "heldout"}
+    # Held-in rows are rows the model was never trained on: rebuild the training split exactly as training did.
+    training = json.loads((trained_dir / "training_summary.json").read_text())
+    data = load_concept_data(training["sources"])
+    split = ConceptSplit.from_json(trained_dir / "concept_split.json")
+    trained_pairs = {
+        (row["output_concept"], row["input"])
+        for row in build_splits(data, split, **training["split_settings"])["train"]
+    }
+    assert summary["offline_rows"]["heldin"]
+    assert not {tuple(pair) for pair in summary["offline_rows"]["heldin"]} & trained_pairs
     assert not (tmp_path / "eval" / "samples.jsonl").exists()
     assert "only the offline metric" in (tmp_path / "eval" / "summary.md").read_text()
 
