@@ -172,13 +172,9 @@ def test_additive_reference_hook_equals_the_model_for_the_same_vectors(tiny_toke
     assert torch.equal(outputs.logits, reference.logits)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known performance bug: `HyperSteerModel.train()` keeps the whole base in eval mode and transformers' "
-    "GradientCheckpointingLayer only checkpoints when `self.training`, so `activation_checkpointing_enable()` never "
-    "checkpoints the base layers >= steering_layer (only the hypernetwork's). Remove this marker with the fix.",
-)
 def test_activation_checkpointing_recomputes_the_base_layers_above_the_steering_layer(tiny_tokenizer):
+    """Checkpointing must reach the frozen base's layers above the steering layer (transformers checkpoints a layer
+    only while it is in training mode), and layers below it, which hold no graph, must never be recomputed."""
     model = _model(tiny_tokenizer, steering_layer=1).train()
     model.activation_checkpointing_enable()
     layers = model.language_model.model.layers
