@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.evaluation import _per_row_loss
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts
 
 
@@ -91,15 +92,6 @@ def tester(tiny_tokenizer):
 
 def _greedy(model, inputs, **kwargs):
     return model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, **kwargs)
-
-
-def _per_row_loss(logits, labels):
-    """Mean next-token cross-entropy per row: `(batch_size,)`."""
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-    )
-    return losses.sum(-1) / shift_labels.ne(-100).sum(-1)
 
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
