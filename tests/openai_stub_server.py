@@ -29,6 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from modeling_hypersteer.judge import JUDGE_ASPECTS, JUDGE_TEMPLATES
 
 
 class _LoopbackServer(ThreadingHTTPServer):
@@ -36,11 +41,6 @@ class _LoopbackServer(ThreadingHTTPServer):
     # dropped ones would be retried and counted as extra paid requests.
     request_queue_size = 128
     daemon_threads = True
-from typing import Any
-
-import pytest
-
-from modeling_hypersteer.judge import JUDGE_ASPECTS, JUDGE_TEMPLATES
 
 
 BEHAVIOURS = ("ok", "rate_limit", "server_error", "bad_request", "garbage", "slow", "empty")
