@@ -699,6 +699,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         request.decoding_from_cache = decoding_from_cache
         if position_ids is None and not decoding_from_cache:
             position_ids = _positions_from_mask(attention_mask)
+        if use_cache is None and labels is not None and past_key_values is None:
+            # A training forward would otherwise fill a key/value cache that nothing reads.
+            use_cache = False
         with self._steering_hook(request):
             outputs = self.language_model(
                 input_ids=input_ids,
