@@ -121,6 +121,24 @@ def build_tiny_base(architecture: str, vocab_size: int, num_hidden_layers: int =
     return model
 
 
+def save_tiny_base(path, tokenizer, architecture: str = "llama"):
+    """Save a tiny random base and its tokenizer into `path`, the way a checkpoint on disk looks to the CLIs."""
+    build_tiny_base(architecture, len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def cli_arguments(**flags) -> list[str]:
+    """Command-line arguments from keyword flags: `True` becomes a bare `--flag`, `None` is left out."""
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_base
+from conftest import build_tiny_base, cli_arguments, save_tiny_base
 from openai_stub_server import stub_rating
 
 import evaluate_steering
@@ -116,37 +116,22 @@ def trained_dir(tmp_path_factory, tiny_tokenizer, axbench_dir):
     import train_hypersteer
 
     root = tmp_path_factory.mktemp("eval_model")
-    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(root / "base")
-    tiny_tokenizer.save_pretrained(root / "base")
     train_hypersteer.main(
-        [
-            "--base_model_name_or_path",
-            str(root / "base"),
-            "--steering_layer",
-            "2",
-            "--hypernet_num_layers",
-            "2",
-            "--dataset_name_or_path",
-            str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
-            "--heldout_concepts",
-            "3",
-            "--max_examples_per_concept",
-            "4",
-            "--max_length",
-            "192",
-            "--max_steps",
-            "3",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--learning_rate",
-            "1e-2",
-            "--output_dir",
-            str(root / "run"),
-            "--report_to",
-            "none",
-        ]
+        cli_arguments(
+            base_model_name_or_path=save_tiny_base(root / "base", tiny_tokenizer),
+            steering_layer=2,
+            hypernet_num_layers=2,
+            dataset_name_or_path=axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet",
+            heldout_concepts=3,
+            max_examples_per_concept=4,
+            max_length=192,
+            max_steps=3,
+            eval_strategy="no",
+            save_strategy="no",
+            learning_rate="1e-2",
+            output_dir=root / "run",
+            report_to="none",
+        )
     )
     return root / "run"
 

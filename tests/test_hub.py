@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BLOCK_PACKAGE_PREAMBLE, build_tiny_base
+from conftest import BLOCK_PACKAGE_PREAMBLE, build_tiny_base, cli_arguments, save_tiny_base
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
@@ -323,45 +323,26 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
 
 
 def test_train_hypersteer_push_to_hub_uploads_the_hypersteer_card(hub, tiny_tokenizer, axbench_dir, tmp_path):
-    base_dir = tmp_path / "base"
-    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(base_dir)
-    tiny_tokenizer.save_pretrained(base_dir)
     output_dir = tmp_path / "run"
-    argv = [
-        "--base_model_name_or_path",
-        str(base_dir),
-        "--steering_layer",
-        "2",
-        "--hypernet_num_layers",
-        "2",
-        "--dataset_name_or_path",
-        str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"),
-        "--heldout_concepts",
-        "3",
-        "--max_examples_per_concept",
-        "2",
-        "--eval_examples_per_concept",
-        "1",
-        "--max_length",
-        "128",
-        "--per_device_train_batch_size",
-        "2",
-        "--max_steps",
-        "2",
-        "--eval_strategy",
-        "no",
-        "--logging_steps",
-        "1",
-        "--output_dir",
-        str(output_dir),
-        "--report_to",
-        "none",
-        "--seed",
-        "0",
-        "--push_to_hub",
-        "--hub_model_id",
-        "me/x",
-    ]
+    argv = cli_arguments(
+        base_model_name_or_path=save_tiny_base(tmp_path / "base", tiny_tokenizer),
+        steering_layer=2,
+        hypernet_num_layers=2,
+        dataset_name_or_path=axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet",
+        heldout_concepts=3,
+        max_examples_per_concept=2,
+        eval_examples_per_concept=1,
+        max_length=128,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        eval_strategy="no",
+        logging_steps=1,
+        output_dir=output_dir,
+        report_to="none",
+        seed=0,
+        push_to_hub=True,
+        hub_model_id="me/x",
+    )
     metrics = train_hypersteer.main(argv)
 
     assert hub.repos and all(repo["repo_id"] == "me/x" for repo in hub.repos)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_base
+from conftest import REPO_ROOT, build_tiny_base, cli_arguments, save_tiny_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -19,10 +19,7 @@ from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArg
 
 @pytest.fixture(scope="module")
 def tiny_base_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny_base")
-    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"), tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +48,7 @@ def _arguments(base_dir, data, output_dir, **overrides):
         "dataloader_num_workers": 0,
     }
     arguments.update(overrides)
-    argv = []
-    for key, value in arguments.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return cli_arguments(**arguments)
 
 
 def test_end_to_end_run_learns_and_saves_a_loadable_hypernetwork(tiny_base_dir, concept_file, tmp_path):
