@@ -46,6 +46,7 @@ from modeling_hypersteer.configuration_hypersteer import (
     HYPERNET_POOLINGS,
     HYPERNET_TYPES,
     STEERING_POSITIONS,
+    STEERING_PRIORS,
 )
 from modeling_hypersteer.data import (
     HyperSteerDataCollator,
@@ -107,15 +108,16 @@ class ModelArguments:
             "what tells concepts apart is not drowned by what all steering prompts share."
         },
     )
-    lexical_steering: bool = field(
-        default=False,
+    steering_prior: str = field(
+        default="none",
         metadata={
-            "help": "Add a lexical path: a learned map of the steering prompt's centred mean output-token embedding, "
-            "a training-free concept direction that the hypernetwork corrects."
+            "help": f"Training-free concept direction the hypernetwork corrects, one of {list(STEERING_PRIORS)}: "
+            "'lexical' (the steering prompt's centred mean output-token embedding) or 'residual' (the base's own "
+            "residual at the steering layer over the steering prompt, centred)."
         },
     )
-    lexical_init_norm: float = field(
-        default=16.0, metadata={"help": "Initial norm of the lexical path (residual-stream scale)."}
+    steering_prior_init_norm: float = field(
+        default=16.0, metadata={"help": "Initial norm of the prior term (residual-stream scale)."}
     )
     base_dtype: str = field(
         default="auto",
@@ -141,6 +143,8 @@ class ModelArguments:
             raise ValueError(
                 f"--hypernet_pooling must be one of {list(HYPERNET_POOLINGS)}, got {self.hypernet_pooling!r}."
             )
+        if self.steering_prior not in STEERING_PRIORS:
+            raise ValueError(f"--steering_prior must be one of {list(STEERING_PRIORS)}, got {self.steering_prior!r}.")
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}.")
 
@@ -276,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         hypernet_pooling=model_args.hypernet_pooling,
         shared_steering_offset=model_args.shared_steering_offset,
         center_pooled_features=model_args.center_pooled_features,
-        lexical_steering=model_args.lexical_steering,
-        lexical_init_norm=model_args.lexical_init_norm,
+        steering_prior=model_args.steering_prior,
+        steering_prior_init_norm=model_args.steering_prior_init_norm,
     )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(

@@ -10,6 +10,7 @@ HYPERNET_TYPES = ("cross_attention", "in_context", "no_context")
 HYPERNET_INITS = ("base", "random")
 STEERING_POSITIONS = ("all", "prompt", "generated")
 HYPERNET_POOLINGS = ("last", "mean")
+STEERING_PRIORS = ("none", "lexical", "residual")
 
 
 class HyperSteerConfig(PreTrainedConfig):
@@ -66,15 +67,16 @@ class HyperSteerConfig(PreTrainedConfig):
             to unit scale.
         pooled_feature_momentum (`float`, *optional*, defaults to 0.05):
             Update rate of that running mean (a plain average over the first `1 / momentum` training batches).
-        lexical_steering (`bool`, *optional*, defaults to `False`):
-            Add a lexical path `A u(s)`, where `u(s)` is the unit-norm mean of the steering prompt's output-token
-            embeddings centred on the vocabulary mean (for a tied-embedding base, a direction that raises the logits
-            of the prompt's own words) and `A` a learned `hidden_size x hidden_size` map that starts at
-            `lexical_init_norm * I`. The hypernetwork then corrects a training-free concept direction instead of
-            inventing one, which carries over to steering prompts never seen in training.
-        lexical_init_norm (`float`, *optional*, defaults to 16.0):
-            Norm of the lexical path at initialisation (`A = lexical_init_norm * I`), on the scale of the residual
-            stream at `steering_layer`. Only used with `lexical_steering=True`.
+        steering_prior (`str`, *optional*, defaults to `"none"`):
+            A training-free concept direction `u(s)` (unit norm) added through a learned map `A` that starts at
+            `steering_prior_init_norm * I`, so the hypernetwork corrects a direction instead of inventing one:
+            `"lexical"`: the steering prompt's mean output-token embedding centred on the vocabulary mean (for a
+            tied-embedding base, a direction that raises the logits of the prompt's own words); `"residual"`: the
+            base's own residual at `steering_layer` averaged over the steering prompt's tokens and centred on a running
+            mean over training prompts (activation addition of the concept's description, read where it is added;
+            it costs one frozen base pass over the short steering prompt up to that layer). `"none"` adds nothing.
+        steering_prior_init_norm (`float`, *optional*, defaults to 16.0):
+            Norm of the prior term at initialisation, on the scale of the residual stream at `steering_layer`.
         max_steering_prompt_length (`int`, *optional*, defaults to 64):
             Steering prompts are truncated to this many tokens.
         hidden_size (`int`, *optional*):
@@ -114,8 +116,8 @@ class HyperSteerConfig(PreTrainedConfig):
     shared_steering_offset: bool = False
     center_pooled_features: bool = False
     pooled_feature_momentum: float = 0.05
-    lexical_steering: bool = False
-    lexical_init_norm: float = 16.0
+    steering_prior: str = "none"
+    steering_prior_init_norm: float = 16.0
     default_steering_factor: float = 1.0
     max_steering_prompt_length: int = 64
     hidden_size: int | None = None
@@ -135,15 +137,16 @@ class HyperSteerConfig(PreTrainedConfig):
         _check_choice("hypernet_init", self.hypernet_init, HYPERNET_INITS)
         _check_choice("steering_positions", self.steering_positions, STEERING_POSITIONS)
         _check_choice("hypernet_pooling", self.hypernet_pooling, HYPERNET_POOLINGS)
+        _check_choice("steering_prior", self.steering_prior, STEERING_PRIORS)
         if not 0 < self.pooled_feature_momentum <= 1:
             raise ValueError(f"`pooled_feature_momentum` must be in (0, 1], got {self.pooled_feature_momentum!r}.")
         if (
-            isinstance(self.lexical_init_norm, bool)
-            or not isinstance(self.lexical_init_norm, (int, float))
-            or not 0 <= self.lexical_init_norm < float("inf")
+            isinstance(self.steering_prior_init_norm, bool)
+            or not isinstance(self.steering_prior_init_norm, (int, float))
+            or not 0 <= self.steering_prior_init_norm < float("inf")
         ):
             raise ValueError(
-                f"`lexical_init_norm` must be a finite number >= 0, got {self.lexical_init_norm!r}."
+                f"`steering_prior_init_norm` must be a finite number >= 0, got {self.steering_prior_init_norm!r}."
             )
         for name in ("hypernet_num_layers", "max_steering_prompt_length"):
             value = getattr(self, name)

@@ -238,9 +238,10 @@ class HyperSteerHypernetwork(nn.Module):
 
         v = W_o norm(pool(blocks(s, x)) [- m])  [+ b]  [+ A u(s)]
 
-    `m` is a running mean of the pooled features (`center_pooled_features`), `b` a learned concept-free offset (`shared_steering_offset`) and `A u(s)` the lexical path
-    (`lexical_steering`): `u(s)` is the unit-norm, vocabulary-centred mean output embedding of the steering prompt's
-    tokens, computed by the caller from the frozen base, and `A` a learned map starting at `lexical_init_norm * I`.
+    `m` is a running mean of the pooled features (`center_pooled_features`), `b` a learned concept-free offset
+    (`shared_steering_offset`) and `A u(s)` the prior term (`steering_prior`): `u(s)` is a unit-norm, training-free
+    concept direction read from the frozen base by the caller, and `A` a learned map starting at
+    `steering_prior_init_norm * I`.
 
     The decoder blocks are of the base's own architecture, so `hypernet_init="base"` can start from the base's first
     pretrained layers. With `hypernet_type="cross_attention"`, a cross-attention sublayer precedes every decoder
@@ -264,10 +265,14 @@ class HyperSteerHypernetwork(nn.Module):
         else:
             self.feature_center = None
         self.steering_offset = nn.Parameter(torch.zeros(config.hidden_size)) if config.shared_steering_offset else None
-        if config.lexical_steering:
-            self.lexical_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        if config.steering_prior != "none":
+            self.prior_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         else:
-            self.lexical_projection = None
+            self.prior_projection = None
+        if config.steering_prior == "residual":
+            self.prior_center = HyperSteerRunningCenter(config.hidden_size, config.pooled_feature_momentum)
+        else:
+            self.prior_center = None
 
     def forward(
         self,
@@ -278,7 +283,7 @@ class HyperSteerHypernetwork(nn.Module):
         position_ids: torch.LongTensor,
         context_states: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
-        lexical_directions: torch.Tensor | None = None,
+        prior_directions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -291,8 +296,9 @@ class HyperSteerHypernetwork(nn.Module):
             context_states (`torch.FloatTensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
                 Base residual at the steering layer, for `hypernet_type="cross_attention"`.
             context_mask (`torch.BoolTensor` of shape `(batch_size, context_length)`, *optional*).
-            lexical_directions (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
-                The unit vectors `u(s)` of the lexical path; required when it exists.
+            prior_directions (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+                The training-free concept directions of the prior term (unit norm for `"lexical"`; the uncentred mean
+                residual for `"residual"`, centred and normalised here); required when the term exists.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`: the steering vectors `v`.
@@ -322,10 +328,13 @@ class HyperSteerHypernetwork(nn.Module):
         vectors = self.output_projection(self.norm(pooled))
         if self.steering_offset is not None:
             vectors = vectors + self.steering_offset
-        if self.lexical_projection is not None:
-            if lexical_directions is None:
-                raise ValueError("This hypernetwork has a lexical path: pass `lexical_directions`.")
-            vectors = vectors + self.lexical_projection(lexical_directions.to(vectors.dtype))
+        if self.prior_projection is not None:
+            if prior_directions is None:
+                raise ValueError("This hypernetwork has a prior term: pass `prior_directions`.")
+            prior_directions = prior_directions.to(vectors.dtype)
+            if self.prior_center is not None:
+                prior_directions = F.normalize(self.prior_center(prior_directions), dim=-1)
+            vectors = vectors + self.prior_projection(prior_directions)
         return vectors
 
 
@@ -444,10 +453,10 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
             if module is self.hypernetwork.output_projection:
                 # Zero output projection (as LoRA zeroes `lora_B`): at step 0 the steered model equals the base.
                 nn.init.zeros_(module.weight)
-            elif module is self.hypernetwork.lexical_projection:
-                # The lexical path starts as the training-free direction itself, at the configured norm.
+            elif module is self.hypernetwork.prior_projection:
+                # The prior term starts as the training-free direction itself, at the configured norm.
                 with torch.no_grad():
-                    module.weight.copy_(torch.eye(module.weight.shape[0]) * self.config.lexical_init_norm)
+                    module.weight.copy_(torch.eye(module.weight.shape[0]) * self.config.steering_prior_init_norm)
             else:
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -508,8 +517,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             for index in range(config.hypernet_num_layers)
         ]
         self.hypernetwork = HyperSteerHypernetwork(config, hypernet_layers)
-        if config.lexical_steering:
-            # Centre of the output-embedding cloud: every token shares it, so the lexical path subtracts it.
+        if config.steering_prior == "lexical":
+            # Centre of the output-embedding cloud: every token shares it, so the lexical prior subtracts it.
             output_embeddings = language_model.get_output_embeddings().weight
             self.hypernetwork.register_buffer(
                 "vocabulary_mean_embedding", output_embeddings.detach().float().mean(dim=0), persistent=False
@@ -1208,9 +1217,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             context_mask = context_mask.to(parameter.device)
         else:
             context_mask = None
-        lexical_directions = None
-        if self.hypernetwork.lexical_projection is not None:
-            lexical_directions = self._lexical_directions(steering_input_ids, steering_attention_mask)
+        prior_directions = None
+        if self.config.steering_prior == "lexical":
+            prior_directions = self._lexical_directions(steering_input_ids, steering_attention_mask)
+        elif self.config.steering_prior == "residual":
+            prior_directions = self._residual_directions(steering_input_ids, steering_attention_mask)
         return self.hypernetwork(
             inputs_embeds,
             token_mask,
@@ -1219,8 +1230,59 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             position_ids,
             context_states=context_states,
             context_mask=context_mask,
-            lexical_directions=lexical_directions,
+            prior_directions=prior_directions,
         )
+
+    def _prior_token_mask(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
+        """Real steering-prompt tokens other than the base's BOS/EOS/PAD, which carry no concept (all real tokens for a
+        prompt made only of special tokens)."""
+        real = steering_attention_mask.bool()
+        token_mask = real.clone()
+        base_config = self.language_model.config.get_text_config()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            special = getattr(base_config, name, None)
+            for token_id in special if isinstance(special, (list, tuple)) else [special]:
+                if token_id is not None:
+                    token_mask &= steering_input_ids != token_id
+        return torch.where(token_mask.any(dim=-1, keepdim=True), token_mask, real)
+
+    @torch.no_grad()
+    def _residual_directions(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
+        """The base's residual after the steering layer, averaged over each steering prompt's concept tokens; the base
+        runs on the steering prompt alone and stops at that layer.
+
+        It may run while the steering hook of a request is registered on the same layer: the stop hook is put in front
+        of it, so this pass is never steered.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32.
+        """
+        device = self.get_input_embeddings().weight.device
+        steering_input_ids = steering_input_ids.to(device)
+        steering_attention_mask = steering_attention_mask.to(device)
+        recorded = {}
+
+        def stop(module, args, output):
+            recorded["hidden_states"] = output[0] if isinstance(output, tuple) else output
+            raise _StopAtSteeringLayer()
+
+        layer = _decoder_layers_of(self.language_model)[self.config.steering_layer]
+        handle = layer.register_forward_hook(stop, prepend=True)
+        try:
+            self.language_model.model(
+                input_ids=steering_input_ids,
+                attention_mask=steering_attention_mask,
+                position_ids=_positions_from_mask(steering_attention_mask),
+                use_cache=False,
+            )
+        except _StopAtSteeringLayer:
+            pass
+        finally:
+            handle.remove()
+        weights = self._prior_token_mask(steering_input_ids, steering_attention_mask).float()[..., None]
+        hidden_states = recorded["hidden_states"].float()
+        means = (hidden_states * weights.to(hidden_states.device)).sum(1) / weights.sum(1).clamp(min=1).to(hidden_states.device)
+        return means.to(self.hypernetwork.output_projection.weight.device)
 
     @torch.no_grad()
     def _lexical_directions(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
@@ -1233,16 +1295,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         output_embeddings = self.get_output_embeddings().weight
         device = output_embeddings.device
         steering_input_ids = steering_input_ids.to(device)
-        token_mask = steering_attention_mask.to(device).bool()
-        base_config = self.language_model.config.get_text_config()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            special = getattr(base_config, name, None)
-            for token_id in special if isinstance(special, (list, tuple)) else [special]:
-                if token_id is not None:
-                    token_mask &= steering_input_ids != token_id
-        # A prompt made only of special tokens falls back to all its tokens rather than to a zero direction.
-        token_mask = torch.where(token_mask.any(dim=-1, keepdim=True), token_mask, steering_attention_mask.to(device).bool())
-        weights = token_mask.float()[..., None]
+        weights = self._prior_token_mask(steering_input_ids, steering_attention_mask.to(device)).float()[..., None]
         mean_embedding = (output_embeddings[steering_input_ids].float() * weights).sum(1) / weights.sum(1).clamp(min=1)
         centred = mean_embedding - self.hypernetwork.vocabulary_mean_embedding.to(device)
         directions = centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)

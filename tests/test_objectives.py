@@ -76,9 +76,11 @@ def test_steering_prompt_groups_ignore_padding():
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma2"])
-@pytest.mark.parametrize("hypernet_type", ["cross_attention", "in_context", "no_context"])
-def test_contrast_logits_equal_a_separate_pass_with_the_other_prompts(tiny_tokenizer, architecture, hypernet_type):
-    model = _model(tiny_tokenizer, architecture, hypernet_type=hypernet_type, token_gate=True)
+@pytest.mark.parametrize(
+    "hypernet_type, prior", [("cross_attention", "residual"), ("in_context", "lexical"), ("no_context", "none")]
+)
+def test_contrast_logits_equal_a_separate_pass_with_the_other_prompts(tiny_tokenizer, architecture, hypernet_type, prior):
+    model = _model(tiny_tokenizer, architecture, hypernet_type=hypernet_type, token_gate=True, steering_prior=prior)
     _perturb(model)
     batch = _batch(tiny_tokenizer, ROWS)
     swapped = {"input_ids": batch["steering_input_ids"].flip(0), "mask": batch["steering_attention_mask"].flip(0)}
@@ -188,7 +190,7 @@ def test_shared_offset_starts_at_zero_and_is_part_of_every_vector(tiny_tokenizer
 
 
 def test_lexical_path_starts_as_the_centred_prompt_embedding(tiny_tokenizer):
-    model = _model(tiny_tokenizer, hypernet_type="no_context", lexical_steering=True, lexical_init_norm=8.0)
+    model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prior="lexical", steering_prior_init_norm=8.0)
     vectors = model.compute_steering_vectors(steering_prompt=[CONCEPT_A, CONCEPT_B])
     torch.testing.assert_close(vectors.norm(dim=-1), torch.full((2,), 8.0))
     embeddings = model.get_output_embeddings().weight.float()
@@ -200,17 +202,24 @@ def test_lexical_path_starts_as_the_centred_prompt_embedding(tiny_tokenizer):
     torch.testing.assert_close(
         model.compute_steering_vectors(steering_input_ids=with_bos)[0], vectors[0], atol=1e-4, rtol=1e-4
     )
-    assert model.hypernetwork.lexical_projection.weight.requires_grad
+    assert model.hypernetwork.prior_projection.weight.requires_grad
 
 
-def test_lexical_model_round_trips(tiny_tokenizer, tmp_path):
-    model = _model(tiny_tokenizer, lexical_steering=True, shared_steering_offset=True, hypernet_pooling="mean")
+@pytest.mark.parametrize("prior", ["lexical", "residual"])
+def test_prior_model_round_trips(tiny_tokenizer, tmp_path, prior):
+    model = _model(
+        tiny_tokenizer, steering_prior=prior, shared_steering_offset=True, hypernet_pooling="mean",
+        center_pooled_features=True,
+    )
     _perturb(model)
+    model.train()
+    model(**_batch(tiny_tokenizer, ROWS))  # moves the running means away from zero
+    model.eval()
     model.save_pretrained(tmp_path)
     reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model)
     batch = _batch(tiny_tokenizer, ROWS)
     torch.testing.assert_close(reloaded(**batch).steering_vectors, model(**batch).steering_vectors)
-    assert reloaded.config.lexical_steering and reloaded.config.hypernet_pooling == "mean"
+    assert reloaded.config.steering_prior == prior and reloaded.config.hypernet_pooling == "mean"
 
 
 @pytest.mark.parametrize(
@@ -272,3 +281,42 @@ def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
     for concept in vectors:
         torch.testing.assert_close(loaded[concept], vectors[concept])
     assert not any(p.requires_grad for p in model.language_model.parameters())
+
+
+def test_running_center_tracks_training_batches_and_is_frozen_in_eval(tiny_tokenizer, tmp_path):
+    model = _model(tiny_tokenizer, hypernet_type="no_context", center_pooled_features=True, pooled_feature_momentum=0.5)
+    _perturb(model)
+    center = model.hypernetwork.feature_center
+    batch = _batch(tiny_tokenizer, ROWS)
+    model.eval()
+    before = model(**batch).steering_vectors
+    assert center.num_updates.item() == 0 and (center.running_mean == 0).all()
+    model.train()
+    model(**batch)
+    assert center.num_updates.item() == 1 and center.running_mean.abs().sum() > 0
+    # The first update is the exact batch mean: the centred features of the batch now average to zero.
+    model.eval()
+    after = model(**batch).steering_vectors
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(model(**batch).steering_vectors, after)  # eval does not move the mean
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model)
+    torch.testing.assert_close(reloaded(**batch).steering_vectors, after)
+
+
+def test_residual_prior_reads_the_unsteered_base_at_the_steering_layer(tiny_tokenizer):
+    model = _model(tiny_tokenizer, steering_prior="residual", steering_prior_init_norm=4.0)
+    model.eval()
+    ids = tiny_tokenizer([CONCEPT_A, CONCEPT_B], add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.language_model(**ids, output_hidden_states=True).hidden_states[model.config.steering_layer + 1]
+    mask = ids["attention_mask"][..., None].float()
+    expected = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(
+        model._residual_directions(ids["input_ids"], ids["attention_mask"]), expected, atol=1e-4, rtol=1e-4
+    )
+    # Read inside a steered forward, the prior pass is not steered and leaves the request's own pass intact.
+    batch = _batch(tiny_tokenizer, ROWS)
+    vectors = model(**batch).steering_vectors
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.full((4,), 4.0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.compute_steering_vectors(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "steering_input_ids", "steering_attention_mask")}), vectors)
