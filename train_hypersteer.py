@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.cli import parse_arguments as parse_cli_arguments
 from modeling_hypersteer.configuration_hypersteer import HYPERNET_INITS, HYPERNET_TYPES, STEERING_POSITIONS
 from modeling_hypersteer.data import (
     HyperSteerDataCollator,
@@ -52,11 +52,11 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.smollm2 import smollm2_path
 from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
 
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_SPLIT_FILE = "concept_split.json"
 SMOLLM2_ALIAS = "smollm2"
 
 
@@ -139,12 +139,7 @@ class DataArguments:
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
 
     def __post_init__(self):
-        sources = []
-        for value in self.dataset_name_or_path:
-            sources.extend(part.strip() for part in value.split(",") if part.strip())
-        if not sources:
-            raise ValueError("--dataset_name_or_path is empty; give at least one file, folder or Hub dataset id.")
-        self.dataset_name_or_path = sources
+        self.dataset_name_or_path = split_sources(self.dataset_name_or_path)
 
 
 def make_parser() -> HfArgumentParser:
@@ -156,27 +151,8 @@ def make_parser() -> HfArgumentParser:
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """Parse flags, a lone `.json` path, or `--config file.yaml` (command-line flags override the file)."""
-    parser = make_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        config_path = argv[index + 1]
-        with open(config_path, encoding="utf-8") as handle:
-            defaults = yaml.safe_load(handle) or {}
-        if not isinstance(defaults, dict):
-            raise ValueError(f"{config_path} must hold a mapping of argument names to values.")
-        argv = argv[:index] + argv[index + 2 :]
-        file_args = []
-        for key, value in defaults.items():
-            values = value if isinstance(value, list) else [value]
-            file_args += [f"--{key}", *[str(item) for item in values]]
-        argv = file_args + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Parse flags, a lone `.json`/`.yaml` path, or `--config file.yaml` (command-line flags override the file)."""
+    return parse_cli_arguments(make_parser(), argv)
 
 
 def load_base_model(model_args: ModelArguments):
@@ -318,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                 plot_loss_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
             except ValueError as error:
                 logger.warning(f"No loss curve written: {error}")
-        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(training_args.output_dir, TRAINING_SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(
                 {
                     "metrics": metrics,
