@@ -200,6 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"world size: {training_args.world_size}, bf16: {training_args.bf16}"
     )
 
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        # Pinned memory only speeds up copies to an accelerator; on CPU, torch warns at every dataloader that it is
+        # ignored, a warning no flag of a CPU run can act on.
+        training_args.dataloader_pin_memory = False
+
     set_seed(training_args.seed)
 
     base, tokenizer, base_path = load_base_model(model_args)
