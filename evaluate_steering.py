@@ -37,16 +37,15 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 import datasets
 import torch
 import transformers
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.cli import parse_arguments
+from modeling_hypersteer.cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
 from modeling_hypersteer.data import (
     ConceptSplit,
     build_splits,
@@ -71,8 +70,6 @@ from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FIL
 
 logger = logging.getLogger(__name__)
 
-BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
 
 @dataclass
 class EvaluationArguments:
@@ -83,7 +80,7 @@ class EvaluationArguments:
         metadata={
             "help": "dtype of the frozen base: 'auto' (as saved), 'float32', 'bfloat16' or 'float16'. The "
             "hypernetwork keeps its saved dtype.",
-            "choices": list(BASE_DTYPES),
+            "choices": list(DTYPE_CHOICES),
         },
     )
     device_map: str | None = field(
@@ -344,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = [row for row in eval_rows if row["output_concept"] in set(concepts) and not row["is_negative"]]
 
     os.makedirs(args.output_dir, exist_ok=True)
-    load_kwargs = {"dtype": args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
+    load_kwargs = {"dtype": resolve_dtype(args.dtype)}
     if args.device_map is not None:
         load_kwargs["device_map"] = args.device_map
     model = HyperSteerModel.from_pretrained(args.model, **load_kwargs)

@@ -44,7 +44,6 @@ AxBench data rows (JSONL/parquet with `output_concept`, `concept_id`), whose dis
 `instruction`) field, or a parquet file with an `input` column (e.g. an AxBench `train_data.parquet`).
 """
 
-
 import logging
 import sys
 from collections.abc import Sequence

@@ -226,7 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
         "offline": {
             name: {
                 key: result[key]
-                for key in ("losses", "gain_ratio", "specificity_ratio", "undefined_ratios", "num_rows", "num_concepts")
+                for key in (
+                    "losses",
+                    "gain_ratio",
+                    "specificity_ratio",
+                    "undefined_ratios",
+                    "num_rows",
+                    "num_concepts",
+                )
             }
             for name, result in offline.items()
         },

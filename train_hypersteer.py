@@ -40,6 +40,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.cli import DTYPE_CHOICES, resolve_dtype
 from modeling_hypersteer.cli import parse_arguments as parse_cli_arguments
 from modeling_hypersteer.configuration_hypersteer import HYPERNET_INITS, HYPERNET_TYPES, STEERING_POSITIONS
 from modeling_hypersteer.data import (
@@ -107,8 +108,8 @@ class ModelArguments:
             raise ValueError(
                 f"--steering_positions must be one of {list(STEERING_POSITIONS)}, got {self.steering_positions!r}."
             )
-        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}.")
+        if self.base_dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--base_dtype must be one of {list(DTYPE_CHOICES)}, got {self.base_dtype!r}.")
 
 
 @dataclass
@@ -159,8 +160,7 @@ def load_base_model(model_args: ModelArguments):
     path = (
         smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
     )
-    dtype = model_args.base_dtype if model_args.base_dtype == "auto" else getattr(torch, model_args.base_dtype)
-    kwargs = {"revision": model_args.base_model_revision, "dtype": dtype}
+    kwargs = {"revision": model_args.base_model_revision, "dtype": resolve_dtype(model_args.base_dtype)}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -26,6 +26,19 @@ from transformers.hf_argparser import string_to_bool
 
 CONFIG_FLAG = "--config"
 _ARGUMENT_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+# Values of the scripts' dtype flags; "auto" keeps the dtype the checkpoint was saved in.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str):
+    """`"auto"` or the `torch.dtype` named by a dtype flag (one of `DTYPE_CHOICES`), for `from_pretrained(dtype=...)`."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"Unknown dtype {name!r}; choose one of {list(DTYPE_CHOICES)}.")
+    if name == "auto":
+        return name
+    import torch
+
+    return getattr(torch, name)
 
 
 def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
@@ -148,4 +161,4 @@ def _typed_scalar(action: argparse.Action, value: Any, source: str) -> Any:
     return value
 
 
-__all__ = ["CONFIG_FLAG", "load_argument_file", "parse_arguments"]
+__all__ = ["CONFIG_FLAG", "DTYPE_CHOICES", "load_argument_file", "parse_arguments", "resolve_dtype"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .cli import DTYPE_CHOICES, resolve_dtype
 from .utils import JsonlAppender, read_jsonl
 
 
@@ -120,7 +121,7 @@ class ConceptDataArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of the hf teacher.", "choices": ["auto", "float32", "bfloat16", "float16"]},
+        metadata={"help": "dtype of the hf teacher.", "choices": list(DTYPE_CHOICES)},
     )
 
     def __post_init__(self):
@@ -450,8 +451,7 @@ def generate_with_hf(args: ConceptDataArguments, pending: list[tuple[Concept, st
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype=resolve_dtype(args.dtype)).to(device).eval()
     stop_ids = _stop_token_ids(model, tokenizer)
     sampling = args.temperature > 0
     generation_kwargs: dict[str, Any] = dict(

@@ -183,9 +183,7 @@ def offline_steering_metric(
         for suffix, concept in (("", row["output_concept"]), ("_wrong", wrong[row["output_concept"]])):
             example = {**row, "output_concept": concept, "steering_factor": steering_factor}
             features[f"hypersteer{suffix}"].append(
-                tokenize_example(
-                    example, tokenizer, max_length=max_length, max_steering_prompt_length=steering_length
-                )
+                tokenize_example(example, tokenizer, max_length=max_length, max_steering_prompt_length=steering_length)
             )
             features[f"prompt{suffix}"].append(
                 tokenize_example(
@@ -300,7 +298,7 @@ def model_fingerprint(config, hypernetwork_state_dict: dict[str, torch.Tensor]) 
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
     for name in sorted(hypernetwork_state_dict, key=lambda key: key.removeprefix("hypernetwork.")):
         tensor = hypernetwork_state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name.removeprefix('hypernetwork.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode("utf-8"))
+        digest.update(f"{name.removeprefix('hypernetwork.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

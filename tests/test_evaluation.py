@@ -212,7 +212,9 @@ def test_generations_of_another_checkpoint_or_other_settings_are_never_reused(ti
     # Another checkpoint into the same file: everything is generated again, from the other model.
     other, calls = run(other_model)
     assert calls > 0 and {s["run_key"] for s in other}.isdisjoint({s["run_key"] for s in first})
-    fresh = generate_samples(other_model, tiny_tokenizer, tasks, ["hypersteer"], [1.0], max_new_tokens=4, do_sample=False)
+    fresh = generate_samples(
+        other_model, tiny_tokenizer, tasks, ["hypersteer"], [1.0], max_new_tokens=4, do_sample=False
+    )
     assert [s["generation"] for s in other] == [s["generation"] for s in fresh]
     # The same checkpoint with other decoding settings: generated again too.
     _, calls = run(first_model, max_new_tokens=3)

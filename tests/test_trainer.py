@@ -258,7 +258,7 @@ def test_yaml_config_keeps_types_and_flags_override_it(tiny_base_dir, concept_fi
     config.write_text(config.read_text() + "steering_layers: 4\n")
     with pytest.raises(ValueError, match=r"key\(s\) \['steering_layers'\] that are not arguments"):
         train_hypersteer.parse_arguments(["--config", str(config)])
-    config.write_text(f"base_model_name_or_path: x\ndataset_name_or_path: d\noutput_dir: o\nsteering_layer: 2.5\n")
+    config.write_text("base_model_name_or_path: x\ndataset_name_or_path: d\noutput_dir: o\nsteering_layer: 2.5\n")
     with pytest.raises(ValueError, match="`steering_layer` must be an integer, got 2.5"):
         train_hypersteer.parse_arguments(["--config", str(config)])
 
