@@ -74,13 +74,20 @@ def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_to
     assert result["num_rows"] == len(concept_rows) and result["num_concepts"] == 4
     for concept_losses in result["per_concept"].values():
         assert set(concept_losses) == {"none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong"}
-    assert all(math.isfinite(value) for value in result["losses"].values())
-    assert result["gain_ratio"] is not None and math.isfinite(result["gain_ratio"])
-    assert result["specificity_ratio"] is not None and math.isfinite(result["specificity_ratio"])
-    expected_gain = (result["losses"]["none"] - result["losses"]["hypersteer"]) / (
-        result["losses"]["none"] - result["losses"]["prompt"]
+    losses = result["losses"]
+    assert all(math.isfinite(value) for value in losses.values())
+    # Each reported loss is the mean over concepts of the per-concept means.
+    for condition, value in losses.items():
+        per_concept = [concept_losses[condition] for concept_losses in result["per_concept"].values()]
+        assert value == pytest.approx(sum(per_concept) / len(per_concept))
+    # On these rows prompting lowers the loss and a wrong concept raises it, so both ratios are defined.
+    assert result["undefined_ratios"] == {}
+    assert result["gain_ratio"] == pytest.approx(
+        (losses["none"] - losses["hypersteer"]) / (losses["none"] - losses["prompt"])
     )
-    assert result["gain_ratio"] == pytest.approx(expected_gain)
+    assert result["specificity_ratio"] == pytest.approx(
+        (losses["hypersteer_wrong"] - losses["hypersteer"]) / (losses["prompt_wrong"] - losses["prompt"])
+    )
 
 
 def test_an_untrained_model_scores_exactly_like_no_steering(tiny_tokenizer, concept_rows):

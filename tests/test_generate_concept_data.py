@@ -293,6 +293,13 @@ def test_parser_flags_have_help_and_json_config(tmp_path):
     )
     args = gcd.parse_args([str(config)])
     assert args.teacher_backend == "hf" and args.partial_path.name == "o.partial.jsonl"
+    yaml_config = tmp_path / "args.yaml"
+    yaml_config.write_text("concepts_file: c.txt\noutput_path: o.parquet\ntemperature: 0\nmax_concepts: 5\n")
+    args = gcd.parse_args(["--config", str(yaml_config), "--max_concepts", "2"])
+    assert args.temperature == 0.0 and isinstance(args.temperature, float) and args.max_concepts == 2
+    yaml_config.write_text("concepts_file: c.txt\noutput_path: o.parquet\nteacher_backend: vllm\n")
+    with pytest.raises(ValueError, match=r"`teacher_backend` must be one of \['openai', 'hf'\], got 'vllm'"):
+        gcd.parse_args(["--config", str(yaml_config)])
     assert "python generate_concept_data.py" in gcd.__doc__
 
 
