@@ -46,6 +46,7 @@ from transformers import HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
+from modeling_hypersteer.concept_data import load_instructions
 from modeling_hypersteer.data import (
     ConceptSplit,
     build_splits,
@@ -218,18 +219,8 @@ def _instructions(args: EvaluationArguments, eval_rows: list[dict], concepts: li
             if row["output_concept"] in pools:
                 pools[row["output_concept"]].append(row["input"])
         return pools
-    path = Path(args.instructions)
-    if path.exists():
-        if path.suffix == ".txt":
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            table = datasets.load_dataset(
-                "parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train"
-            )
-            column = "instruction" if "instruction" in table.column_names else "input"
-            if column not in table.column_names:
-                raise ValueError(f"{path} has no `instruction` or `input` column (columns: {table.column_names}).")
-            texts = list(table[column])
+    if Path(args.instructions).exists():
+        texts = load_instructions(args.instructions, flag="--instructions")
     else:
         try:
             table = datasets.load_dataset(args.instructions, split="eval")

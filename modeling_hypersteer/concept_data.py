@@ -243,10 +243,11 @@ def load_concepts(path: str, max_concepts: int | None = None) -> list[Concept]:
     return selected[:max_concepts] if max_concepts is not None else selected
 
 
-def load_instructions(path: str | None) -> list[str]:
-    """Reads the instruction pool (text lines, JSONL `input`/`instruction` field, or parquet `input` column).
+def load_instructions(path: str | None, flag: str = "--instructions_file") -> list[str]:
+    """Reads the instruction pool (text lines, or the `input` / `instruction` field of JSONL records or parquet rows).
 
     With `path=None`, reads the package's bundled set if it exists. Empty and repeated instructions are dropped.
+    `flag` names the command-line flag in error messages (`evaluate_steering.py` reads `--instructions` with it).
     """
     if path is None:
         if not BUNDLED_INSTRUCTIONS.is_file():
@@ -257,21 +258,22 @@ def load_instructions(path: str | None) -> list[str]:
             )
         logger.info(f"Using the bundled instructions of {BUNDLED_INSTRUCTIONS}.")
         path = str(BUNDLED_INSTRUCTIONS)
-    resolved = _check_file(path, "--instructions_file")
+    resolved = _check_file(path, flag)
     if resolved.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         schema_names = pq.read_schema(resolved).names
-        if "input" not in schema_names:
-            raise ValueError(f"--instructions_file {path!r} has no `input` column (columns: {schema_names}).")
-        raw = pq.read_table(resolved, columns=["input"]).column("input").to_pylist()
+        column = next((name for name in ("input", "instruction") if name in schema_names), None)
+        if column is None:
+            raise ValueError(f"{flag} {path!r} has no `input` or `instruction` column (columns: {schema_names}).")
+        raw = pq.read_table(resolved, columns=[column]).column(column).to_pylist()
     elif resolved.suffix in (".jsonl", ".json"):
         raw = []
         for position, record in enumerate(read_jsonl(resolved)):
             key = "input" if "input" in record else "instruction" if "instruction" in record else None
             if key is None:
                 raise ValueError(
-                    f"--instructions_file {path!r}: record {position} has neither an `input` nor an `instruction` "
+                    f"{flag} {path!r}: record {position} has neither an `input` nor an `instruction` "
                     f"field (keys: {sorted(record)})."
                 )
             raw.append(record[key])
@@ -279,7 +281,7 @@ def load_instructions(path: str | None) -> list[str]:
         raw = resolved.read_text(encoding="utf-8").splitlines()
     instructions = list(dict.fromkeys(str(text).strip() for text in raw if text is not None and str(text).strip()))
     if not instructions:
-        raise ValueError(f"--instructions_file {path!r} contains no instructions.")
+        raise ValueError(f"{flag} {path!r} contains no instructions.")
     return instructions
 
 

@@ -428,10 +428,14 @@ def test_offline_only_without_a_judge_and_the_card_shows_it(trained_dir, tmp_pat
 
 def test_the_card_shows_judge_scores_of_evaluate_steering(trained_dir, tmp_path, openai_stub):
     model_dir = shutil.copytree(trained_dir, tmp_path / "model")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("Name a color.\n\nCount to three.\nName a color.\n")
     summary = evaluate_steering.main(
         [
             "--model",
             str(model_dir),
+            "--instructions",
+            str(instructions),
             "--num_instructions_per_concept",
             "2",
             "--steering_factors",
@@ -448,6 +452,11 @@ def test_the_card_shows_judge_scores_of_evaluate_steering(trained_dir, tmp_path,
             str(tmp_path / "eval"),
         ]
     )
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {(s["instruction"], s["split"]) for s in samples} == {
+        ("Name a color.", "select"),
+        ("Count to three.", "test"),
+    }
     model = HyperSteerModel.from_pretrained(model_dir)
     card = write_model_card(model_dir, model).read_text()
     assert "judged by `stub-judge`" in card

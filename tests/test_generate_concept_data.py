@@ -202,7 +202,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, inputs, monkeypatch):
     no_input = tmp_path / "no_input.parquet"
     cd.write_parquet_atomically([], tmp_path / "x.parquet")  # an empty but valid file in the output schema
     pq.write_table(pq.read_table(tmp_path / "x.parquet").drop(["input"]), no_input)
-    with pytest.raises(ValueError, match="no `input` column"):
+    with pytest.raises(ValueError, match="no `input` or `instruction` column"):
         cd.load_instructions(str(no_input))
     with pytest.raises(ValueError, match="must end in .parquet"):
         gcd.parse_args(["--concepts_file", str(concepts), "--output_path", str(tmp_path / "o.csv")])
