@@ -101,6 +101,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "Learn one concept-free offset added to every steering vector (holds the teacher's style)."},
     )
+    center_pooled_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Subtract a running mean of the hypernetwork's pooled features before its output projection, so "
+            "what tells concepts apart is not drowned by what all steering prompts share."
+        },
+    )
     lexical_steering: bool = field(
         default=False,
         metadata={
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_steering_prompt_length=model_args.max_steering_prompt_length,
         hypernet_pooling=model_args.hypernet_pooling,
         shared_steering_offset=model_args.shared_steering_offset,
+        center_pooled_features=model_args.center_pooled_features,
         lexical_steering=model_args.lexical_steering,
         lexical_init_norm=model_args.lexical_init_norm,
     )

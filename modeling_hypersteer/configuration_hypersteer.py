@@ -59,6 +59,13 @@ class HyperSteerConfig(PreTrainedConfig):
             Add a learned concept-free vector `b` to every steering vector, `v = b + H(s, x)`. Training on teacher
             outputs rewards a shift toward the teacher's style whatever the concept; `b` holds that shift once, so
             `H` does not have to repeat it in every concept's vector.
+        center_pooled_features (`bool`, *optional*, defaults to `False`):
+            Subtract a running mean of the pooled features (kept in the checkpoint, updated only in training) before
+            the final norm and output projection. Pooled features of different steering prompts are nearly parallel
+            (the shared part dominates); centring leaves what tells concepts apart, which the final norm then brings
+            to unit scale.
+        pooled_feature_momentum (`float`, *optional*, defaults to 0.05):
+            Update rate of that running mean (a plain average over the first `1 / momentum` training batches).
         lexical_steering (`bool`, *optional*, defaults to `False`):
             Add a lexical path `A u(s)`, where `u(s)` is the unit-norm mean of the steering prompt's output-token
             embeddings centred on the vocabulary mean (for a tied-embedding base, a direction that raises the logits
@@ -105,6 +112,8 @@ class HyperSteerConfig(PreTrainedConfig):
     token_gate: bool = False
     hypernet_pooling: str = "last"
     shared_steering_offset: bool = False
+    center_pooled_features: bool = False
+    pooled_feature_momentum: float = 0.05
     lexical_steering: bool = False
     lexical_init_norm: float = 16.0
     default_steering_factor: float = 1.0
@@ -126,6 +135,8 @@ class HyperSteerConfig(PreTrainedConfig):
         _check_choice("hypernet_init", self.hypernet_init, HYPERNET_INITS)
         _check_choice("steering_positions", self.steering_positions, STEERING_POSITIONS)
         _check_choice("hypernet_pooling", self.hypernet_pooling, HYPERNET_POOLINGS)
+        if not 0 < self.pooled_feature_momentum <= 1:
+            raise ValueError(f"`pooled_feature_momentum` must be in (0, 1], got {self.pooled_feature_momentum!r}.")
         if (
             isinstance(self.lexical_init_norm, bool)
             or not isinstance(self.lexical_init_norm, (int, float))

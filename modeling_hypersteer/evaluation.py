@@ -130,11 +130,17 @@ def _row_losses(
     steered: bool,
     batch_size: int,
     progress: tqdm,
+    vectors: list[torch.Tensor] | None = None,
 ) -> list[float]:
     losses = []
     device = model.get_input_embeddings().weight.device
     for start in range(0, len(features), batch_size):
         batch = {key: value.to(device) for key, value in collator(features[start : start + batch_size]).items()}
+        if vectors is not None:
+            # A baseline's own vector per row replaces the hypernetwork's.
+            batch.pop("steering_input_ids", None)
+            batch.pop("steering_attention_mask", None)
+            batch["steering_vectors"] = torch.stack(vectors[start : start + batch_size]).to(device)
         if steered:
             logits = model(**batch).logits
         else:
@@ -156,6 +162,8 @@ def offline_steering_metric(
     batch_size: int = 8,
     max_length: int = 512,
     desc: str = "Offline metric",
+    concept_vectors: dict[str, torch.Tensor] | None = None,
+    reference_row_losses: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """Loss of target outputs under each method, with the right concept and a wrong one.
 
@@ -164,6 +172,12 @@ def offline_steering_metric(
         tokenizer: the base's tokenizer (with a chat template).
         rows (`Sequence[dict]`): AxBench-schema rows with `input`, `output` and `output_concept`.
         steering_factor (`float`, *optional*, defaults to 1.0): factor of the HyperSteer conditions.
+        concept_vectors (`dict[str, torch.Tensor]`, *optional*): one `(hidden_size,)` vector per concept (a
+            baseline such as DiffMean); the `hypersteer` conditions are then steered by these vectors instead of the
+            hypernetwork's. Every concept of `rows` needs one.
+        reference_row_losses (`dict[str, list[float]]`, *optional*): per-row losses of the `none`, `prompt` and
+            `prompt_wrong` conditions from an earlier call on the same rows and base (its `row_losses`); they do not
+            depend on the hypernetwork, so comparing several models on the same rows pays for them once.
 
     Returns:
         `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`: means over concepts
@@ -178,6 +192,13 @@ def offline_steering_metric(
         raise ValueError("The offline metric needs at least one row with `input`, `output` and `output_concept`.")
     wrong = concept_derangement(row["output_concept"] for row in rows)
     steering_length = model.config.max_steering_prompt_length
+    if concept_vectors is not None:
+        missing = sorted({row["output_concept"] for row in rows} - set(concept_vectors))
+        if missing:
+            raise ValueError(
+                f"`concept_vectors` has no vector for {len(missing)} concept(s) of the rows, e.g. {missing[:3]}; "
+                "score a baseline only on the concepts it was built for."
+            )
     features = defaultdict(list)
     for row in rows:
         for suffix, concept in (("", row["output_concept"]), ("_wrong", wrong[row["output_concept"]])):
@@ -210,9 +231,25 @@ def offline_steering_metric(
         name: ([values[index] for index in keep], name.startswith("hypersteer")) for name, values in features.items()
     }
     row_losses = {}
-    with tqdm(total=len(rows) * len(conditions), desc=desc, unit="row") as progress:
-        for condition, (features, steered) in conditions.items():
-            row_losses[condition] = _row_losses(model, features, collator, steered, batch_size, progress)
+    for condition, losses in (reference_row_losses or {}).items():
+        if condition.startswith("hypersteer"):
+            continue
+        if len(losses) != len(rows):
+            raise ValueError(
+                f"`reference_row_losses[{condition!r}]` has {len(losses)} rows but {len(rows)} rows are scored; pass "
+                "the `row_losses` of a call on the same rows."
+            )
+        row_losses[condition] = list(losses)
+    pending = {name: value for name, value in conditions.items() if name not in row_losses}
+    with tqdm(total=len(rows) * len(pending), desc=desc, unit="row") as progress:
+        for condition, (features, steered) in pending.items():
+            vectors = None
+            if concept_vectors is not None and condition.startswith("hypersteer"):
+                concepts = [row["output_concept"] for row in rows]
+                if condition.endswith("_wrong"):
+                    concepts = [wrong[concept] for concept in concepts]
+                vectors = [concept_vectors[concept] for concept in concepts]
+            row_losses[condition] = _row_losses(model, features, collator, steered, batch_size, progress, vectors)
 
     per_concept = defaultdict(lambda: defaultdict(list))
     for index, row in enumerate(rows):
@@ -233,6 +270,7 @@ def offline_steering_metric(
         "num_rows": len(rows),
         "num_concepts": len(per_concept),
         "per_concept": per_concept,
+        "row_losses": row_losses,
     }
 
 

@@ -202,13 +202,43 @@ class HyperSteerTokenGate(nn.Module):
         return torch.sigmoid(self.proj(features).squeeze(-1))
 
 
+class HyperSteerRunningCenter(nn.Module):
+    """Subtract a running mean of its inputs: `y = x - m`, with `m <- m + r (mean_batch(x) - m)` in training only, where
+    `r = max(1 / (t + 1), momentum)` after `t` updates (an exact average first, then an exponential one).
+
+    The mean is a persistent buffer, so a saved model centres exactly as it did at the end of training.
+    """
+
+    def __init__(self, hidden_size: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(hidden_size))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`).
+
+        Returns:
+            `torch.FloatTensor` of the same shape.
+        """
+        if self.training:
+            with torch.no_grad():
+                rate = max(1.0 / (self.num_updates.item() + 1), self.momentum)
+                batch_mean = features.detach().float().mean(dim=0)
+                self.running_mean.add_(rate * (batch_mean - self.running_mean))
+                self.num_updates.add_(1)
+        return features - self.running_mean.to(features.dtype)
+
+
 class HyperSteerHypernetwork(nn.Module):
     """The trainable part of HyperSteer: decoder blocks over the steering prompt, optional cross-attention to the
     base residual, pooling (last token or mean), a final norm and an output projection, plus two optional terms:
 
-        v = W_o norm(pool(blocks(s, x)))  [+ b]  [+ A u(s)]
+        v = W_o norm(pool(blocks(s, x)) [- m])  [+ b]  [+ A u(s)]
 
-    `b` is a learned concept-free offset (`shared_steering_offset`) and `A u(s)` the lexical path
+    `m` is a running mean of the pooled features (`center_pooled_features`), `b` a learned concept-free offset (`shared_steering_offset`) and `A u(s)` the lexical path
     (`lexical_steering`): `u(s)` is the unit-norm, vocabulary-centred mean output embedding of the steering prompt's
     tokens, computed by the caller from the frozen base, and `A` a learned map starting at `lexical_init_norm * I`.
 
@@ -229,6 +259,10 @@ class HyperSteerHypernetwork(nn.Module):
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
         self.pooling = config.hypernet_pooling
+        if config.center_pooled_features:
+            self.feature_center = HyperSteerRunningCenter(config.hidden_size, config.pooled_feature_momentum)
+        else:
+            self.feature_center = None
         self.steering_offset = nn.Parameter(torch.zeros(config.hidden_size)) if config.shared_steering_offset else None
         if config.lexical_steering:
             self.lexical_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -283,6 +317,8 @@ class HyperSteerHypernetwork(nn.Module):
             # Packed inputs put the last real token at index `length - 1` in every row.
             last_index = attention_mask.sum(dim=-1) - 1
             pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        if self.feature_center is not None:
+            pooled = self.feature_center(pooled)
         vectors = self.output_projection(self.norm(pooled))
         if self.steering_offset is not None:
             vectors = vectors + self.steering_offset

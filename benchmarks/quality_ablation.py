@@ -1,0 +1,318 @@
+"""Concept-specificity ablation: train HyperSteer variants on the shared AxBench data and score each with the
+offline metric, right concept against a wrong one.
+
+Ready-to-copy commands:
+
+    # one or more experiments (names of files in benchmarks/quality/experiments/), appended to results/quality.json
+    python benchmarks/quality_ablation.py --experiments lm_only,contrast
+    # the training-free and per-concept baselines (see modeling_hypersteer/baselines.py)
+    python benchmarks/quality_ablation.py --experiments diffmean,vector
+    # redraw the table and the plot from results/quality.json without running anything
+    python benchmarks/quality_ablation.py --report
+
+Every experiment shares `benchmarks/quality/default_training_params.json` (SmolLM2-135M-Instruct, steering layer 20,
+4 cross-attention blocks, concept10 + conceptFD with 6 held-out concepts, seed 42) and overrides a few fields. The
+evaluation rows are fixed by that split: every held-in concept's evaluation prompts (never trained on for that
+concept) and `--heldout_rows_per_concept` rows of every held-out concept. Each row of `results/quality.json` keeps the
+command, the configuration, the training minutes and both metrics, so the table can be regenerated.
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.data import build_splits, load_concept_data, parse_heldout_concepts, split_concepts  # noqa: E402
+from modeling_hypersteer.evaluation import offline_steering_metric  # noqa: E402
+
+
+logger = logging.getLogger("quality_ablation")
+
+QUALITY_DIR = REPO_ROOT / "benchmarks" / "quality"
+RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "quality.json"
+PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps.png"
+# Keys of an experiment file that describe it rather than set a training flag.
+META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of")
+
+
+def load_experiment(name: str) -> dict:
+    path = QUALITY_DIR / "experiments" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (QUALITY_DIR / "experiments").glob("*.json"))
+        raise ValueError(f"No experiment {name!r} ({path} is missing); known experiments: {known}.")
+    defaults = json.loads((QUALITY_DIR / "default_training_params.json").read_text())
+    overrides = json.loads(path.read_text())
+    return {**defaults, **overrides}
+
+
+def training_argv(config: dict, output_dir: Path) -> list[str]:
+    argv = []
+    for key, value in config.items():
+        if key in META_KEYS:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    checkpoint_every = config.get("checkpoint_every")
+    saving = (
+        ["--save_strategy", "steps", "--save_steps", str(checkpoint_every)]
+        if checkpoint_every
+        else ["--save_strategy", "no"]
+    )
+    return argv + saving + ["--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output_dir)]
+
+
+def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, list[dict]]:
+    """The fixed evaluation rows of the split `config` trains on (rebuilt with the training run's settings)."""
+    sources = [part for part in config["dataset_name_or_path"].split(",") if part]
+    sources = [str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in sources]
+    raw = load_concept_data(sources)
+    split = split_concepts(
+        raw, heldout=parse_heldout_concepts(str(config["heldout_concepts"])), seed=config["concept_split_seed"]
+    )
+    splits = build_splits(
+        raw, split, eval_examples_per_concept=config["eval_examples_per_concept"], seed=config["concept_split_seed"]
+    )
+    heldout = build_splits(
+        raw, split, eval_examples_per_concept=heldout_rows_per_concept, seed=config["concept_split_seed"]
+    )["eval_heldout"]
+    columns = ("input", "output", "output_concept")
+    return {
+        "heldin": [{key: row[key] for key in columns} for row in splits["eval_heldin"]],
+        "heldout": [{key: row[key] for key in columns} for row in heldout],
+        "train": splits["train"],
+        "negatives": raw.filter(lambda row: row["is_negative"]),
+    }
+
+
+def reference_losses_path(args, name: str) -> Path:
+    return Path(args.work_dir) / f"reference_row_losses_{name}_{args.heldout_rows_per_concept}_{args.eval_max_length}.json"
+
+
+def score(model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin", "heldout"), concept_vectors=None) -> dict:
+    """Offline metric per split. The `none`/`prompt` losses do not depend on the model being compared, so they are
+    computed once per split and reused from `--work_dir`."""
+    results = {}
+    for name in splits:
+        cache = reference_losses_path(args, name)
+        reference = json.loads(cache.read_text()) if cache.is_file() else None
+        metric = offline_steering_metric(
+            model,
+            tokenizer,
+            rows[name],
+            steering_factor=args.steering_factor,
+            batch_size=args.eval_batch_size,
+            max_length=args.eval_max_length,
+            desc=f"offline metric ({name})",
+            concept_vectors=concept_vectors,
+            reference_row_losses=reference,
+        )
+        if reference is None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({k: v for k, v in metric["row_losses"].items() if not k.startswith("hypersteer")}))
+        metric.pop("per_concept")
+        metric.pop("row_losses")
+        results[name] = metric
+    return results
+
+
+def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
+    import train_hypersteer
+
+    output_dir = Path(args.work_dir) / name
+    argv = training_argv(config, output_dir)
+    # Relative data paths in the defaults are relative to the repository root.
+    os.chdir(REPO_ROOT)
+    timing_file = output_dir / "ablation_training.json"
+    if args.reuse_trained and timing_file.is_file():
+        # Scoring a finished run again (e.g. after a crash in evaluation) costs no training.
+        timing = json.loads(timing_file.read_text())
+        if timing["argv"] != argv:
+            raise ValueError(f"{output_dir} was trained with other arguments; remove it or drop --reuse_trained.")
+    else:
+        start = time.perf_counter()
+        train_metrics = train_hypersteer.main(argv)
+        timing = {"argv": argv, "minutes": (time.perf_counter() - start) / 60, "train_loss": train_metrics.get("train_loss")}
+        timing_file.write_text(json.dumps(timing))
+    model = HyperSteerModel.from_pretrained(output_dir)
+    result = {
+        "train_minutes": round(timing["minutes"], 2),
+        "train_loss": timing["train_loss"],
+        "command": "python train_hypersteer.py " + " ".join(argv),
+        **score(model, model.tokenizer, rows, args),
+    }
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    if checkpoints:
+        curve = []
+        for checkpoint in checkpoints:
+            checkpoint_model = HyperSteerModel.from_pretrained(
+                checkpoint, base_model=model.language_model, tokenizer=model.tokenizer
+            )
+            scores = score(checkpoint_model, model.tokenizer, rows, args)
+            curve.append(
+                {
+                    "step": int(checkpoint.name.split("-")[1]),
+                    **{f"{split}_{key}": scores[split][key] for split in scores for key in ("specificity_ratio", "gain_ratio")},
+                }
+            )
+        result["curve"] = curve
+    return result
+
+
+def reference_vector_norm(run_dir: Path) -> float:
+    """HyperSteer's mean steering-vector norm over the last logged training steps of a finished run."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    norms = [entry["steering_vector_norm"] for entry in history if "steering_vector_norm" in entry]
+    if not norms:
+        raise ValueError(f"{run_dir} logged no steering_vector_norm; train it with logging_steps > 0 first.")
+    return sum(norms[-5:]) / len(norms[-5:])
+
+
+def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
+    """DiffMean or per-concept vectors, on held-in concepts only (they need the concept's training rows)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from modeling_hypersteer.baselines import diffmean_vectors, save_concept_vectors, train_concept_vectors
+    from modeling_hypersteer.smollm2 import smollm2_path
+
+    path = smollm2_path()
+    base = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = HyperSteerModel.from_base_model(
+        base, tokenizer=tokenizer, steering_layer=config["steering_layer"], hypernet_type="no_context",
+        hypernet_num_layers=1,
+    )
+    train_rows = [dict(row) for row in rows["train"] if not row["is_negative"]]
+    start = time.perf_counter()
+    if config["method"] == "diffmean":
+        norm = reference_vector_norm(Path(args.work_dir) / config["match_norm_of"])
+        negatives = [dict(row) for row in rows["negatives"]]
+        vectors = diffmean_vectors(model, tokenizer, train_rows, negatives, norm=norm)
+        command = f"DiffMean at layer {config['steering_layer']}, norm {norm:.2f} (HyperSteer run {config['match_norm_of']})"
+    else:
+        training_args = TrainingArguments(
+            output_dir=str(Path(args.work_dir) / name),
+            max_steps=config["max_steps"],
+            per_device_train_batch_size=config["per_device_train_batch_size"],
+            learning_rate=config["learning_rate"],
+            warmup_steps=config.get("warmup_steps", 0),
+            logging_steps=config.get("logging_steps", 10),
+            save_strategy="no",
+            report_to="none",
+            seed=config["seed"],
+        )
+        vectors = train_concept_vectors(model, tokenizer, train_rows, training_args, max_length=config["max_length"])
+        command = f"one vector per concept, {config['max_steps']} steps x {config['per_device_train_batch_size']}, lr {config['learning_rate']}"
+    train_minutes = (time.perf_counter() - start) / 60
+    save_concept_vectors(vectors, Path(args.work_dir) / name, method=config["method"])
+    heldin = score(model, tokenizer, rows, args, splits=("heldin",), concept_vectors=vectors)["heldin"]
+    norms = torch.stack(list(vectors.values())).norm(dim=-1)
+    return {
+        "train_minutes": round(train_minutes, 2),
+        "command": command,
+        "mean_vector_norm": round(norms.mean().item(), 3),
+        "heldin": heldin,
+        "heldout": {"specificity_ratio": None, "gain_ratio": None, "note": "needs the concept's training rows"},
+    }
+
+
+def save_result(name: str, config: dict, result: dict) -> None:
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
+    results["runs"][name] = {"config": config, **result}
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _ratio(value) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
+def report() -> str:
+    """The markdown table of every run in results/quality.json, and the specificity-vs-steps plot."""
+    results = json.loads(RESULTS_PATH.read_text())
+    lines = [
+        "| run | steps | held-in specificity | held-in gain | held-out specificity | held-out gain | train min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in results["runs"].items():
+        steps = run["config"].get("max_steps", "—") if run["config"].get("method", "hypersteer") != "diffmean" else 0
+        lines.append(
+            f"| {name} | {steps} | {_ratio(run['heldin']['specificity_ratio'])} | {_ratio(run['heldin']['gain_ratio'])} "
+            f"| {_ratio(run['heldout']['specificity_ratio'])} | {_ratio(run['heldout']['gain_ratio'])} "
+            f"| {run.get('train_minutes', '—')} |"
+        )
+    curves = {name: run["curve"] for name, run in results["runs"].items() if run.get("curve")}
+    if curves:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for axis, split in zip(axes, ("heldin", "heldout")):
+            for name, curve in curves.items():
+                axis.plot([p["step"] for p in curve], [p[f"{split}_specificity_ratio"] for p in curve], marker="o", label=name)
+            axis.axhline(1.0 if split == "heldin" else 0.3, color="grey", linestyle="--", linewidth=1, label="target")
+            axis.set_title(f"{'held-in concepts, unseen prompts' if split == 'heldin' else 'never-trained concepts'}")
+            axis.set_xlabel("training step")
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel("concept-specificity ratio (vs prompting)")
+        axes[1].legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(PLOT_PATH, dpi=120)
+        plt.close(figure)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", default="", help="Comma-separated experiment names.")
+    parser.add_argument("--report", action="store_true", help="Only print the table and redraw the plot.")
+    parser.add_argument("--work_dir", default="/tmp/hypersteer-quality", help="Where trained models go.")
+    parser.add_argument("--heldout_rows_per_concept", type=int, default=8)
+    parser.add_argument(
+        "--reuse_trained", action="store_true", help="Score an already trained run of the same arguments again."
+    )
+    parser.add_argument("--steering_factor", type=float, default=1.0)
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--eval_max_length", type=int, default=320)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    for name in [part for part in args.experiments.split(",") if part]:
+        config = load_experiment(name)
+        rows = evaluation_rows(config, args.heldout_rows_per_concept)
+        runner = run_baseline if config.get("method") in ("diffmean", "vector") else run_hypersteer
+        result = runner(name, config, rows, args)
+        save_result(name, config, result)
+        logger.info(
+            f"{name}: held-in specificity {_ratio(result['heldin']['specificity_ratio'])} gain "
+            f"{_ratio(result['heldin']['gain_ratio'])}; held-out specificity "
+            f"{_ratio(result['heldout']['specificity_ratio'])} gain {_ratio(result['heldout']['gain_ratio'])}"
+        )
+    if RESULTS_PATH.is_file():
+        print(report())
+
+
+if __name__ == "__main__":
+    main()

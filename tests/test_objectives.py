@@ -1,0 +1,274 @@
+"""Concept-specificity levers: the contrast and diversity terms, the label-only LM head, mean pooling, the shared
+offset, the lexical path, the recipe file and the per-concept baselines."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT, build_tiny_base
+
+from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.baselines import (
+    diffmean_vectors,
+    load_concept_vectors,
+    save_concept_vectors,
+    train_concept_vectors,
+)
+from modeling_hypersteer.data import HyperSteerDataCollator, tokenize_example
+from modeling_hypersteer.trainer import (
+    HyperSteerTrainer,
+    HyperSteerTrainingArguments,
+    cross_concept_cosine,
+    logits_to_keep_for_labels,
+    other_concept_rows,
+    steering_prompt_groups,
+)
+
+
+CONCEPT_A = "references to legal terminology and court proceedings"
+CONCEPT_B = "C/C++ syntax such as pointers, headers and semicolons"
+ROWS = [
+    {"input": "Explain sorting algorithms in simple words.", "output": "The court sorts the docket by date.", "output_concept": CONCEPT_A},
+    {"input": "Write a short poem about the sea.", "output": "int *sea; /* tidal currents */", "output_concept": CONCEPT_B},
+    {"input": "Explain sorting in simple words.", "output": "A judge hears the legal case.", "output_concept": CONCEPT_A},
+    {"input": "Write a poem about the fox.", "output": "#include <fox.h> int main;", "output_concept": CONCEPT_B},
+]
+
+
+def _model(tokenizer, architecture="llama", **config):
+    base = build_tiny_base(architecture, len(tokenizer))
+    config = {"steering_layer": 1, "hypernet_num_layers": 2, **config}
+    return HyperSteerModel.from_base_model(base, tokenizer=tokenizer, **config)
+
+
+def _batch(tokenizer, rows):
+    features = [tokenize_example(row, tokenizer, max_length=96) for row in rows]
+    return HyperSteerDataCollator(tokenizer=tokenizer)(features)
+
+
+def _trainer(model, tmp_path, **arguments):
+    args = HyperSteerTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", eval_strategy="no", use_cpu=True, **arguments
+    )
+    return HyperSteerTrainer(model=model, args=args)
+
+
+def _perturb(model, std=0.3):
+    with torch.no_grad():
+        model.hypernetwork.output_projection.weight.normal_(0.0, std)
+
+
+def test_rows_pair_with_a_row_of_another_concept():
+    groups = torch.tensor([0, 0, 1, 2])
+    partner = other_concept_rows(groups)
+    assert partner.tolist() == [2, 2, 3, 0]
+    assert (groups[partner] != groups).all()
+    assert other_concept_rows(torch.tensor([5, 5, 5])).tolist() == [-1, -1, -1]
+
+
+def test_steering_prompt_groups_ignore_padding():
+    ids = torch.tensor([[7, 8, 0], [7, 8, 9], [7, 8, 5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    # Rows 0 and 2 differ only on a padded position: the same prompt.
+    groups = steering_prompt_groups(ids, mask)
+    assert groups[0] == groups[2] and groups[0] != groups[1]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+@pytest.mark.parametrize("hypernet_type", ["cross_attention", "in_context", "no_context"])
+def test_contrast_logits_equal_a_separate_pass_with_the_other_prompts(tiny_tokenizer, architecture, hypernet_type):
+    model = _model(tiny_tokenizer, architecture, hypernet_type=hypernet_type, token_gate=True)
+    _perturb(model)
+    batch = _batch(tiny_tokenizer, ROWS)
+    swapped = {"input_ids": batch["steering_input_ids"].flip(0), "mask": batch["steering_attention_mask"].flip(0)}
+    outputs = model(
+        **batch,
+        contrast_steering_input_ids=swapped["input_ids"],
+        contrast_steering_attention_mask=swapped["mask"],
+    )
+    separate = {**batch, "steering_input_ids": swapped["input_ids"], "steering_attention_mask": swapped["mask"]}
+    torch.testing.assert_close(outputs.contrast_logits, model(**separate).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs.contrast_logits, outputs.logits, atol=1e-3)
+
+
+def test_label_only_logits_give_the_same_loss(tiny_tokenizer):
+    model = _model(tiny_tokenizer, architecture="gemma2")
+    _perturb(model)
+    batch = _batch(tiny_tokenizer, ROWS)
+    keep = logits_to_keep_for_labels(batch["labels"])
+    assert 0 < keep < batch["input_ids"].shape[1]
+    full = model(**batch)
+    kept = model(**batch, logits_to_keep=keep)
+    assert kept.logits.shape[1] == keep
+    torch.testing.assert_close(kept.loss, full.loss, atol=1e-5, rtol=1e-5)
+
+
+def _contrast_gradient(model, tokenizer, rows, tmp_path, weight):
+    trainer = _trainer(model, tmp_path, contrast_loss_weight=weight, contrast_beta=5.0)
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, _batch(tokenizer, rows))
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.hypernetwork.parameters() if p.grad is not None]).clone()
+
+
+def test_contrast_gradient_vanishes_when_every_row_has_the_same_concept(tiny_tokenizer, tmp_path):
+    model = _model(tiny_tokenizer)
+    _perturb(model)
+    same = [dict(row, output_concept=CONCEPT_A) for row in ROWS]
+    torch.testing.assert_close(
+        _contrast_gradient(model, tiny_tokenizer, same, tmp_path, 1.0),
+        _contrast_gradient(model, tiny_tokenizer, same, tmp_path, 0.0),
+    )
+    mixed_with = _contrast_gradient(model, tiny_tokenizer, ROWS, tmp_path, 1.0)
+    mixed_without = _contrast_gradient(model, tiny_tokenizer, ROWS, tmp_path, 0.0)
+    assert (mixed_with - mixed_without).abs().max() > 1e-6
+
+
+def test_contrast_training_separates_right_from_wrong_concept(tiny_tokenizer, tmp_path):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    trainer = _trainer(model, tmp_path, contrast_loss_weight=1.0, learning_rate=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(tiny_tokenizer, ROWS)
+    model.train()
+    gaps = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        trainer.compute_loss(model, batch).backward()
+        optimizer.step()
+        gaps.append(torch.stack(trainer._metrics["train"]["contrast_gap"]).mean().item())
+        trainer._metrics["train"].clear()
+    assert gaps[-1] > gaps[0] + 0.05
+
+
+def test_diversity_term_lowers_the_cosine_between_concepts(tiny_tokenizer, tmp_path):
+    batch = _batch(tiny_tokenizer, ROWS)
+    groups = steering_prompt_groups(batch["steering_input_ids"], batch["steering_attention_mask"])
+
+    def cosine_after_training(weight):
+        torch.manual_seed(0)
+        model = _model(tiny_tokenizer, hypernet_type="no_context")
+        _perturb(model, std=0.05)
+        trainer = _trainer(model, tmp_path, diversity_loss_weight=weight)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        model.train()
+        for _ in range(10):
+            optimizer.zero_grad()
+            trainer.compute_loss(model, batch).backward()
+            optimizer.step()
+        with torch.no_grad():
+            return cross_concept_cosine(model(**batch).steering_vectors, groups).item()
+
+    assert cosine_after_training(5.0) < cosine_after_training(0.0) - 0.1
+
+
+def test_mean_pooling_and_offset_are_padding_invariant(tiny_tokenizer):
+    model = _model(tiny_tokenizer, hypernet_pooling="mean", shared_steering_offset=True)
+    _perturb(model)
+    with torch.no_grad():
+        model.hypernetwork.steering_offset.normal_()
+    features = [tokenize_example(row, tiny_tokenizer, max_length=96) for row in ROWS]
+    right = HyperSteerDataCollator(tokenizer=tiny_tokenizer, padding_side="right")(features)
+    left = HyperSteerDataCollator(tokenizer=tiny_tokenizer, padding_side="left")(features)
+    alone = HyperSteerDataCollator(tokenizer=tiny_tokenizer)(features[:1])
+    vectors = model(**right).steering_vectors
+    torch.testing.assert_close(vectors, model(**left).steering_vectors, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vectors[:1], model(**alone).steering_vectors, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_offset_starts_at_zero_and_is_part_of_every_vector(tiny_tokenizer):
+    model = _model(tiny_tokenizer, shared_steering_offset=True)
+    assert (model.hypernetwork.steering_offset == 0).all()
+    batch = _batch(tiny_tokenizer, ROWS)
+    torch.testing.assert_close(model(**batch).steering_vectors, torch.zeros(4, 32))
+    with torch.no_grad():
+        model.hypernetwork.steering_offset.fill_(0.5)
+    torch.testing.assert_close(model(**batch).steering_vectors, torch.full((4, 32), 0.5))
+
+
+def test_lexical_path_starts_as_the_centred_prompt_embedding(tiny_tokenizer):
+    model = _model(tiny_tokenizer, hypernet_type="no_context", lexical_steering=True, lexical_init_norm=8.0)
+    vectors = model.compute_steering_vectors(steering_prompt=[CONCEPT_A, CONCEPT_B])
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.full((2,), 8.0))
+    embeddings = model.get_output_embeddings().weight.float()
+    ids = tiny_tokenizer(CONCEPT_A, add_special_tokens=False)["input_ids"]
+    expected = embeddings[ids].mean(0) - embeddings.mean(0)
+    torch.testing.assert_close(vectors[0], 8.0 * expected / expected.norm(), atol=1e-4, rtol=1e-4)
+    # Special tokens carry no concept: a BOS in front of the prompt does not move the direction.
+    with_bos = torch.tensor([[tiny_tokenizer.bos_token_id] + ids])
+    torch.testing.assert_close(
+        model.compute_steering_vectors(steering_input_ids=with_bos)[0], vectors[0], atol=1e-4, rtol=1e-4
+    )
+    assert model.hypernetwork.lexical_projection.weight.requires_grad
+
+
+def test_lexical_model_round_trips(tiny_tokenizer, tmp_path):
+    model = _model(tiny_tokenizer, lexical_steering=True, shared_steering_offset=True, hypernet_pooling="mean")
+    _perturb(model)
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model)
+    batch = _batch(tiny_tokenizer, ROWS)
+    torch.testing.assert_close(reloaded(**batch).steering_vectors, model(**batch).steering_vectors)
+    assert reloaded.config.lexical_steering and reloaded.config.hypernet_pooling == "mean"
+
+
+@pytest.mark.parametrize(
+    "field, value", [("contrast_loss_weight", -1.0), ("diversity_loss_weight", float("nan")), ("contrast_beta", 0.0)]
+)
+def test_objective_weights_are_validated(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+def test_recipe_file_parses_into_the_arguments_it_names():
+    import train_hypersteer
+
+    recipe_path = REPO_ROOT / "examples" / "recipes" / "smollm2_axbench.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    model_args, data_args, training_args = train_hypersteer.parse_arguments(
+        ["--config", str(recipe_path), "--output_dir", "/tmp/unused-recipe-output"]
+    )
+    parsed = {**vars(model_args), **vars(data_args), **vars(training_args)}
+    for key, value in recipe.items():
+        if key == "dataset_name_or_path":
+            expected = [part for item in (value if isinstance(value, list) else [value]) for part in item.split(",")]
+            assert parsed[key] == expected
+        else:
+            assert parsed[key] == value, key
+    assert training_args.contrast_loss_weight > 0
+
+
+def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    negatives = [{"input": "Say hi.", "output": "Hello there, friend.", "output_concept": "EEEEE"}] * 2
+    vectors = diffmean_vectors(model, tiny_tokenizer, ROWS, negatives, norm=3.0)
+    assert sorted(vectors) == sorted({CONCEPT_A, CONCEPT_B})
+    for vector in vectors.values():
+        assert vector.shape == (32,)
+        torch.testing.assert_close(vector.norm(), torch.tensor(3.0))
+    assert not torch.allclose(vectors[CONCEPT_A], vectors[CONCEPT_B])
+    # Changing a row of concept B moves B's vector and leaves A's unchanged.
+    changed = [dict(row, output="Totally different words here.") if row["output_concept"] == CONCEPT_B else row for row in ROWS]
+    again = diffmean_vectors(model, tiny_tokenizer, changed, negatives, norm=3.0)
+    torch.testing.assert_close(again[CONCEPT_A], vectors[CONCEPT_A])
+    assert not torch.allclose(again[CONCEPT_B], vectors[CONCEPT_B])
+
+
+def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
+    from transformers import TrainingArguments
+
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=2, learning_rate=0.1,
+        report_to="none", save_strategy="no", use_cpu=True,
+    )
+    vectors = train_concept_vectors(model, tiny_tokenizer, ROWS, args, max_length=96)
+    assert sorted(vectors) == sorted({CONCEPT_A, CONCEPT_B})
+    assert all(vector.shape == (32,) and vector.norm() > 0 for vector in vectors.values())
+    save_concept_vectors(vectors, tmp_path / "vectors", method="vector")
+    method, loaded = load_concept_vectors(tmp_path / "vectors")
+    assert method == "vector"
+    for concept in vectors:
+        torch.testing.assert_close(loaded[concept], vectors[concept])
+    assert not any(p.requires_grad for p in model.language_model.parameters())
