@@ -14,9 +14,18 @@ Ready-to-copy commands:
     python evaluate_steering.py --model outputs/smollm2-hypersteer --judge_base_url http://127.0.0.1:8000/v1 \
         --judge_model my-judge --instructions tatsu-lab/alpaca_eval --output_dir outputs/eval
 
-Writes into `--output_dir`: `samples.jsonl` (one judged generation per line), `summary.json`, `summary.md`,
-`score_vs_factor.png`, `ratings.png`, `offline_losses.png`, `generations.jsonl` (raw, resumable) and
-`judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for nothing twice).
+    # A judged run on a GPU
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --dtype bfloat16 --device_map cuda ...
+
+    # All arguments from a YAML (or JSON) file, with flags overriding it
+    python evaluate_steering.py --config eval.yaml --max_concepts 5
+
+Writes into `--output_dir`: `samples.jsonl` (one judged generation per line, with its `concept_id`),
+`evaluation_summary.json`, `evaluation_summary.md`, `score_vs_factor.png`, `ratings.png`, `offline_losses.png`,
+`generations.jsonl` (raw, resumable) and `judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for
+nothing twice). Generations are reused only for the same model (config and weights) and decoding settings, so
+evaluating another checkpoint into the same folder starts afresh. When `--model` is a local folder,
+`evaluation_summary.json` is also written there, where the model card (`push_to_hub`) reads it.
 """
 
 import argparse
@@ -31,9 +40,13 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
+from modeling_hypersteer.concept_data import load_instructions
 from modeling_hypersteer.data import (
     ConceptSplit,
     build_splits,
@@ -46,12 +59,14 @@ from modeling_hypersteer.evaluation import (
     METHODS,
     generate_samples,
     generation_tasks,
+    model_fingerprint,
     offline_steering_metric,
     plot_factor_sweep,
     plot_offline_losses,
     plot_ratings,
     summary_markdown,
 )
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE, TRAINING_SUMMARY_FILE, split_sources
 
 
 logger = logging.getLogger(__name__)
@@ -61,6 +76,27 @@ logger = logging.getLogger(__name__)
 class EvaluationArguments:
     model: str = field(metadata={"help": "HyperSteer checkpoint folder or Hub id (its config names the base model)."})
     output_dir: str = field(metadata={"help": "Where samples, summary, plots and the judge cache are written."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base: 'auto' (as saved), 'float32', 'bfloat16' or 'float16'. The "
+            "hypernetwork keeps its saved dtype.",
+            "choices": list(DTYPE_CHOICES),
+        },
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the base is placed, as in `from_pretrained(device_map=...)`: e.g. 'cuda', 'cuda:1', 'cpu' "
+            "or 'auto' (needs accelerate). Default: CPU."
+        },
+    )
+    save_summary_to_model: bool = field(
+        default=True,
+        metadata={
+            "help": f"Also write {EVALUATION_SUMMARY_FILE} into a local --model folder, where the model card reads it."
+        },
+    )
     dataset_name_or_path: list[str] | None = field(
         default=None,
         metadata={
@@ -129,9 +165,7 @@ class EvaluationArguments:
         if self.num_instructions_per_concept < 0 or self.offline_examples_per_concept < 0:
             raise ValueError("--num_instructions_per_concept and --offline_examples_per_concept must be >= 0.")
         if self.dataset_name_or_path:
-            self.dataset_name_or_path = [
-                p.strip() for v in self.dataset_name_or_path for p in v.split(",") if p.strip()
-            ]
+            self.dataset_name_or_path = split_sources(self.dataset_name_or_path)
 
     def judge_available(self) -> bool:
         return bool(self.judge_base_url) or bool(os.environ.get(self.judge_api_key_env))
@@ -149,10 +183,10 @@ def _training_file(model_dir: str, name: str) -> dict | None:
 
 
 def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tuple[list[str], ConceptSplit, str]:
-    saved = _training_file(args.model, "concept_split.json")
+    saved = _training_file(args.model, CONCEPT_SPLIT_FILE)
     if saved is not None:
-        split = ConceptSplit.from_json(Path(args.model) / "concept_split.json")
-        origin = "the training run's concept_split.json"
+        split = ConceptSplit.from_json(Path(args.model) / CONCEPT_SPLIT_FILE)
+        origin = f"the training run's {CONCEPT_SPLIT_FILE}"
     else:
         split = split_concepts(
             data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed
@@ -185,18 +219,8 @@ def _instructions(args: EvaluationArguments, eval_rows: list[dict], concepts: li
             if row["output_concept"] in pools:
                 pools[row["output_concept"]].append(row["input"])
         return pools
-    path = Path(args.instructions)
-    if path.exists():
-        if path.suffix == ".txt":
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            table = datasets.load_dataset(
-                "parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train"
-            )
-            column = "instruction" if "instruction" in table.column_names else "input"
-            if column not in table.column_names:
-                raise ValueError(f"{path} has no `instruction` or `input` column (columns: {table.column_names}).")
-            texts = list(table[column])
+    if Path(args.instructions).exists():
+        texts = load_instructions(args.instructions, flag="--instructions")
     else:
         try:
             table = datasets.load_dataset(args.instructions, split="eval")
@@ -227,13 +251,45 @@ def _make_judge(args: EvaluationArguments):
     )
 
 
+def _check_model(model: str) -> None:
+    """Fails early, naming the model, when `--model` is neither a checkpoint folder nor a possible Hub id."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model!r} is a folder without config.json, so not a saved HyperSteer checkpoint; pass the "
+                "folder `save_pretrained` (or train_hypersteer.py's --output_dir) wrote."
+            )
+        return
+    try:
+        looks_like_hub_id = not path.is_absolute() and not model.startswith((".", "~"))
+        if looks_like_hub_id:
+            validate_repo_id(model)
+    except HFValidationError:
+        looks_like_hub_id = False
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"--model {model!r}: the model is missing (no such folder). Pass a HyperSteer checkpoint folder or a Hub id."
+        )
+
+
+def _concept_ids(data: datasets.Dataset) -> dict[str, int]:
+    """Each concept's `concept_id` in the data (of its first positive row; ids are unique within one source only)."""
+    ids: dict[str, int] = {}
+    for concept, concept_id, negative in zip(data["output_concept"], data["concept_id"], data["is_negative"]):
+        if not negative:
+            ids.setdefault(concept, int(concept_id))
+    return ids
+
+
+def _write_summary(summary: dict, folder: Path) -> Path:
+    path = folder / EVALUATION_SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments(make_parser(), argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         level=logging.INFO,
@@ -241,24 +297,30 @@ def main(argv: list[str] | None = None) -> dict:
     )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(args.seed)
+    _check_model(args.model)
 
-    sources = args.dataset_name_or_path or (_training_file(args.model, "training_summary.json") or {}).get("sources")
+    training_summary = _training_file(args.model, TRAINING_SUMMARY_FILE) or {}
+    sources = args.dataset_name_or_path or training_summary.get("sources")
     if not sources:
         raise ValueError(
-            f"No concept data given and {args.model} has no training_summary.json naming its sources; "
+            f"No concept data given and {args.model} has no {TRAINING_SUMMARY_FILE} naming its sources; "
             "pass --dataset_name_or_path."
         )
     data = load_concept_data(sources)
     concepts, split, origin = _selected_concepts(args, data)
     logger.info(f"Evaluating {len(concepts)} concept(s) from {sources}; split from {origin}.")
-    split_settings = (_training_file(args.model, "training_summary.json") or {}).get("split_settings")
-    if split_settings is None:
-        logger.warning(
-            f"{args.model} has no training_summary.json with split settings: rebuilding the evaluation rows with the "
-            "training defaults; held-in rows are only guaranteed unseen if training used them too."
+    split_settings = training_summary.get("split_settings")
+    heldin_selected = sorted(set(concepts) & set(split.heldin_concepts))
+    if split_settings is None and heldin_selected:
+        # Without them the held-out prompts of held-in concepts cannot be rebuilt, and rows the model was trained on
+        # would be scored as unseen.
+        raise ValueError(
+            f"Held-in evaluation needs the training run's split settings (`split_settings` in "
+            f"{Path(args.model) / TRAINING_SUMMARY_FILE}), which are missing, so the rows kept out of training cannot "
+            f"be rebuilt; held-in concepts selected: {heldin_selected[:5]}. Evaluate held-out concepts only "
+            "(--concepts heldout), or restore the training run's training_summary.json."
         )
-        split_settings = {"eval_examples_per_concept": 2, "seed": split.seed}
-    heldin_rows = build_splits(data, split, **split_settings)["eval_heldin"]
+    heldin_rows = build_splits(data, split, **split_settings)["eval_heldin"] if split_settings else []
     # Held-out concepts never reach training, so any number of their rows may be used.
     heldout_rows = build_splits(
         data,
@@ -270,9 +332,18 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = [row for row in eval_rows if row["output_concept"] in set(concepts) and not row["is_negative"]]
 
     os.makedirs(args.output_dir, exist_ok=True)
-    model = HyperSteerModel.from_pretrained(args.model)
+    load_kwargs = {"dtype": resolve_dtype(args.dtype)}
+    if args.device_map is not None:
+        load_kwargs["device_map"] = args.device_map
+    model = HyperSteerModel.from_pretrained(args.model, **load_kwargs)
     tokenizer = model.tokenizer
-    summary: dict = {"methods": {}, "offline": {}, "judge": None}
+    summary: dict = {
+        "model": args.model,
+        "model_fingerprint": model_fingerprint(model.config, model.hypernetwork.state_dict()),
+        "methods": {},
+        "offline": {},
+        "judge": None,
+    }
 
     if args.offline_examples_per_concept > 0:
         by_set = {"heldin": set(split.heldin_concepts), "heldout": set(split.heldout_concepts)}
@@ -306,7 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.num_instructions_per_concept > 0:
         from modeling_hypersteer.judge import judge_generations, select_and_report
 
-        tasks = generation_tasks(_instructions(args, eval_rows, concepts), args.num_instructions_per_concept)
+        tasks = generation_tasks(
+            _instructions(args, eval_rows, concepts), args.num_instructions_per_concept, _concept_ids(data)
+        )
         samples = generate_samples(
             model,
             tokenizer,
@@ -328,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
         with open(Path(args.output_dir) / "samples.jsonl", "w", encoding="utf-8") as handle:
             for sample in judged:
                 handle.write(json.dumps(sample) + "\n")
-        summary["methods"] = select_and_report(judged)["methods"]
+        report = select_and_report(judged)
+        summary["methods"] = report["methods"]
+        summary["excluded_concepts"] = report["excluded_concepts"]
         summary["judge"] = {
             "model": args.judge_model,
             "base_url": client.base_url,
@@ -348,11 +423,15 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "device": str(model.get_input_embeddings().weight.device),
+        "base_dtype": str(model.language_model.dtype),
     }
-    with open(Path(args.output_dir) / "summary.json", "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2, default=str)
-    (Path(args.output_dir) / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
-    logger.info("\n" + summary_markdown(summary))
+    _write_summary(summary, Path(args.output_dir))
+    markdown = summary_markdown(summary)
+    (Path(args.output_dir) / "evaluation_summary.md").write_text(markdown, encoding="utf-8")
+    if args.save_summary_to_model and Path(args.model).is_dir():
+        written = _write_summary(summary, Path(args.model))
+        logger.info(f"Wrote {written}; the model card of {args.model} now reports this evaluation.")
+    logger.info("\n" + markdown)
     return summary
 
 

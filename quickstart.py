@@ -26,8 +26,10 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import train_hypersteer
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.cli import parse_arguments
 from modeling_hypersteer.data import ConceptSplit, build_splits, format_prompt, load_concept_data
 from modeling_hypersteer.evaluation import offline_steering_metric, side_by_side
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE
 
 
 BUNDLED_CONCEPTS = Path(__file__).resolve().parent / "modeling_hypersteer" / "resources" / "quickstart_concepts.jsonl"
@@ -116,7 +118,7 @@ def _train(args: QuickstartArguments) -> dict:
 def _offline_rows(output_dir: str, per_concept: int) -> dict[str, list[dict]]:
     """Evaluation rows of the training run's own split: held-in prompts kept out of training, held-out concepts."""
     data = load_concept_data(str(BUNDLED_CONCEPTS))
-    split = ConceptSplit.from_json(Path(output_dir) / train_hypersteer.CONCEPT_SPLIT_FILE)
+    split = ConceptSplit.from_json(Path(output_dir) / CONCEPT_SPLIT_FILE)
     splits = build_splits(data, split, eval_examples_per_concept=2, seed=split.seed)
     chosen = {}
     for name in ("heldin", "heldout"):
@@ -139,12 +141,13 @@ def _print_side_by_side(rows: list[dict], heldout: set[str]) -> None:
             print(textwrap.fill(text, width=110, initial_indent=f"  {label:>15}: ", subsequent_indent=" " * 19))
 
 
-def _ratio(value: float | None) -> str:
-    return "undefined (prompting did not lower the loss)" if value is None else f"{value:.3f}"
+def _ratio(result: dict, name: str) -> str:
+    reason = result["undefined_ratios"].get(name)
+    return f"undefined: {reason}" if reason else f"{result[name]:.3f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_arguments(HfArgumentParser(QuickstartArguments), argv)
     start = time.perf_counter()
     data_concepts = {row["output_concept"] for row in load_concept_data(str(BUNDLED_CONCEPTS))}
     missing = sorted(set(HELDOUT_CONCEPTS + SHOWN_HELDIN_CONCEPTS) - data_concepts)
@@ -192,11 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(
             f"  {name:>8} gain ratio        (L_none - L_hs) / (L_none - L_prompt)            = "
-            f"{_ratio(result['gain_ratio'])}"
+            f"{_ratio(result, 'gain_ratio')}"
         )
         print(
             f"  {name:>8} specificity ratio (L_hs,wrong - L_hs) / (L_prompt,wrong - L_prompt) = "
-            f"{_ratio(result['specificity_ratio'])}"
+            f"{_ratio(result, 'specificity_ratio')}"
         )
 
     print(
@@ -222,7 +225,15 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": metrics.get("train_loss"),
         "offline": {
             name: {
-                key: result[key] for key in ("losses", "gain_ratio", "specificity_ratio", "num_rows", "num_concepts")
+                key: result[key]
+                for key in (
+                    "losses",
+                    "gain_ratio",
+                    "specificity_ratio",
+                    "undefined_ratios",
+                    "num_rows",
+                    "num_concepts",
+                )
             }
             for name, result in offline.items()
         },

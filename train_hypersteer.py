@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.cli import DTYPE_CHOICES, resolve_dtype
+from modeling_hypersteer.cli import parse_arguments as parse_cli_arguments
 from modeling_hypersteer.configuration_hypersteer import (
     HYPERNET_INITS,
     HYPERNET_POOLINGS,
@@ -58,11 +59,11 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.smollm2 import smollm2_path
 from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
 
 
 logger = logging.getLogger(__name__)
 
-CONCEPT_SPLIT_FILE = "concept_split.json"
 SMOLLM2_ALIAS = "smollm2"
 
 
@@ -145,8 +146,8 @@ class ModelArguments:
             )
         if self.steering_prior not in STEERING_PRIORS:
             raise ValueError(f"--steering_prior must be one of {list(STEERING_PRIORS)}, got {self.steering_prior!r}.")
-        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}.")
+        if self.base_dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--base_dtype must be one of {list(DTYPE_CHOICES)}, got {self.base_dtype!r}.")
 
 
 @dataclass
@@ -177,12 +178,7 @@ class DataArguments:
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
 
     def __post_init__(self):
-        sources = []
-        for value in self.dataset_name_or_path:
-            sources.extend(part.strip() for part in value.split(",") if part.strip())
-        if not sources:
-            raise ValueError("--dataset_name_or_path is empty; give at least one file, folder or Hub dataset id.")
-        self.dataset_name_or_path = sources
+        self.dataset_name_or_path = split_sources(self.dataset_name_or_path)
 
 
 def make_parser() -> HfArgumentParser:
@@ -194,35 +190,15 @@ def make_parser() -> HfArgumentParser:
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """Parse flags, a lone `.json` path, or `--config file.yaml` (command-line flags override the file)."""
-    parser = make_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        config_path = argv[index + 1]
-        with open(config_path, encoding="utf-8") as handle:
-            defaults = yaml.safe_load(handle) or {}
-        if not isinstance(defaults, dict):
-            raise ValueError(f"{config_path} must hold a mapping of argument names to values.")
-        argv = argv[:index] + argv[index + 2 :]
-        file_args = []
-        for key, value in defaults.items():
-            values = value if isinstance(value, list) else [value]
-            file_args += [f"--{key}", *[str(item) for item in values]]
-        argv = file_args + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Parse flags, a lone `.json`/`.yaml` path, or `--config file.yaml` (command-line flags override the file)."""
+    return parse_cli_arguments(make_parser(), argv)
 
 
 def load_base_model(model_args: ModelArguments):
     path = (
         smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
     )
-    dtype = model_args.base_dtype if model_args.base_dtype == "auto" else getattr(torch, model_args.base_dtype)
-    kwargs = {"revision": model_args.base_model_revision, "dtype": dtype}
+    kwargs = {"revision": model_args.base_model_revision, "dtype": resolve_dtype(model_args.base_dtype)}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -261,6 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
         f"world size: {training_args.world_size}, bf16: {training_args.bf16}"
     )
+
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        # Pinned memory only speeds up copies to an accelerator; on CPU, torch warns at every dataloader that it is
+        # ignored, a warning no flag of a CPU run can act on.
+        training_args.dataloader_pin_memory = False
 
     set_seed(training_args.seed)
 
@@ -361,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
                 plot_loss_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
             except ValueError as error:
                 logger.warning(f"No loss curve written: {error}")
-        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(training_args.output_dir, TRAINING_SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(
                 {
                     "metrics": metrics,

@@ -43,6 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .modeling_hypersteer import tokenize_steering_prompts
+from .utils import split_sources as _split_sources
 
 
 logger = logging.get_logger(__name__)
@@ -68,22 +69,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _split_sources(sources: str | Sequence[str]) -> list[str]:
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not isinstance(sources, Sequence):
-        raise TypeError(f"`sources` must be a string or a list of strings, got {type(sources).__name__}.")
-    parts = []
-    for source in sources:
-        if not isinstance(source, (str, os.PathLike)):
-            raise TypeError(f"Each data source must be a string or path, got {source!r} ({type(source).__name__}).")
-        parts.extend(piece.strip() for piece in str(source).split(","))
-    parts = [piece for piece in parts if piece]
-    if not parts:
-        raise ValueError(f"No data source given (got {sources!r}); pass a parquet/JSONL file, a folder or a Hub id.")
-    return parts
 
 
 def _files_in_directory(directory: Path, file_name: str) -> list[Path]:

@@ -14,9 +14,16 @@ steered by the right concept and, as a control, by a wrong one (`concept_derange
     specificity ratio = (L_hypersteer,wrong - L_hypersteer) / (L_prompt,wrong - L_prompt)
 
 Training on teacher outputs also teaches a concept-free shift toward the teacher's style, which lowers the loss
-whatever the concept; only the specificity ratio separates steering from that shift.
+whatever the concept; only the specificity ratio separates steering from that shift. A ratio whose denominator is not
+positive (prompting did not lower the loss, or a wrong concept did not raise it) measures nothing: it is reported as
+undefined, with the reason, never as a number.
+
+Generations are resumable (`generations.jsonl`), but only within one run: every row records a key made of the model's
+fingerprint ([`model_fingerprint`]: its config and hypernetwork weights) and the decoding settings, and only rows with
+the current key are reused.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +38,7 @@ from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, format_prompt, tokenize_example
 from .modeling_hypersteer import HyperSteerModel, _positions_from_mask
+from .utils import JsonlAppender, pyplot, read_jsonl
 
 
 logger = logging.get_logger(__name__)
@@ -62,11 +70,46 @@ def concept_derangement(concepts: Iterable[str]) -> dict[str, str]:
     return {concept: ordered[(index + 1) % len(ordered)] for index, concept in enumerate(ordered)}
 
 
-def _safe_ratio(numerator: float, denominator: float) -> float | None:
-    """`numerator / denominator`, or `None` when the denominator is too small for the ratio to mean anything."""
-    if abs(denominator) < 1e-6:
-        return None
-    return numerator / denominator
+# A denominator this small is a difference of losses within numerical noise: the ratio would be noise too.
+_MIN_RATIO_DENOMINATOR = 1e-6
+
+
+def _ratio(numerator: float, denominator: float, description: str) -> tuple[float | None, str | None]:
+    """`(numerator / denominator, None)`, or `(None, reason)` when the denominator is not positive."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator)):
+        return None, f"a loss is not finite ({description} = {denominator}, numerator {numerator})"
+    if denominator <= _MIN_RATIO_DENOMINATOR:
+        return None, f"{description} = {denominator:.4g}, not positive"
+    return numerator / denominator, None
+
+
+def steering_ratios(losses: dict[str, float]) -> dict[str, Any]:
+    """The gain and specificity ratios of offline losses, each `None` with a reason when it is undefined.
+
+    Args:
+        losses (`dict`): mean losses `none`, `prompt`, `hypersteer`, `prompt_wrong` and `hypersteer_wrong`.
+
+    Returns:
+        `dict` with `gain_ratio` and `specificity_ratio` (`float` or `None`) and `undefined_ratios`, mapping the name of
+        each undefined ratio to why, e.g. `{"gain_ratio": "prompting did not lower the loss (L_none - L_prompt = -0.02,
+        not positive)"}`.
+    """
+    gain, gain_reason = _ratio(
+        losses["none"] - losses["hypersteer"], losses["none"] - losses["prompt"], "L_none - L_prompt"
+    )
+    specificity, specificity_reason = _ratio(
+        losses["hypersteer_wrong"] - losses["hypersteer"],
+        losses["prompt_wrong"] - losses["prompt"],
+        "L_prompt,wrong - L_prompt",
+    )
+    undefined = {}
+    if gain_reason:
+        undefined["gain_ratio"] = f"prompting did not lower the loss ({gain_reason})"
+    if specificity_reason:
+        undefined["specificity_ratio"] = (
+            f"prompting with the right concept did not give a lower loss than with a wrong one ({specificity_reason})"
+        )
+    return {"gain_ratio": gain, "specificity_ratio": specificity, "undefined_ratios": undefined}
 
 
 def _per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,13 +181,17 @@ def offline_steering_metric(
 
     Returns:
         `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`: means over concepts
-        of per-concept mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `num_rows`,
-        `num_concepts` and `per_concept` losses.
+        of per-concept mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `undefined_ratios`
+        (why each undefined ratio is undefined, see [`steering_ratios`]), `num_rows`, `num_concepts` and `per_concept`
+        losses.
+
+    Steering prompts are cut to the model's `config.max_steering_prompt_length` tokens, as `generate` cuts them.
     """
     rows = [dict(row) for row in rows]
     if not rows:
         raise ValueError("The offline metric needs at least one row with `input`, `output` and `output_concept`.")
     wrong = concept_derangement(row["output_concept"] for row in rows)
+    steering_length = model.config.max_steering_prompt_length
     if concept_vectors is not None:
         missing = sorted({row["output_concept"] for row in rows} - set(concept_vectors))
         if missing:
@@ -156,10 +203,16 @@ def offline_steering_metric(
     for row in rows:
         for suffix, concept in (("", row["output_concept"]), ("_wrong", wrong[row["output_concept"]])):
             example = {**row, "output_concept": concept, "steering_factor": steering_factor}
-            features[f"hypersteer{suffix}"].append(tokenize_example(example, tokenizer, max_length=max_length))
+            features[f"hypersteer{suffix}"].append(
+                tokenize_example(example, tokenizer, max_length=max_length, max_steering_prompt_length=steering_length)
+            )
             features[f"prompt{suffix}"].append(
                 tokenize_example(
-                    example, tokenizer, max_length=max_length, system_prompt=prompt_steering_system_prompt(concept)
+                    example,
+                    tokenizer,
+                    max_length=max_length,
+                    max_steering_prompt_length=steering_length,
+                    system_prompt=prompt_steering_system_prompt(concept),
                 )
             )
     features["none"] = features["hypersteer"]
@@ -212,10 +265,7 @@ def offline_steering_metric(
     }
     return {
         "losses": losses,
-        "gain_ratio": _safe_ratio(losses["none"] - losses["hypersteer"], losses["none"] - losses["prompt"]),
-        "specificity_ratio": _safe_ratio(
-            losses["hypersteer_wrong"] - losses["hypersteer"], losses["prompt_wrong"] - losses["prompt"]
-        ),
+        **steering_ratios(losses),
         "steering_factor": steering_factor,
         "num_rows": len(rows),
         "num_concepts": len(per_concept),
@@ -224,13 +274,25 @@ def offline_steering_metric(
     }
 
 
-def generation_tasks(instructions_by_concept: dict[str, Sequence[str]], num_instructions: int) -> list[dict[str, Any]]:
+def generation_tasks(
+    instructions_by_concept: dict[str, Sequence[str]],
+    num_instructions: int,
+    concept_ids: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
     """Pair each concept with up to `num_instructions` instructions, the first half for factor selection and the
     second half for the report (AxBench's protocol).
 
+    Args:
+        concept_ids (`dict[str, int]`, *optional*): the data's `concept_id` of each concept, copied into the tasks.
+
     Returns:
-        `list[dict]` with `concept`, `instruction` and `split` (`"select"` or `"test"`).
+        `list[dict]` with `concept`, `concept_id` (`None` without `concept_ids`), `instruction` and `split`
+        (`"select"` or `"test"`).
     """
+    concept_ids = concept_ids or {}
+    missing = sorted(set(instructions_by_concept) - set(concept_ids)) if concept_ids else []
+    if missing:
+        raise ValueError(f"`concept_ids` has no id for the concept(s) {missing}.")
     tasks = []
     for concept in sorted(instructions_by_concept):
         chosen = list(dict.fromkeys(instructions_by_concept[concept]))[:num_instructions]
@@ -242,27 +304,51 @@ def generation_tasks(instructions_by_concept: dict[str, Sequence[str]], num_inst
         half = len(chosen) // 2
         for index, instruction in enumerate(chosen):
             tasks.append(
-                {"concept": concept, "instruction": instruction, "split": SELECT_SPLIT if index < half else TEST_SPLIT}
+                {
+                    "concept": concept,
+                    "concept_id": concept_ids.get(concept),
+                    "instruction": instruction,
+                    "split": SELECT_SPLIT if index < half else TEST_SPLIT,
+                }
             )
     return tasks
 
 
 def _sample_key(sample: dict) -> tuple:
-    return sample["method"], sample["concept"], float(sample["factor"]), sample["instruction"]
+    return sample.get("run_key"), sample["method"], sample["concept"], float(sample["factor"]), sample["instruction"]
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL file; a half-written last line (from a killed run) is ignored."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning(f"Ignoring an incomplete line in {path} (a run was interrupted while writing it).")
-    return rows
+# Config entries that describe where and how a checkpoint was saved or loaded, not the model itself.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "_commit_hash"}
+)
+
+
+def model_fingerprint(config, hypernetwork_state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a HyperSteer checkpoint: its config (base model name and revision included) and hypernetwork weights.
+
+    Two checkpoints share a fingerprint only if they steer identically; where or how they were saved does not enter.
+    Computable from a loaded model (`model.config`, `model.hypernetwork.state_dict()`, keys with or without the
+    `hypernetwork.` prefix) and from a saved folder (`config.json`, `model.safetensors`) alike.
+    """
+    config_dict = config if isinstance(config, dict) else config.to_dict()
+    described = {key: value for key, value in config_dict.items() if key not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
+    for name in sorted(hypernetwork_state_dict, key=lambda key: key.removeprefix("hypernetwork.")):
+        tensor = hypernetwork_state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name.removeprefix('hypernetwork.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def generation_run_key(model: HyperSteerModel, **decoding_settings) -> str:
+    """The resume key of generations: the model's fingerprint, its base's dtype and the decoding settings."""
+    payload = {
+        "model": model_fingerprint(model.config, model.hypernetwork.state_dict()),
+        "base_dtype": str(model.language_model.dtype),
+        **decoding_settings,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -282,24 +368,46 @@ def generate_samples(
     """Generate for every task, method and (for `hypersteer`) factor, in batches, with a progress bar.
 
     Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
-    rerun skips what is already there.
+    rerun skips what is already there. Rows are reused only when they carry the same `run_key`
+    ([`generation_run_key`]: model fingerprint and decoding settings), so evaluating another checkpoint, or the same
+    one with other settings, into the same folder never reuses old generations.
 
     Returns:
-        `list[dict]` with `method`, `concept`, `factor`, `instruction`, `split` and `generation`.
+        `list[dict]` with `method`, `concept`, `factor`, `instruction`, `split`, `generation`, `run_key` and any other
+        key of the tasks (e.g. `concept_id`).
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
-    done = {_sample_key(sample): sample for sample in read_jsonl(generations_path)} if generations_path else {}
+    done = {}
+    run_key = None
+    if generations_path:
+        run_key = generation_run_key(
+            model,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            seed=seed if do_sample else None,
+            batch_size=batch_size if do_sample else None,
+        )
+        previous = []
+        if Path(generations_path).is_file():
+            previous = read_jsonl(generations_path, allow_truncated_last_line=True)
+        done = {_sample_key(sample): sample for sample in previous if sample.get("run_key") == run_key}
+        if len(done) < len(previous):
+            logger.warning(
+                f"{len(previous) - len(done)} generation(s) in {generations_path} come from another model or other "
+                "decoding settings; they are not reused."
+            )
     all_jobs = [
-        {"method": method, "factor": float(factor), **task}
+        {"method": method, "factor": float(factor), "run_key": run_key, **task}
         for method in methods
         for factor in (steering_factors if method == "hypersteer" else [1.0 if method == "prompt" else 0.0])
         for task in tasks
     ]
     jobs = [job for job in all_jobs if _sample_key(job) not in done]
     device = model.get_input_embeddings().weight.device
-    handle = open(generations_path, "a", encoding="utf-8") if generations_path else None
+    handle = JsonlAppender(generations_path) if generations_path else None
     try:
         with tqdm(total=len(jobs), desc="Generating", unit="generation") as progress:
             groups = defaultdict(list)
@@ -343,8 +451,7 @@ def generate_samples(
                         sample = {**job, "generation": text.strip()}
                         done[_sample_key(sample)] = sample
                         if handle is not None:
-                            handle.write(json.dumps(sample) + "\n")
-                            handle.flush()
+                            handle.write(sample)
                     progress.update(len(batch))
     finally:
         if handle is not None:
@@ -352,18 +459,9 @@ def generate_samples(
     return [done[_sample_key(job)] for job in all_jobs]
 
 
-def _plot_setup():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_factor_sweep(samples: Sequence[dict], path: str | os.PathLike) -> Path:
     """Mean judged score against steering factor per method (methods without a factor grid as flat lines)."""
-    plt = _plot_setup()
+    plt = pyplot()
     scores = defaultdict(lambda: defaultdict(list))
     for sample in samples:
         if sample.get("judge_status") == "ok" and sample.get("score") is not None:
@@ -390,7 +488,7 @@ def plot_factor_sweep(samples: Sequence[dict], path: str | os.PathLike) -> Path:
 
 def plot_ratings(summary: dict, path: str | os.PathLike) -> Path:
     """The three judge ratings per method at each concept's selected factor (test half)."""
-    plt = _plot_setup()
+    plt = pyplot()
     methods = sorted(summary.get("methods", {}))
     ratings = ("concept_score", "instruction_score", "fluency_score")
     figure, axis = plt.subplots(figsize=(6.5, 4))
@@ -413,7 +511,7 @@ def plot_ratings(summary: dict, path: str | os.PathLike) -> Path:
 
 def plot_offline_losses(offline: dict[str, dict], path: str | os.PathLike) -> Path:
     """Grouped bars of the offline losses per evaluated concept set (e.g. held-in and held-out)."""
-    plt = _plot_setup()
+    plt = pyplot()
     conditions = ("none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong")
     names = sorted(offline)
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -439,24 +537,35 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _ratio_cell(result: dict, name: str) -> str:
+    reason = (result.get("undefined_ratios") or {}).get(name)
+    return f"undefined: {reason}" if reason else _format(result.get(name))
+
+
 def summary_markdown(summary: dict) -> str:
-    """A Markdown report of `summary.json`."""
+    """A Markdown report of an evaluation summary (`evaluation_summary.json`)."""
     lines = ["# Steering evaluation", ""]
     methods = summary.get("methods") or {}
     if methods:
         lines += [
-            "Judged (AxBench protocol: factor chosen per concept on the select half, reported on the test half).",
+            "Judged (AxBench protocol: factor chosen per concept on the select half, reported on the test half; every "
+            "method over the same concepts).",
             "",
-            "| method | score | concept | instruction | fluency | failed judgements |",
-            "|---|---|---|---|---|---|",
+            "| method | score | concept | instruction | fluency | concepts | failed judgements |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, result in sorted(methods.items()):
             lines.append(
                 f"| {name} | {_format(result.get('score'))} | {_format(result.get('concept_score'))} | "
                 f"{_format(result.get('instruction_score'))} | {_format(result.get('fluency_score'))} | "
-                f"{result.get('failed_judgements', 0)} |"
+                f"{result.get('num_concepts', 0)} | {result.get('failed_judgements', 0)} |"
             )
         lines.append("")
+        excluded = summary.get("excluded_concepts") or {}
+        if excluded:
+            lines += [f"Excluded from every method ({len(excluded)} concept(s)):", ""]
+            lines += [f"- {concept}: {'; '.join(reasons)}" for concept, reasons in sorted(excluded.items())]
+            lines.append("")
     elif summary.get("judge") is None:
         lines += ["No judge endpoint was configured: only the offline metric was run.", ""]
     offline = summary.get("offline") or {}
@@ -472,8 +581,8 @@ def summary_markdown(summary: dict) -> str:
             lines.append(
                 f"| {name} | {result['num_rows']} | {_format(losses['none'])} | {_format(losses['prompt'])} | "
                 f"{_format(losses['hypersteer'])} | {_format(losses['prompt_wrong'])} | "
-                f"{_format(losses['hypersteer_wrong'])} | {_format(result['gain_ratio'])} | "
-                f"{_format(result['specificity_ratio'])} |"
+                f"{_format(losses['hypersteer_wrong'])} | {_ratio_cell(result, 'gain_ratio')} | "
+                f"{_ratio_cell(result, 'specificity_ratio')} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -520,5 +629,7 @@ __all__ = [
     "plot_offline_losses",
     "summary_markdown",
     "side_by_side",
-    "read_jsonl",
+    "steering_ratios",
+    "model_fingerprint",
+    "generation_run_key",
 ]

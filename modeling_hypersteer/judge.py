@@ -288,9 +288,11 @@ def select_and_report(
 
     For every method and concept: the factor with the highest mean `score` over the concept's valid `select_split`
     samples is chosen (ties go to the smallest factor); the concept's test result is the mean over its valid
-    `test_split` samples at that factor. A method's numbers are means over its concepts (each concept weighs the
-    same). Failed judgements (`judge_status != "ok"`) are excluded everywhere and counted in `failed_judgements`.
-    Methods with a single factor (no steering, prompting) go through the same path.
+    `test_split` samples at that factor. A method's numbers are means over concepts (each concept weighs the same),
+    and every method is averaged over the same concepts: a concept without a test result for any one method (no
+    valid judgement left) is excluded from all of them and listed with the reason in `excluded_concepts`. Failed
+    judgements (`judge_status != "ok"`) are excluded everywhere and counted in `failed_judgements`. Methods with a
+    single factor (no steering, prompting) go through the same path.
 
     Args:
         samples (`Sequence[Mapping]`):
@@ -302,8 +304,8 @@ def select_and_report(
     Returns:
         `dict`: `{"methods": {method: {"score", "concept_score", "instruction_score", "fluency_score",
         "best_factors": {concept: factor}, "failed_judgements": int, "num_concepts": int,
-        "per_concept": {concept: {"factor", "score", ..., "num_test_samples"}}}}}`. A mean with no valid sample is
-        `None`.
+        "per_concept": {concept: {"factor", "score", ..., "num_test_samples"}}}}, "concepts": [the common concepts],
+        "excluded_concepts": {concept: ["<method>: <reason>", ...]}}`. A mean with no valid sample is `None`.
     """
     if select_split == test_split:
         raise ValueError(f"select_split and test_split must differ, both are {select_split!r}.")
@@ -321,62 +323,83 @@ def select_and_report(
             )
         by_method[str(sample["method"])].append(sample)
 
+    entries: dict[str, dict[Any, dict[str, Any]]] = {}
+    reasons: dict[str, dict[Any, str]] = {}
+    best_factors: dict[str, dict[Any, Any]] = {}
+    all_concepts = {sample["concept"] for method_samples in by_method.values() for sample in method_samples}
+    for method, method_samples in by_method.items():
+        entries[method], reasons[method], best_factors[method] = _per_concept_results(
+            method_samples, all_concepts, select_split, test_split
+        )
+
+    # Methods are compared over one set of concepts: a concept that lost every valid judgement for one method would
+    # otherwise leave that method's mean alone (and could favour it), so it leaves every method's mean.
+    common = [concept for concept in sorted(all_concepts, key=str) if all(concept in e for e in entries.values())]
+    excluded = {
+        concept: [f"{method}: {reasons[method][concept]}" for method in by_method if concept in reasons[method]]
+        for concept in sorted(all_concepts - set(common), key=str)
+    }
+    for concept, why in excluded.items():
+        logger.warning(f"Concept {concept!r} is left out of every method's means: {'; '.join(why)}.")
+
     report: dict[str, Any] = {}
     for method, method_samples in by_method.items():
-        failed = sum(1 for sample in method_samples if not _is_valid(sample))
-        by_concept: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
-        for sample in method_samples:
-            by_concept[sample["concept"]].append(sample)
-
-        best_factors: dict[Any, Any] = {}
-        per_concept: dict[Any, dict[str, Any]] = {}
-        for concept, concept_samples in by_concept.items():
-            select_scores: dict[Any, list[float]] = defaultdict(list)
-            for sample in concept_samples:
-                if sample["split"] == select_split and _is_valid(sample):
-                    select_scores[sample["factor"]].append(float(sample["score"]))
-            if not select_scores:
-                logger.warning(
-                    f"Method {method!r}, concept {concept!r}: no valid judgement on the {select_split!r} split, so no "
-                    "factor can be chosen; the concept is left out of the report."
-                )
-                continue
-            best_factor = min(sorted(select_scores), key=lambda factor: -_mean(select_scores[factor]))
-            best_factors[concept] = best_factor
-            test_samples = [
-                sample
-                for sample in concept_samples
-                if sample["split"] == test_split and sample["factor"] == best_factor and _is_valid(sample)
-            ]
-            if not test_samples:
-                logger.warning(
-                    f"Method {method!r}, concept {concept!r}: no valid judgement on the {test_split!r} split at the "
-                    f"chosen factor {best_factor}; the concept is left out of the means."
-                )
-                continue
-            entry: dict[str, Any] = {
-                "factor": best_factor,
-                "score": _mean([float(sample["score"]) for sample in test_samples]),
-                "num_test_samples": len(test_samples),
-            }
-            for key in _RATING_KEYS:
-                values = [float(sample[key]) for sample in test_samples if sample.get(key) is not None]
-                entry[key] = _mean(values)
-            per_concept[concept] = entry
-
-        method_report: dict[str, Any] = {
-            "score": _mean([entry["score"] for entry in per_concept.values()]),
-        }
+        per_concept = {concept: entries[method][concept] for concept in common}
+        method_report: dict[str, Any] = {"score": _mean([entry["score"] for entry in per_concept.values()])}
         for key in _RATING_KEYS:
             method_report[key] = _mean([entry[key] for entry in per_concept.values() if entry[key] is not None])
         method_report.update(
-            best_factors=best_factors,
-            failed_judgements=failed,
+            best_factors=best_factors[method],
+            failed_judgements=sum(1 for sample in method_samples if not _is_valid(sample)),
             num_concepts=len(per_concept),
             per_concept=per_concept,
         )
         report[method] = method_report
-    return {"methods": report}
+    return {"methods": report, "concepts": common, "excluded_concepts": excluded}
+
+
+def _per_concept_results(
+    method_samples: Sequence[Mapping[str, Any]], all_concepts: set, select_split: str, test_split: str
+) -> tuple[dict[Any, dict[str, Any]], dict[Any, str], dict[Any, Any]]:
+    """One method's test result per concept, the reason for each concept without one, and the chosen factors."""
+    by_concept: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
+    for sample in method_samples:
+        by_concept[sample["concept"]].append(sample)
+    entries: dict[Any, dict[str, Any]] = {}
+    reasons: dict[Any, str] = {}
+    best_factors: dict[Any, Any] = {}
+    for concept in all_concepts:
+        concept_samples = by_concept.get(concept, [])
+        if not concept_samples:
+            reasons[concept] = "no samples"
+            continue
+        select_scores: dict[Any, list[float]] = defaultdict(list)
+        for sample in concept_samples:
+            if sample["split"] == select_split and _is_valid(sample):
+                select_scores[sample["factor"]].append(float(sample["score"]))
+        if not select_scores:
+            reasons[concept] = f"no valid judgement on the {select_split!r} split, so no factor can be chosen"
+            continue
+        best_factor = min(sorted(select_scores), key=lambda factor: -_mean(select_scores[factor]))
+        best_factors[concept] = best_factor
+        test_samples = [
+            sample
+            for sample in concept_samples
+            if sample["split"] == test_split and sample["factor"] == best_factor and _is_valid(sample)
+        ]
+        if not test_samples:
+            reasons[concept] = f"no valid judgement on the {test_split!r} split at the chosen factor {best_factor}"
+            continue
+        entry: dict[str, Any] = {
+            "factor": best_factor,
+            "score": _mean([float(sample["score"]) for sample in test_samples]),
+            "num_test_samples": len(test_samples),
+        }
+        for key in _RATING_KEYS:
+            values = [float(sample[key]) for sample in test_samples if sample.get(key) is not None]
+            entry[key] = _mean(values)
+        entries[concept] = entry
+    return entries, reasons, best_factors
 
 
 __all__ = [

@@ -30,6 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from . import __version__
+from .utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE, TRAINING_SUMMARY_FILE
 
 
 logger = logging.get_logger(__name__)
@@ -37,9 +38,6 @@ logger = logging.get_logger(__name__)
 TEMPLATE_PACKAGE = "modeling_hypersteer"
 TEMPLATE_RESOURCE = ("model_cards", "hypersteer.md")
 MODEL_CARD_NAME = "README.md"
-TRAINING_SUMMARY_FILE = "training_summary.json"
-CONCEPT_SPLIT_FILE = "concept_split.json"
-EVALUATION_SUMMARY_FILE = "evaluation_summary.json"
 TAGS = ("hypersteer", "steering", "activation-steering")
 DEFAULT_LICENSE = "apache-2.0"
 # Upload filter shared with `Trainer.push_to_hub`: private files and intermediate checkpoints stay local.
@@ -75,6 +73,21 @@ _JUDGE_COLUMNS = (
 _LICENSE_NAMES = {"apache-2.0": "Apache-2.0", "mit": "MIT"}
 # Per-concept detail is kept in the summary file; the card lists aggregates only.
 _SKIPPED_METRIC_KEYS = {"per_concept", "best_factors", "rank_fingerprints"}
+# Parts of `evaluation_summary.json` (from `evaluate_steering.py`) that get their own section or are not results.
+_STRUCTURED_EVALUATION_KEYS = {
+    "methods",
+    "judge",
+    "judge_model",
+    "offline",
+    "excluded_concepts",
+    "config",
+    "model_config",
+    "meta_info",
+    "concepts",
+    "offline_rows",
+    "model",
+    "model_fingerprint",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,11 +120,12 @@ def render_model_card(
             `{"metrics": {"train_loss", "eval_heldin_loss", "eval_heldout_loss", ...}, "sources": [...], ...}`.
         concept_split (`dict`, *optional*): `concept_split.json`, i.e. `{"heldin_concepts", "heldout_concepts",
             "sources", "seed"}`.
-        evaluation_summary (`dict`, *optional*): an evaluation report. `"methods"` (or `"judge"` → `"methods"`) in the
-            format of [`~modeling_hypersteer.judge.select_and_report`] is shown as a judge table, with
-            `"judge_model"` naming the judge. Every other numeric entry (nested mappings allowed, e.g. offline
-            gain and specificity ratios per split) is listed under its dotted key. Without judge results the
-            card says the model was evaluated offline only.
+        evaluation_summary (`dict`, *optional*): `evaluation_summary.json` from `evaluate_steering.py`. Its
+            `"methods"` (the format of [`~modeling_hypersteer.judge.select_and_report`]) are shown as a judge table,
+            with `"judge"` → `"model"` (or `"judge_model"`) naming the judge and `"excluded_concepts"` listed under
+            it; its `"offline"` results as a table of gain and specificity ratios per concept set (an undefined ratio
+            with its reason). Any other top-level numeric entry is listed under its dotted key. Without judge
+            results the card says the model was evaluated offline only.
         dataset_names (`list[str]`, *optional*): training data sources; defaults to the sources recorded in the
             training summary or concept split. Those that are Hub dataset ids also go into the `datasets:` metadata.
         num_parameters (`int`, *optional*): parameter count of the hypernetwork, when not given a model.
@@ -181,7 +195,9 @@ def write_model_card(
     """Renders the card and writes it to `output_dir/README.md`, replacing any card there.
 
     Summaries not passed are read from `output_dir` when present: `training_summary.json`, the concept split it
-    names (default `concept_split.json`) and `evaluation_summary.json`. Given a config instead of a model, the
+    names (default `concept_split.json`) and `evaluation_summary.json` (which `evaluate_steering.py` writes into the
+    evaluated checkpoint's folder). An evaluation summary whose `model_fingerprint` belongs to other weights (e.g. a
+    folder retrained after it was evaluated) is left out with a warning. Given a config instead of a model, the
     hypernetwork's parameters are counted from `output_dir/model.safetensors`.
 
     Returns:
@@ -195,6 +211,10 @@ def write_model_card(
         concept_split = _read_json(output_dir / (split_file if isinstance(split_file, str) else CONCEPT_SPLIT_FILE))
     if evaluation_summary is None:
         evaluation_summary = _read_json(output_dir / EVALUATION_SUMMARY_FILE)
+        if evaluation_summary is not None and not _evaluated_this_model(
+            evaluation_summary, model_or_config, output_dir
+        ):
+            evaluation_summary = None
     if render_kwargs.get("num_parameters") is None and not hasattr(model_or_config, "hypernetwork"):
         render_kwargs["num_parameters"] = _count_saved_parameters(output_dir / "model.safetensors")
     card = render_model_card(
@@ -363,6 +383,7 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
         "",
     ]
     methods, judge_model = _judge_results(evaluation_summary)
+    excluded = evaluation_summary.get("excluded_concepts") or {}
     if methods:
         judged_by = f", judged by `{_inline(judge_model)}`" if judge_model else ""
         lines += [
@@ -380,8 +401,19 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
             ),
             "",
         ]
+        if excluded:
+            lines += [
+                f"Every method is averaged over the same concepts; {len(excluded)} concept(s) without a valid judgement "
+                "for some method are left out of all of them:",
+                "",
+                *[f"- {_inline(concept)}: {_inline('; '.join(reasons))}" for concept, reasons in excluded.items()],
+                "",
+            ]
+    offline = evaluation_summary.get("offline")
+    if isinstance(offline, Mapping) and offline:
+        lines += [_offline_markdown(offline), ""]
     other = _flatten_numbers(
-        {key: value for key, value in evaluation_summary.items() if key not in ("methods", "judge", "judge_model")}
+        {key: value for key, value in evaluation_summary.items() if key not in _STRUCTURED_EVALUATION_KEYS}
     )
     if other:
         shown = other[:MAX_LISTED_METRICS]
@@ -390,23 +422,56 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
             "",
             _table(("Metric", "Value"), [(f"`{key}`", _format_metric(value)) for key, value in shown]),
         ]
-    elif not methods:
+    elif not methods and not offline:
         lines.append("Steering quality (AxBench LLM-judge scores or offline loss ratios): not measured.")
     return "\n".join(lines).rstrip()
 
 
+def _offline_markdown(offline: Mapping[str, Any]) -> str:
+    """Offline gain and specificity ratios per concept set; an undefined ratio shows its reason, not a number."""
+    rows = []
+    for name, result in offline.items():
+        if not isinstance(result, Mapping):
+            continue
+        undefined = result.get("undefined_ratios") or {}
+        cells = [
+            f"undefined: {_inline(undefined[key])}" if key in undefined else _format_metric(result.get(key))
+            for key in ("gain_ratio", "specificity_ratio")
+        ]
+        losses = result.get("losses") or {}
+        rows.append(
+            (
+                f"`{_inline(name)}`",
+                _format_metric(result.get("num_concepts")),
+                *cells,
+                _format_metric(losses.get("hypersteer")),
+                _format_metric(losses.get("prompt")),
+                _format_metric(losses.get("none")),
+            )
+        )
+    return "\n".join(
+        [
+            "Offline metric (no judge): loss of held-out target responses. Gain ratio = (L_none − L_hypersteer) / "
+            "(L_none − L_prompt); specificity ratio = (L_hypersteer,wrong − L_hypersteer) / (L_prompt,wrong − "
+            "L_prompt), with a wrong concept as the control:",
+            "",
+            _table(
+                ("Concepts", "Count", "Gain ratio", "Specificity ratio", "L_hypersteer", "L_prompt", "L_none"), rows
+            ),
+        ]
+    )
+
+
 def _judge_results(evaluation_summary: dict) -> tuple[dict, str | None]:
-    """`(methods, judge model)` of a judge report given at the top level or under `"judge"`."""
+    """`(methods, judge model)`: `evaluate_steering.py` writes the methods at the top level and the judge's endpoint
+    details (`model`, `base_url`, request counts) under `"judge"`."""
     judge = evaluation_summary.get("judge")
-    section = judge if isinstance(judge, Mapping) else evaluation_summary
-    methods = section.get("methods")
+    judge = judge if isinstance(judge, Mapping) else {}
+    methods = evaluation_summary.get("methods", judge.get("methods"))
     if not isinstance(methods, Mapping):
         return {}, None
     methods = {name: report for name, report in methods.items() if isinstance(report, Mapping)}
-    judge_model = evaluation_summary.get("judge_model") or section.get("judge_model")
-    if section is judge:
-        judge_model = judge_model or judge.get("model")
-    return methods, judge_model
+    return methods, evaluation_summary.get("judge_model") or judge.get("model")
 
 
 def _extra_limitations(evaluation_summary: dict) -> str:
@@ -424,6 +489,31 @@ def _extra_limitations(evaluation_summary: dict) -> str:
             "Steering quality has not been rated."
         )
     return text + "\n"
+
+
+def _evaluated_this_model(evaluation_summary: Mapping[str, Any], model_or_config, output_dir: Path) -> bool:
+    """False (with a warning) when the summary records the fingerprint of other weights than the card's model."""
+    recorded = evaluation_summary.get("model_fingerprint")
+    if not recorded:
+        return True
+    from .evaluation import model_fingerprint
+
+    if hasattr(model_or_config, "hypernetwork"):
+        current = model_fingerprint(model_or_config.config, model_or_config.hypernetwork.state_dict())
+    else:
+        weights = output_dir / "model.safetensors"
+        if not weights.is_file():
+            return True
+        from safetensors.torch import load_file
+
+        current = model_fingerprint(_hypersteer_config(model_or_config), load_file(str(weights)))
+    if current != recorded:
+        logger.warning(
+            f"{output_dir / EVALUATION_SUMMARY_FILE} was measured on other weights (model fingerprint {recorded[:12]}, "
+            f"this model {current[:12]}); the card leaves it out. Rerun evaluate_steering.py on this checkpoint."
+        )
+        return False
+    return True
 
 
 def _base_model_markdown(base_name: str | None, base_is_hub_id: bool) -> str:

@@ -8,7 +8,8 @@ Guarantees:
 
 - **Nothing is paid for twice.** Every successful answer is written to an sqlite cache on disk the moment it
   arrives (one committed transaction per answer, WAL journal), so a run killed at any point (even `kill -9`) resumes
-  from what it already received. The key is a SHA-256 of the model, the messages and every sampling setting.
+  from what it already received. The key is a SHA-256 of the endpoint (`base_url`), the model, the messages and every
+  sampling setting, so one cache file shared by several servers never answers for the wrong one.
   Identical requests inside one batch are sent once.
 - **Failures are explicit.** Rate limits (429), server errors (5xx), timeouts and connection errors are retried
   with exponential backoff and jitter (honouring `Retry-After`); other errors fail at once. A request that still
@@ -138,9 +139,12 @@ class ChatResult:
         return self.status == "ok"
 
 
-def request_cache_key(request: ChatRequest, model: str) -> str:
-    """SHA-256 of everything that determines an answer: model, messages, temperature, max_tokens, other settings."""
+def request_cache_key(request: ChatRequest, model: str, base_url: str) -> str:
+    """SHA-256 of everything that determines an answer: the endpoint, model, messages, temperature, max_tokens and
+    other settings. The same model name on two servers (e.g. two vLLM hosts serving different weights as "judge") gets
+    two keys."""
     payload = {
+        "base_url": base_url.rstrip("/"),
         "model": model,
         "messages": [dict(message) for message in request.messages],
         "temperature": float(request.temperature),
@@ -439,7 +443,7 @@ class CachedChatClient:
         try:
             for index, request in enumerate(parsed):
                 model = request.model or self.model
-                key = request_cache_key(request, model)
+                key = request_cache_key(request, model, self.base_url)
                 cached = self.cache.get(key) if self.cache is not None else None
                 if cached is not None:
                     self.cache_hits += 1

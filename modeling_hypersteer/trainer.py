@@ -11,14 +11,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import IntervalStrategy, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .model_card import DEFAULT_LICENSE, write_model_card
 from .modeling_hypersteer import per_row_causal_lm_loss
+from .utils import pyplot
 
 
 logger = logging.get_logger(__name__)
+
+# Evaluations per run when `eval_strategy="steps"` and `eval_steps` is not given.
+DEFAULT_EVALUATIONS_PER_RUN = 5
 
 
 @dataclass
@@ -36,6 +40,9 @@ class HyperSteerTrainingArguments(TrainingArguments):
     > - `ddp_find_unused_parameters`: `False`; every hypernetwork weight is used at every step, so DDP's extra graph
     >   traversal would only cost time.
     > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
+    > - `eval_steps`: with `eval_strategy="steps"` and no `eval_steps` given, `1 / DEFAULT_EVALUATIONS_PER_RUN`
+    >   (a ratio of the total steps), so a run is evaluated 5 times however long it is, instead of at every
+    >   `logging_steps`.
 
     Training objective. The LM loss on the concept data's responses alone learns a concept-free shift toward the
     teacher's style: the wrong concept then lowers the loss as much as the right one. Two terms make the vector
@@ -99,6 +106,15 @@ class HyperSteerTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # The parent falls back to `logging_steps` (every 10 steps here), which makes evaluation dominate short runs
+        # and floods long ones. A ratio is resolved against the run's total steps by the Trainer. With
+        # `load_best_model_at_end`, `save_steps` must be a multiple of `eval_steps`, so the parent's rule stays.
+        if (
+            self.eval_strategy == IntervalStrategy.STEPS
+            and self.eval_steps is None
+            and not self.load_best_model_at_end
+        ):
+            self.eval_steps = 1 / DEFAULT_EVALUATIONS_PER_RUN
         super().__post_init__()
         for name in ("contrast_loss_weight", "diversity_loss_weight"):
             value = getattr(self, name)
@@ -282,11 +298,7 @@ def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series = defaultdict(list)
     for entry in log_history:
         step = entry.get("step")

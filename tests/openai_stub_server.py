@@ -13,7 +13,8 @@ Failures are scripted with rules, checked in the order they were added: [`OpenAI
 behaviour to the next N requests, [`OpenAIStubServer.fail_matching`] to requests whose messages contain a substring
 (N times or always). Behaviours: `"rate_limit"` (429 + `Retry-After`), `"server_error"` (500 or `status`),
 `"bad_request"` (400), `"garbage"` (200 without a rating), `"slow"` (answers after `delay` seconds, beyond a
-client's timeout), `"empty"` (200 with `content: null`).
+client's timeout), `"empty"` (200 with `content: null`), `"truncated"` (the first half of the usual answer with
+`finish_reason: "length"`, as when `max_tokens` cuts it).
 
 Every wait inside the server is bounded (and cut short when the server stops); `wait_for_requests` polls with a
 deadline.
@@ -43,7 +44,7 @@ class _LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-BEHAVIOURS = ("ok", "rate_limit", "server_error", "bad_request", "garbage", "slow", "empty")
+BEHAVIOURS = ("ok", "rate_limit", "server_error", "bad_request", "garbage", "slow", "empty", "truncated")
 GARBAGE_TEXT = "Hmm, hard to say. I would lean towards a decent answer overall."
 _MARKER_PATTERN = re.compile(r"\b(concept|instruction|fluency)=([0-2](?:\.\d+)?)\b")
 _JUDGE_HEADERS = {aspect: JUDGE_TEMPLATES[aspect].split("\n", 1)[0] for aspect in JUDGE_ASPECTS}
@@ -303,6 +304,10 @@ class _Handler(BaseHTTPRequestHandler):
             text = None
         else:
             text = self.stub.responder(body)
+        finish_reason = "stop"
+        if behaviour.kind == "truncated":
+            # The answer as an endpoint returns it when `max_tokens` stops it: cut, with finish_reason "length".
+            text, finish_reason = text[: len(text) // 2], "length"
         completion_tokens = len((text or "").split())
         prompt_tokens = len(prompt.split())
         self._send_json(
@@ -316,7 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "finish_reason": finish_reason,
                         "logprobs": None,
                     }
                 ],

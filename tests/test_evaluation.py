@@ -2,22 +2,37 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_base, cli_arguments, save_tiny_base
+from conftest import AXBENCH_DIR, build_tiny_base, cli_arguments, save_tiny_base
 from openai_stub_server import stub_rating
+from safetensors.torch import load_file, save_file
 
 import evaluate_steering
-from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.data import ConceptSplit, build_splits, load_concept_data
+from modeling_hypersteer import HyperSteerConfig, HyperSteerModel, tokenize_steering_prompts
+from modeling_hypersteer.data import (
+    ConceptSplit,
+    HyperSteerDataCollator,
+    build_splits,
+    load_concept_data,
+    tokenize_example,
+)
 from modeling_hypersteer.evaluation import (
     concept_derangement,
     generate_samples,
     generation_tasks,
+    model_fingerprint,
     offline_steering_metric,
+    steering_ratios,
+    summary_markdown,
 )
 from modeling_hypersteer.judge import build_judge_prompt, harmonic_score
+from modeling_hypersteer.model_card import write_model_card
+
+
+AXBENCH_TRAIN = AXBENCH_DIR / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +48,12 @@ def concept_rows(axbench_dir):
     return rows
 
 
-def _model(tokenizer, active=True):
+def _model(tokenizer, active=True, seed=0, **config):
     base = build_tiny_base("llama", len(tokenizer))
-    model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=2, hypernet_num_layers=2)
+    torch.manual_seed(seed)
+    model = HyperSteerModel.from_base_model(
+        base, tokenizer=tokenizer, steering_layer=2, hypernet_num_layers=2, **config
+    )
     if active:
         with torch.no_grad():
             model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
@@ -56,13 +74,20 @@ def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_to
     assert result["num_rows"] == len(concept_rows) and result["num_concepts"] == 4
     for concept_losses in result["per_concept"].values():
         assert set(concept_losses) == {"none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong"}
-    assert all(math.isfinite(value) for value in result["losses"].values())
-    assert result["gain_ratio"] is not None and math.isfinite(result["gain_ratio"])
-    assert result["specificity_ratio"] is not None and math.isfinite(result["specificity_ratio"])
-    expected_gain = (result["losses"]["none"] - result["losses"]["hypersteer"]) / (
-        result["losses"]["none"] - result["losses"]["prompt"]
+    losses = result["losses"]
+    assert all(math.isfinite(value) for value in losses.values())
+    # Each reported loss is the mean over concepts of the per-concept means.
+    for condition, value in losses.items():
+        per_concept = [concept_losses[condition] for concept_losses in result["per_concept"].values()]
+        assert value == pytest.approx(sum(per_concept) / len(per_concept))
+    # On these rows prompting lowers the loss and a wrong concept raises it, so both ratios are defined.
+    assert result["undefined_ratios"] == {}
+    assert result["gain_ratio"] == pytest.approx(
+        (losses["none"] - losses["hypersteer"]) / (losses["none"] - losses["prompt"])
     )
-    assert result["gain_ratio"] == pytest.approx(expected_gain)
+    assert result["specificity_ratio"] == pytest.approx(
+        (losses["hypersteer_wrong"] - losses["hypersteer"]) / (losses["prompt_wrong"] - losses["prompt"])
+    )
 
 
 def test_an_untrained_model_scores_exactly_like_no_steering(tiny_tokenizer, concept_rows):
@@ -75,6 +100,57 @@ def test_an_untrained_model_scores_exactly_like_no_steering(tiny_tokenizer, conc
     assert losses["hypersteer_wrong"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["prompt"] != pytest.approx(losses["none"], abs=1e-4)
     assert result["gain_ratio"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_ratio_with_a_non_positive_denominator_is_undefined_with_its_reason():
+    losses = {"none": 2.0, "prompt": 2.25, "hypersteer": 1.5, "prompt_wrong": 2.5, "hypersteer_wrong": 1.75}
+    ratios = steering_ratios(losses)
+    # Prompting raised the loss (L_none - L_prompt = -0.25): a "gain ratio" of -2.0 would mean nothing.
+    assert ratios["gain_ratio"] is None
+    assert ratios["undefined_ratios"]["gain_ratio"] == (
+        "prompting did not lower the loss (L_none - L_prompt = -0.25, not positive)"
+    )
+    assert ratios["specificity_ratio"] == pytest.approx((1.75 - 1.5) / (2.5 - 2.25))
+    assert "specificity_ratio" not in ratios["undefined_ratios"]
+    flat = steering_ratios({**losses, "prompt_wrong": 2.25})
+    assert flat["specificity_ratio"] is None
+    assert "L_prompt,wrong - L_prompt = 0, not positive" in flat["undefined_ratios"]["specificity_ratio"]
+
+    summary = {
+        "judge": {"model": "stub"},
+        "methods": {"hypersteer": {"score": 1.0, "num_concepts": 1}, "prompt": {"score": 1.5, "num_concepts": 1}},
+        "excluded_concepts": {"tides": ["prompt: no samples"]},
+        "offline": {"heldout": {"losses": losses, "num_rows": 4, **ratios}},
+    }
+    markdown = summary_markdown(summary)
+    assert "undefined: prompting did not lower the loss (L_none - L_prompt = -0.25, not positive)" in markdown
+    assert "- tides: prompt: no samples" in markdown
+
+
+def test_offline_metric_cuts_steering_prompts_to_the_model_length_like_generate(tiny_tokenizer, concept_rows):
+    """With `max_steering_prompt_length=3` the HyperSteer loss is that of the vector of the first 3 tokens."""
+    model = _model(tiny_tokenizer, hypernet_type="no_context", max_steering_prompt_length=3)
+    first_rows = {}
+    for row in concept_rows:
+        first_rows.setdefault(row["output_concept"], row)
+    rows = list(first_rows.values())[:2]
+    result = offline_steering_metric(model, tiny_tokenizer, rows, max_length=256)
+    collator = HyperSteerDataCollator(tokenizer=tiny_tokenizer)
+    for row in rows:
+        batch = collator([tokenize_example(row, tiny_tokenizer, max_length=256)])
+        losses = {}
+        for length in (3, 64):
+            steering = tokenize_steering_prompts(tiny_tokenizer, [row["output_concept"]], length)
+            vectors = model.compute_steering_vectors(**steering)
+            with torch.no_grad():
+                losses[length] = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    labels=batch["labels"],
+                    steering_vectors=vectors,
+                ).loss.item()
+        assert losses[3] != pytest.approx(losses[64], abs=1e-4)  # the cut matters for these concepts
+        assert result["per_concept"][row["output_concept"]]["hypersteer"] == pytest.approx(losses[3], abs=1e-5)
 
 
 def test_generation_resumes_without_regenerating(tiny_tokenizer, tmp_path):
@@ -109,6 +185,51 @@ def test_generation_resumes_without_regenerating(tiny_tokenizer, tmp_path):
     finally:
         handle.remove()
     assert not calls and second == first
+
+
+def _count_generations(model, run):
+    calls = []
+    handle = model.language_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        samples = run()
+    finally:
+        handle.remove()
+    return samples, len(calls)
+
+
+def test_generations_of_another_checkpoint_or_other_settings_are_never_reused(tiny_tokenizer, tmp_path):
+    tasks = generation_tasks({"legal terms": ["Hi", "Explain sorting."]}, 2, {"legal terms": 7})
+    path = tmp_path / "generations.jsonl"
+    first_model, other_model = _model(tiny_tokenizer, seed=0), _model(tiny_tokenizer, seed=1)
+    assert model_fingerprint(first_model.config, first_model.hypernetwork.state_dict()) != model_fingerprint(
+        other_model.config, other_model.hypernetwork.state_dict()
+    )
+
+    def run(model, **settings):
+        kwargs = {"max_new_tokens": 4, "do_sample": False, **settings}
+        return _count_generations(
+            model,
+            lambda: generate_samples(
+                model, tiny_tokenizer, tasks, ["hypersteer"], [1.0], generations_path=path, **kwargs
+            ),
+        )
+
+    first, calls = run(first_model)
+    assert calls > 0 and all(sample["concept_id"] == 7 for sample in first)
+    # Another checkpoint into the same file: everything is generated again, from the other model.
+    other, calls = run(other_model)
+    assert calls > 0 and {s["run_key"] for s in other}.isdisjoint({s["run_key"] for s in first})
+    fresh = generate_samples(
+        other_model, tiny_tokenizer, tasks, ["hypersteer"], [1.0], max_new_tokens=4, do_sample=False
+    )
+    assert [s["generation"] for s in other] == [s["generation"] for s in fresh]
+    # The same checkpoint with other decoding settings: generated again too.
+    _, calls = run(first_model, max_new_tokens=3)
+    assert calls > 0
+    # The same checkpoint and settings: reused, nothing generated.
+    again, calls = run(first_model)
+    assert calls == 0 and again == first
+    assert len(path.read_text().splitlines()) == 3 * len(tasks)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +291,7 @@ def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_s
     expected_keys = {
         "method",
         "concept",
+        "concept_id",
         "factor",
         "instruction",
         "generation",
@@ -205,8 +327,14 @@ def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_s
     assert hypersteer["score"] == pytest.approx(expected_score)
     assert set(summary["methods"]) == {"hypersteer", "prompt", "none"}
     assert {"heldout"} <= set(summary["offline"])
-    for name in ("summary.md", "score_vs_factor.png", "ratings.png", "offline_losses.png"):
+    data = load_concept_data(str(AXBENCH_TRAIN))
+    ids = {row["output_concept"]: row["concept_id"] for row in data if not row["is_negative"]}
+    assert all(sample["concept_id"] == ids[sample["concept"]] for sample in samples)
+    assert summary["excluded_concepts"] == {}
+    assert all(method["num_concepts"] == 3 for method in summary["methods"].values())
+    for name in ("evaluation_summary.json", "evaluation_summary.md", "score_vs_factor.png", "ratings.png"):
         assert (output_dir / name).is_file()
+    assert (output_dir / "offline_losses.png").is_file()
     # Identical judge prompts are paid once; the three scripted 500s were retried.
     distinct_prompts = {
         build_judge_prompt(aspect, s["concept"], s["instruction"], s["generation"])
@@ -220,22 +348,52 @@ def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_s
     assert openai_stub.request_count == requests_before
     assert again["judge"]["requests_sent"] == 0 and again["methods"] == summary["methods"]
 
+    # Another checkpoint evaluated into the same folder: not one generation of the first model is reused.
+    other = _perturbed_copy(trained_dir, tmp_path / "other")
+    other_argv = [item if item != str(trained_dir) else str(other) for item in argv]
+    lines_before = len((output_dir / "generations.jsonl").read_text().splitlines())
+    evaluate_steering.main(other_argv)
+    other_samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len((output_dir / "generations.jsonl").read_text().splitlines()) == lines_before + len(samples)
+    assert {s["run_key"] for s in other_samples}.isdisjoint({s["run_key"] for s in samples})
+    hypersteer_texts = {
+        (s["concept"], s["factor"], s["instruction"]): s["generation"] for s in samples if s["method"] == "hypersteer"
+    }
+    assert any(
+        hypersteer_texts[(s["concept"], s["factor"], s["instruction"])] != s["generation"]
+        for s in other_samples
+        if s["method"] == "hypersteer"
+    )
 
-def test_offline_only_without_a_judge(trained_dir, tmp_path, monkeypatch):
+
+def _perturbed_copy(model_dir, target):
+    """A copy of a checkpoint folder with other hypernetwork weights, as another training run would leave."""
+    shutil.copytree(model_dir, target)
+    weights = load_file(target / "model.safetensors")
+    perturbed = {key: value + 0.05 * torch.randn_like(value) for key, value in weights.items()}
+    save_file(perturbed, target / "model.safetensors")
+    return target
+
+
+def _offline_argv(model_dir, output_dir, *extra):
+    return [
+        "--model",
+        str(model_dir),
+        "--offline_examples_per_concept",
+        "2",
+        "--output_dir",
+        str(output_dir),
+        "--max_length",
+        "192",
+        *extra,
+    ]
+
+
+def test_offline_only_without_a_judge_and_the_card_shows_it(trained_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    model_dir = shutil.copytree(trained_dir, tmp_path / "model")
     summary = evaluate_steering.main(
-        [
-            "--model",
-            str(trained_dir),
-            "--concepts",
-            "all",
-            "--offline_examples_per_concept",
-            "2",
-            "--output_dir",
-            str(tmp_path / "eval"),
-            "--max_length",
-            "192",
-        ]
+        _offline_argv(model_dir, tmp_path / "eval", "--concepts", "all", "--dtype", "float32", "--device_map", "cpu")
     )
     assert summary["judge"] is None and summary["methods"] == {}
     assert set(summary["offline"]) == {"heldin", "heldout"}
@@ -250,11 +408,88 @@ def test_offline_only_without_a_judge(trained_dir, tmp_path, monkeypatch):
     assert summary["offline_rows"]["heldin"]
     assert not {tuple(pair) for pair in summary["offline_rows"]["heldin"]} & trained_pairs
     assert not (tmp_path / "eval" / "samples.jsonl").exists()
-    assert "only the offline metric" in (tmp_path / "eval" / "summary.md").read_text()
+    assert "only the offline metric" in (tmp_path / "eval" / "evaluation_summary.md").read_text()
+
+    # The summary reaches the model card: evaluation writes it where the card reads it.
+    written = json.loads((model_dir / "evaluation_summary.json").read_text())
+    assert written["model_fingerprint"] == summary["model_fingerprint"]
+    card = write_model_card(model_dir, HyperSteerConfig.from_pretrained(model_dir)).read_text()
+    heldout = summary["offline"]["heldout"]
+    gain = heldout["gain_ratio"]
+    gain_cell = f"undefined: {heldout['undefined_ratios']['gain_ratio']}" if gain is None else f"{gain:.4f}"
+    assert f"| `heldout` | {heldout['num_concepts']} | {gain_cell} |" in card
+    assert "**Offline evaluation only.**" in card
+    # Weights changed after the evaluation (e.g. retrained into the same folder): the card drops the stale numbers.
+    _perturbed_copy(model_dir, tmp_path / "retrained")
+    shutil.copy(tmp_path / "retrained" / "model.safetensors", model_dir / "model.safetensors")
+    stale = write_model_card(model_dir, HyperSteerConfig.from_pretrained(model_dir)).read_text()
+    assert "| `heldout` |" not in stale and "**Not evaluated.**" in stale
+
+
+def test_the_card_shows_judge_scores_of_evaluate_steering(trained_dir, tmp_path, openai_stub):
+    model_dir = shutil.copytree(trained_dir, tmp_path / "model")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("Name a color.\n\nCount to three.\nName a color.\n")
+    summary = evaluate_steering.main(
+        [
+            "--model",
+            str(model_dir),
+            "--instructions",
+            str(instructions),
+            "--num_instructions_per_concept",
+            "2",
+            "--steering_factors",
+            "1.0",
+            "--max_new_tokens",
+            "4",
+            "--offline_examples_per_concept",
+            "0",
+            "--judge_base_url",
+            openai_stub.base_url,
+            "--judge_model",
+            "stub-judge",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {(s["instruction"], s["split"]) for s in samples} == {
+        ("Name a color.", "select"),
+        ("Count to three.", "test"),
+    }
+    model = HyperSteerModel.from_pretrained(model_dir)
+    card = write_model_card(model_dir, model).read_text()
+    assert "judged by `stub-judge`" in card
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in card.splitlines() if line.startswith("| `")}
+    for name, report in summary["methods"].items():
+        cells = [cell.strip() for cell in rows[f"`{name}`"]]
+        keys = ("score", "concept_score", "instruction_score", "fluency_score", "num_concepts")
+        assert [float(cell) for cell in cells[:5]] == pytest.approx([report[key] for key in keys], abs=5e-5)
+
+
+def test_held_in_evaluation_without_the_training_split_settings_fails(trained_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    model_dir = shutil.copytree(trained_dir, tmp_path / "model")
+    training = json.loads((model_dir / "training_summary.json").read_text())
+    del training["split_settings"]
+    (model_dir / "training_summary.json").write_text(json.dumps(training))
+    for concepts in ("heldin", "all"):
+        with pytest.raises(ValueError, match="Held-in evaluation needs the training run's split settings"):
+            evaluate_steering.main(_offline_argv(model_dir, tmp_path / "eval", "--concepts", concepts))
+    # Held-out concepts never reached training: they need no split settings.
+    summary = evaluate_steering.main(_offline_argv(model_dir, tmp_path / "eval", "--concepts", "heldout"))
+    assert set(summary["offline"]) == {"heldout"}
+
+
+def test_a_missing_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'/no/such/path': the model is missing"):
+        evaluate_steering.main(["--model", "/no/such/path", "--output_dir", str(tmp_path / "eval")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without config.json"):
+        evaluate_steering.main(["--model", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_bad_method_is_rejected():
     with pytest.raises(ValueError, match="diffmean"):
-        evaluate_steering.make_parser().parse_args_into_dataclasses(
-            args=["--model", "x", "--output_dir", "y", "--methods", "hypersteer,diffmean"]
-        )
+        evaluate_steering.main(["--model", "x", "--output_dir", "y", "--methods", "hypersteer,diffmean"])

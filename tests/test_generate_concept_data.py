@@ -8,11 +8,12 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, build_tiny_base, build_tiny_tokenizer
+from conftest import REPO_ROOT, build_tiny_base, build_tiny_tokenizer, cli_arguments
 from openai_stub_server import default_answer
 from transformers import LlamaForCausalLM
 
 import generate_concept_data as gcd
+from modeling_hypersteer import concept_data as cd
 
 
 CONCEPTS = ["legal terminology and court proceedings", "C/C++ pointers and headers", "ocean tides and currents"]
@@ -56,7 +57,7 @@ def read_rows(path):
 
 
 def expected_output(concept, instruction):
-    prompt = gcd.build_teacher_prompt(concept, instruction)
+    prompt = cd.build_teacher_prompt(concept, instruction)
     return default_answer({"messages": [{"role": "user", "content": prompt}]})
 
 
@@ -68,7 +69,7 @@ def test_rows_follow_the_axbench_schema(openai_stub, tmp_path, axbench_dir):
     assert gcd.main(argv) == 0
 
     rows = read_rows(output)
-    assert pq.read_schema(output).names == list(gcd.OUTPUT_COLUMNS)
+    assert pq.read_schema(output).names == list(cd.OUTPUT_COLUMNS)
     assert len(rows) == 9 == openai_stub.request_count
     meta = [json.loads(line) for line in metadata.read_text().splitlines()[:3]]
     assert [row["concept_id"] for row in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -101,7 +102,7 @@ def test_retried_failures_still_produce_every_row(openai_stub, tmp_path, inputs)
 
 
 def test_failed_generations_are_skipped_reported_and_retried_on_rerun(openai_stub, tmp_path, inputs, caplog):
-    plan = gcd.plan_pairs(gcd.load_concepts(str(inputs[0])), INSTRUCTIONS, 2, seed=42)
+    plan = cd.plan_pairs(cd.load_concepts(str(inputs[0])), INSTRUCTIONS, 2, seed=42)
     null_pair, blank_pair = [(c.concept, i) for c, i in plan if c.concept == CONCEPTS[2]]
     openai_stub.fail_matching(f"Concept: {CONCEPTS[1]}", "server_error")  # persistent 500s for a whole concept
     openai_stub.fail_matching(f"Concept: {null_pair[0]}\n\nInstruction: {null_pair[1]}", "empty")  # content null
@@ -109,7 +110,7 @@ def test_failed_generations_are_skipped_reported_and_retried_on_rerun(openai_stu
     output = tmp_path / "data.parquet"
     argv = openai_argv(openai_stub, *inputs, output, max_retries=1)
     with caplog.at_level(logging.WARNING, logger="generate_concept_data"):
-        assert gcd.main(argv) == 0
+        assert gcd.main(argv) == 1  # some rows failed: non-zero, after writing the good ones
     rows = read_rows(output)
     assert {(row["output_concept"], row["input"]) for row in rows} == {(c.concept, i) for c, i in plan[:2]}
     assert "4 of 6 generations failed" in caplog.text
@@ -193,28 +194,28 @@ def test_bad_inputs_give_clear_errors(tmp_path, inputs, monkeypatch):
     no_field = tmp_path / "concepts.jsonl"
     no_field.write_text('{"description": "x"}\n')
     with pytest.raises(ValueError, match="no non-empty string `concept`"):
-        gcd.load_concepts(str(no_field))
+        cd.load_concepts(str(no_field))
     clash = tmp_path / "clash.jsonl"
     clash.write_text('{"concept": "a", "concept_id": 3}\n{"concept": "b", "concept_id": 3}\n')
     with pytest.raises(ValueError, match="concept_id 3 names two concepts"):
-        gcd.load_concepts(str(clash))
+        cd.load_concepts(str(clash))
     no_input = tmp_path / "no_input.parquet"
-    gcd.write_parquet_atomically([], tmp_path / "x.parquet")  # an empty but valid file in the output schema
+    cd.write_parquet_atomically([], tmp_path / "x.parquet")  # an empty but valid file in the output schema
     pq.write_table(pq.read_table(tmp_path / "x.parquet").drop(["input"]), no_input)
-    with pytest.raises(ValueError, match="no `input` column"):
-        gcd.load_instructions(str(no_input))
+    with pytest.raises(ValueError, match="no `input` or `instruction` column"):
+        cd.load_instructions(str(no_input))
     with pytest.raises(ValueError, match="must end in .parquet"):
         gcd.parse_args(["--concepts_file", str(concepts), "--output_path", str(tmp_path / "o.csv")])
     with pytest.raises(ValueError, match="--max_concepts must be >= 1"):
         gcd.parse_args(["--concepts_file", str(concepts), "--max_concepts", "0", *base])
 
-    monkeypatch.setattr(gcd, "BUNDLED_INSTRUCTIONS", tmp_path / "absent.jsonl")
+    monkeypatch.setattr(cd, "BUNDLED_INSTRUCTIONS", tmp_path / "absent.jsonl")
     with pytest.raises(ValueError, match="pass --instructions_file"):
-        gcd.load_instructions(None)
+        cd.load_instructions(None)
     bundled = tmp_path / "bundled.jsonl"
     bundled.write_text('{"input": "First?", "output": "a"}\n{"input": "Second?"}\n{"input": "First?"}\n')
-    monkeypatch.setattr(gcd, "BUNDLED_INSTRUCTIONS", bundled)
-    assert gcd.load_instructions(None) == ["First?", "Second?"]
+    monkeypatch.setattr(cd, "BUNDLED_INSTRUCTIONS", bundled)
+    assert cd.load_instructions(None) == ["First?", "Second?"]
 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.delenv("HYPERSTEER_TEST_UNSET_KEY", raising=False)
@@ -244,22 +245,22 @@ def test_concepts_from_axbench_data_rows(axbench_dir, tmp_path):
     train = axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"
     table = pq.read_table(train).to_pylist()
     expected = {row["concept_id"]: row["output_concept"] for row in table if row["category"] == "positive"}
-    concepts = gcd.load_concepts(str(train))
+    concepts = cd.load_concepts(str(train))
     assert {c.concept_id: c.concept for c in concepts} == expected and len(concepts) == 10
-    assert gcd.load_concepts(str(train), max_concepts=2) == concepts[:2]
+    assert cd.load_concepts(str(train), max_concepts=2) == concepts[:2]
     text = tmp_path / "c.txt"
     text.write_text("alpha\n\nbeta\nalpha\n")
-    assert gcd.load_concepts(str(text)) == [gcd.Concept(0, "alpha"), gcd.Concept(1, "beta")]
+    assert cd.load_concepts(str(text)) == [cd.Concept(0, "alpha"), cd.Concept(1, "beta")]
 
 
 def test_pair_plan_is_stable_and_seeded():
-    concepts = [gcd.Concept(i, f"concept {i}") for i in range(4)]
+    concepts = [cd.Concept(i, f"concept {i}") for i in range(4)]
     pool = [f"instruction {i}" for i in range(20)]
-    plan = gcd.plan_pairs(concepts, pool, 5, seed=1)
-    assert gcd.plan_pairs(concepts[:2], pool, 5, seed=1) == plan[:10]  # fewer concepts: same pairs for the rest
-    assert gcd.plan_pairs(concepts, pool, 5, seed=2) != plan
+    plan = cd.plan_pairs(concepts, pool, 5, seed=1)
+    assert cd.plan_pairs(concepts[:2], pool, 5, seed=1) == plan[:10]  # fewer concepts: same pairs for the rest
+    assert cd.plan_pairs(concepts, pool, 5, seed=2) != plan
     assert all(len({i for c, i in plan if c == concept}) == 5 for concept in concepts)
-    assert len(gcd.plan_pairs(concepts[:1], pool[:3], 5, seed=1)) == 3  # capped at the pool size
+    assert len(cd.plan_pairs(concepts[:1], pool[:3], 5, seed=1)) == 3  # capped at the pool size
 
 
 def test_parser_flags_have_help_and_json_config(tmp_path):
@@ -292,14 +293,47 @@ def test_parser_flags_have_help_and_json_config(tmp_path):
     )
     args = gcd.parse_args([str(config)])
     assert args.teacher_backend == "hf" and args.partial_path.name == "o.partial.jsonl"
+    yaml_config = tmp_path / "args.yaml"
+    yaml_config.write_text("concepts_file: c.txt\noutput_path: o.parquet\ntemperature: 0\nmax_concepts: 5\n")
+    args = gcd.parse_args(["--config", str(yaml_config), "--max_concepts", "2"])
+    assert args.temperature == 0.0 and isinstance(args.temperature, float) and args.max_concepts == 2
+    yaml_config.write_text("concepts_file: c.txt\noutput_path: o.parquet\nteacher_backend: vllm\n")
+    with pytest.raises(ValueError, match=r"`teacher_backend` must be one of \['openai', 'hf'\], got 'vllm'"):
+        gcd.parse_args(["--config", str(yaml_config)])
     assert "python generate_concept_data.py" in gcd.__doc__
 
 
-def test_hf_teacher_backend(tmp_path, inputs, monkeypatch):
+def _greedy_new_tokens(model, tokenizer, concept, instruction, max_new_tokens):
+    prompt = cd.build_teacher_prompt(concept, instruction)
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    output = model.generate(
+        **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return output[0, encoded["input_ids"].shape[1] :].tolist()
+
+
+def test_hf_teacher_backend_writes_finished_answers_and_counts_cut_off_ones(tmp_path, inputs, monkeypatch, caplog):
     tokenizer = build_tiny_tokenizer()
     model_dir = tmp_path / "tiny-teacher"
-    build_tiny_base("llama", vocab_size=len(tokenizer), num_hidden_layers=2).save_pretrained(model_dir)
+    model = build_tiny_base("llama", vocab_size=len(tokenizer), num_hidden_layers=2)
+    plan = cd.plan_pairs(cd.load_concepts(str(inputs[0])), INSTRUCTIONS, 2, seed=42)
+    # A random tiny model never emits its EOS: make a token that ends some greedy answers (and not others) the EOS,
+    # so that the run has both finished answers and answers cut off at --max_new_tokens.
+    model.generation_config.eos_token_id = None
+    answers = [_greedy_new_tokens(model, tokenizer, c.concept, i, 6) for c, i in plan]
+    stop = next(
+        token for answer in answers for token in answer if 0 < sum(token in other for other in answers) < len(answers)
+    )
+    model.generation_config.eos_token_id = stop
+    model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    finished = {
+        (c.concept, i): tokenizer.decode(answer[: answer.index(stop) + 1], skip_special_tokens=True).strip()
+        for (c, i), answer in zip(plan, answers)
+        if stop in answer
+    }
     calls = []
     original_generate = LlamaForCausalLM.generate
 
@@ -309,44 +343,58 @@ def test_hf_teacher_backend(tmp_path, inputs, monkeypatch):
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", counting_generate)
     output = tmp_path / "hf.parquet"
-    argv = [
-        "--teacher_backend",
-        "hf",
-        "--teacher_model",
-        str(model_dir),
-        "--concepts_file",
-        str(inputs[0]),
-        "--instructions_file",
-        str(inputs[1]),
-        "--examples_per_concept",
-        "2",
-        "--max_new_tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--batch_size",
-        "4",
-        "--output_path",
-        str(output),
-        "--device",
-        "cpu",
-    ]
-    assert gcd.main(argv) == 0
+    argv = cli_arguments(
+        teacher_backend="hf",
+        teacher_model=model_dir,
+        concepts_file=inputs[0],
+        instructions_file=inputs[1],
+        examples_per_concept=2,
+        max_new_tokens=6,
+        temperature=0,
+        batch_size=4,
+        output_path=output,
+        device="cpu",
+    )
+    with caplog.at_level(logging.WARNING, logger="generate_concept_data"):
+        assert gcd.main(argv) == 1  # answers were cut off: the run is not complete
     assert calls == [4, 2]  # 6 pairs in batches of 4
     rows = read_rows(output)
-    assert len(rows) == 6
-    assert all(row["source"] == str(model_dir) and row["output"].strip() for row in rows)
-    # Left-padded batches decode only the new tokens: each row equals greedy decoding of its prompt alone.
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    for row in rows:
-        prompt = gcd.build_teacher_prompt(row["output_concept"], row["input"])
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        alone = original_generate(model, **encoded, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        new_tokens = alone[0, encoded["input_ids"].shape[1] :]
-        assert row["output"] == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    # Left-padded batches decode only the new tokens: each written row equals greedy decoding of its prompt alone,
+    # up to its end token; the cut-off answers are not rows.
+    assert {(row["output_concept"], row["input"]): row["output"] for row in rows} == finished
+    assert all(row["source"] == str(model_dir) for row in rows)
+    cut_off = len(plan) - len(finished)
+    assert f"{cut_off} of those answers were cut off at --max_new_tokens 6" in caplog.text
 
-    # Rerun: nothing left to generate, no model call.
-    assert gcd.main(argv) == 0
-    assert calls == [4, 2] and read_rows(output) == rows
+    # Rerun: only the cut-off pairs are generated again (and are cut off again).
+    assert gcd.main(argv) == 1
+    assert sum(calls[2:]) == cut_off and read_rows(output) == rows
+
+
+def test_answers_cut_off_by_the_token_limit_are_not_rows(openai_stub, tmp_path, inputs, caplog):
+    plan = cd.plan_pairs(cd.load_concepts(str(inputs[0])), INSTRUCTIONS, 2, seed=42)
+    concept, instruction = plan[0][0].concept, plan[0][1]
+    openai_stub.fail_matching(f"Concept: {concept}\n\nInstruction: {instruction}", "truncated")
+    output = tmp_path / "data.parquet"
+    with caplog.at_level(logging.WARNING, logger="generate_concept_data"):
+        assert gcd.main(openai_argv(openai_stub, *inputs, output)) == 1
+    rows = read_rows(output)
+    assert len(rows) == 5 and (concept, instruction) not in {(row["output_concept"], row["input"]) for row in rows}
+    assert "1 of 6 generations failed" in caplog.text and "finish_reason='length'" in caplog.text
+    assert "1 of those answers were cut off at --max_new_tokens 256" in caplog.text
+    assert len(output.with_suffix(".partial.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_corrupt_progress_line_raises_with_file_and_line(openai_stub, tmp_path, inputs):
+    output = tmp_path / "data.parquet"
+    assert gcd.main(openai_argv(openai_stub, *inputs, output)) == 0
+    partial = output.with_suffix(".partial.jsonl")
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join([lines[0], '{"input": "broken', *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{partial.name}, line 2: not valid JSON"):
+        gcd.main(openai_argv(openai_stub, *inputs, output))
+    # A half-written *last* line is what a killed run leaves: ignored, then cut off before new rows are appended.
+    partial.write_text("\n".join(lines[:3]) + '\n{"input": "half a ro')
+    assert gcd.main(openai_argv(openai_stub, *inputs, output)) == 0
+    assert [json.loads(line) for line in partial.read_text().splitlines()][:3] == [json.loads(x) for x in lines[:3]]
+    assert len(read_rows(output)) == 6

@@ -266,8 +266,30 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
     (output_dir / "concept_split.json").write_text(
         json.dumps({"heldin_concepts": ["a", "b"], "heldout_concepts": ["c"], "sources": [], "seed": 1})
     )
+    # The shape `evaluate_steering.py` writes (without a fingerprint: e.g. a summary from before fingerprints).
+    offline = {
+        "num_concepts": 3,
+        "losses": {"none": 2.0, "prompt": 1.5, "hypersteer": 1.36, "prompt_wrong": 1.7, "hypersteer_wrong": 1.37},
+        "gain_ratio": 1.28,
+        "specificity_ratio": 0.05,
+        "undefined_ratios": {},
+    }
+    undefined = {
+        **offline,
+        "gain_ratio": None,
+        "undefined_ratios": {
+            "gain_ratio": "prompting did not lower the loss (L_none - L_prompt = -0.1, not positive)"
+        },
+    }
     (output_dir / "evaluation_summary.json").write_text(
-        json.dumps({"offline": {"heldout": {"gain_ratio": 1.28, "specificity_ratio": 0.05}}, "num_instructions": 12})
+        json.dumps(
+            {
+                "offline": {"heldout": offline, "heldin": undefined},
+                "num_instructions": 12,
+                "meta_info": {"cpu_count": 2},
+                "config": {"batch_size": 8},
+            }
+        )
     )
 
     card = ModelCard.load(write_model_card(output_dir, config))
@@ -283,8 +305,8 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
         "Training rows: 40.",
         "| Held-in concepts, held-out prompts (`eval_heldin_loss`) | 2.5000 |",
         "| Held-out concepts (`eval_heldout_loss`) | 3.2500 |",
-        "| `offline.heldout.gain_ratio` | 1.2800 |",
-        "| `offline.heldout.specificity_ratio` | 0.0500 |",
+        "| `heldout` | 3 | 1.2800 | 0.0500 | 1.3600 | 1.5000 | 2.0 |",
+        "| `heldin` | 3 | undefined: prompting did not lower the loss (L_none - L_prompt = -0.1, not positive) | 0.0500 |",
         "| `num_instructions` | 12 |",
         "**Offline evaluation only.**",
         'repo_id = "path/to/this/checkpoint"',
@@ -292,9 +314,11 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
         assert fact in text, fact
     assert str(tmp_path) not in text
     assert "judge scores" not in text
+    assert "cpu_count" not in text and "batch_size" not in text  # run records are not results
 
     judged = {
-        "judge_model": "gpt-4o-mini",
+        "judge": {"model": "gpt-4o-mini", "base_url": "https://api.openai.com/v1", "requests_sent": 3},
+        "excluded_concepts": {"d": ["prompt: no samples"]},
         "methods": {
             "hypersteer": {
                 "score": 0.608,
@@ -310,6 +334,7 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
     }
     text = render_model_card(config, evaluation_summary=judged, num_parameters=17)
     assert "judged by `gpt-4o-mini`" in text
+    assert "- d: prompt: no samples" in text
     assert "| `hypersteer` | 0.6080 | 1.1000 | 1.5000 | not measured | 3 | 2 |" in text
     assert "Offline evaluation only" not in text and "Not evaluated" not in text
     assert "| Held-out concepts (`eval_heldout_loss`) | not measured |" in text

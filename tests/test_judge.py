@@ -307,6 +307,58 @@ def test_identical_requests_are_sent_once_and_sampling_settings_are_in_the_key(o
     assert client.complete_many_sync(["same"])[0].from_cache
 
 
+def test_cache_key_includes_the_endpoint_and_the_model(openai_stub, tmp_path):
+    cache = tmp_path / "cache.sqlite"
+    first = make_client(openai_stub, cache)
+    first.complete_many_sync(["same"])
+    assert first.requests_sent == 1
+    first.close()
+    # Another endpoint (the same loopback server under another host name stands for a second server serving the
+    # same model name) must not be answered from the first one's cache.
+    other_endpoint = make_client(openai_stub, cache, base_url=openai_stub.base_url.replace("127.0.0.1", "localhost"))
+    assert not other_endpoint.complete_many_sync(["same"])[0].from_cache
+    assert other_endpoint.requests_sent == 1
+    other_endpoint.close()
+    other_model = make_client(openai_stub, cache, model="another-judge")
+    assert not other_model.complete_many_sync(["same"])[0].from_cache
+    other_model.close()
+    # A trailing slash names the same endpoint.
+    same = make_client(openai_stub, cache, base_url=openai_stub.base_url + "/")
+    assert same.complete_many_sync(["same"])[0].from_cache and same.requests_sent == 0
+    assert openai_stub.request_count == 3
+
+
+def test_methods_are_reported_over_one_common_concept_set():
+    def sample(method, concept, split, score, status="ok", factor=1.0):
+        return {
+            "method": method,
+            "concept": concept,
+            "factor": factor,
+            "split": split,
+            "score": score,
+            "judge_status": status,
+        }
+
+    samples = []
+    for method, scores in (("hypersteer", {"law": 2.0, "code": 0.5, "tides": 1.0}), ("prompt", {"law": 1.0})):
+        for concept, score in scores.items():
+            samples += [sample(method, concept, "select", score), sample(method, concept, "test", score)]
+    # Prompting lost every valid judgement of "code" (failed calls), and has no samples of "tides" at all.
+    samples += [sample("prompt", "code", split, None, "api_failed: concept: 500") for split in ("select", "test")]
+    report = select_and_report(samples)
+    assert report["concepts"] == ["law"]
+    assert report["excluded_concepts"] == {
+        "code": ["prompt: no valid judgement on the 'select' split, so no factor can be chosen"],
+        "tides": ["prompt: no samples"],
+    }
+    hypersteer, prompt = report["methods"]["hypersteer"], report["methods"]["prompt"]
+    # Averaged over "law" only, like prompting (not (2.0 + 0.5 + 1.0) / 3).
+    assert hypersteer["score"] == pytest.approx(2.0) and prompt["score"] == pytest.approx(1.0)
+    assert hypersteer["num_concepts"] == prompt["num_concepts"] == 1
+    assert set(hypersteer["per_concept"]) == set(prompt["per_concept"]) == {"law"}
+    assert prompt["failed_judgements"] == 2
+
+
 _KILLED_RUN_SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import train_hypersteer
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.data import HyperSteerDataCollator, load_concept_data, tokenize_dataset
-from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments
+from modeling_hypersteer.trainer import DEFAULT_EVALUATIONS_PER_RUN, HyperSteerTrainer, HyperSteerTrainingArguments
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def _write_parquet(path, rows):
 
 
 @pytest.mark.parametrize("problem", ["missing_column", "empty", "unknown_path", "offline_hub_id"])
-def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, tmp_path, problem):
+def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, tmp_path, problem, monkeypatch):
     row = {
         "input": "Hi",
         "output": "Hello",
@@ -202,42 +202,73 @@ def test_bad_data_fails_with_a_clear_message_and_writes_nothing(tiny_base_dir, t
         "concept_genre": "text",
     }
     if problem == "missing_column":
-        data, expected = (
-            _write_parquet(tmp_path / "bad.parquet", [{k: v for k, v in row.items() if k != "output"}]),
-            "output",
-        )
+        data = _write_parquet(tmp_path / "bad.parquet", [{k: v for k, v in row.items() if k != "output"}])
+        expected = "missing the required column\\(s\\) \\['output'\\]"
     elif problem == "empty":
         data, expected = _write_parquet(tmp_path / "empty.parquet", {key: [] for key in row}), "empty.parquet"
     elif problem == "unknown_path":
         data, expected = str(tmp_path / "nowhere" / "train_data.parquet"), "nowhere"
     else:
         data, expected = "someone/not-a-local-dataset", "someone/not-a-local-dataset"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     output_dir = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_hypersteer.py"), *_arguments(tiny_base_dir, data, output_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
-    assert result.returncode != 0
-    last_lines = result.stderr.strip().splitlines()[-3:]
-    assert any(expected in line for line in last_lines), result.stderr[-2000:]
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        train_hypersteer.main(_arguments(tiny_base_dir, data, output_dir))
     assert not output_dir.exists()
 
 
-def test_yaml_config_and_flag_override(tiny_base_dir, concept_file, tmp_path):
+def test_yaml_config_keeps_types_and_flags_override_it(tiny_base_dir, concept_file, tmp_path):
     config = tmp_path / "args.yaml"
     config.write_text(
         f"base_model_name_or_path: {tiny_base_dir}\nsteering_layer: 1\nhypernet_num_layers: 1\n"
-        f"dataset_name_or_path: {concept_file}\noutput_dir: {tmp_path / 'out'}\n"
+        f"dataset_name_or_path:\n  - {concept_file}\n  - {concept_file}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "token_gate: true\nuse_negatives: true\nplot_loss_curve: false\nheldout_concepts: 3\n"
+        "learning_rate: 1e-3\nactivation_checkpointing_kwargs: {use_reentrant: false, determinism_check: none}\n"
     )
     model_args, data_args, training_args = train_hypersteer.parse_arguments(
-        ["--config", str(config), "--steering_layer", "2"]
+        ["--config", str(config), "--steering_layer", "2", "--use_negatives", "false"]
     )
     assert model_args.steering_layer == 2 and model_args.hypernet_num_layers == 1
+    assert model_args.token_gate is True and training_args.plot_loss_curve is False
+    assert data_args.use_negatives is False  # the flag overrides the file's `true`
+    assert data_args.dataset_name_or_path == [concept_file, concept_file]  # a YAML list, not "['...', '...']"
+    assert data_args.heldout_concepts == "3" and training_args.learning_rate == 1e-3
+    # A mapping stays a mapping (stringified, it would reach torch as the text "{'use_reentrant': False, ...}").
+    assert training_args.activation_checkpointing_kwargs == {"use_reentrant": False, "determinism_check": "none"}
+    # A lone JSON file is read the same way, typed.
+    as_json = tmp_path / "args.json"
+    as_json.write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": str(tiny_base_dir),
+                "dataset_name_or_path": concept_file,
+                "output_dir": str(tmp_path / "out"),
+                "token_gate": True,
+                "steering_layer": 3,
+            }
+        )
+    )
+    model_args, data_args, _ = train_hypersteer.parse_arguments([str(as_json)])
+    assert model_args.token_gate is True and model_args.steering_layer == 3
     assert data_args.dataset_name_or_path == [concept_file]
-    assert training_args.learning_rate == 8e-5
     with pytest.raises(ValueError, match="hypernet_type"):
         train_hypersteer.parse_arguments(["--config", str(config), "--hypernet_type", "lstm"])
+    config.write_text(config.read_text() + "steering_layers: 4\n")
+    with pytest.raises(ValueError, match=r"key\(s\) \['steering_layers'\] that are not arguments"):
+        train_hypersteer.parse_arguments(["--config", str(config)])
+    config.write_text("base_model_name_or_path: x\ndataset_name_or_path: d\noutput_dir: o\nsteering_layer: 2.5\n")
+    with pytest.raises(ValueError, match="`steering_layer` must be an integer, got 2.5"):
+        train_hypersteer.parse_arguments(["--config", str(config)])
+
+
+def test_evaluation_runs_a_bounded_number_of_times_by_default(tiny_base_dir, concept_file, tmp_path):
+    args = HyperSteerTrainingArguments(output_dir=str(tmp_path), max_steps=1000, logging_steps=10, report_to="none")
+    assert args.eval_steps == pytest.approx(1 / DEFAULT_EVALUATIONS_PER_RUN)  # not every logging_steps (10)
+    assert HyperSteerTrainingArguments(output_dir=str(tmp_path), eval_steps=7).eval_steps == 7
+    overrides = {"max_steps": 10, "save_strategy": "no", "eval_steps": None, "logging_steps": 1}
+    train_hypersteer.main(_arguments(tiny_base_dir, concept_file, tmp_path / "run", **overrides))
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    evaluated_at = [entry["step"] for entry in history if "eval_heldout_loss" in entry]
+    assert evaluated_at == [2, 4, 6, 8, 10]
