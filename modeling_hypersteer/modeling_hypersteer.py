@@ -32,7 +32,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import load_state_dict
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_hypersteer import HyperSteerConfig
 
@@ -48,6 +49,18 @@ AUTO_MAP = {
 # Keyword arguments that `AutoModel*.from_pretrained` hands to a remote-code class and that concern the HyperSteer
 # folder itself, never the base model's load.
 _AUTO_CLASS_ONLY_KWARGS = ("trust_remote_code", "_from_auto", "adapter_kwargs", "code_revision", "_commit_hash")
+
+
+def _cache_name(parameters) -> str:
+    """transformers 5.24 renamed the key/value cache from `past_key_values` to `cache` (the old name warns until its
+    removal in 5.40). This file is frozen into every saved checkpoint, so it uses whichever name the installed version
+    declares instead of either one alone."""
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+# Resolved once at import: the keyword of the mask builders and the base's forward, and the cache field of outputs.
+_CACHE_KWARG = _cache_name(inspect.signature(create_causal_mask).parameters)
+_CACHE_FIELD = _cache_name(CausalLMOutputWithPast.__dataclass_fields__)
 
 
 def tokenize_steering_prompts(tokenizer, steering_prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -257,7 +270,6 @@ class HyperSteerHypernetwork(nn.Module):
                 attention_mask=layer_attention_masks[index],
                 position_ids=position_ids,
                 position_embeddings=layer_position_embeddings[index],
-                past_key_values=None,
                 use_cache=False,
             )
             hidden_states = layer_output[0] if isinstance(layer_output, tuple) else layer_output
@@ -281,7 +293,7 @@ class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
         Language-modelling loss of the steered base on the label tokens.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Steered prediction scores.
-    past_key_values (`Cache`, *optional*): the base's key/value cache.
+    cache (`Cache`, *optional*): the base's key/value cache (the field is `past_key_values` before transformers 5.24).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): the base's hidden states (steered from the steering
         layer on).
     attentions (`tuple(torch.FloatTensor)`, *optional*): the base's attention weights.
@@ -357,7 +369,6 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
     _no_split_modules = []
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -516,9 +527,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             base_model = AutoModelForCausalLM.from_pretrained(
                 config.base_model_name_or_path,
                 revision=config.base_model_revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
+                **_base_hub_kwargs(hub_kwargs),
                 **base_model_kwargs,
             )
         elif base_model_kwargs:
@@ -528,8 +537,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if tokenizer is None:
             tokenizer = _load_tokenizer(pretrained_model_name_or_path, config, hub_kwargs)
         model = cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
-        weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
-        model.load_hypernetwork_state_dict(load_state_dict(weights_file))
+        model.load_hypernetwork_state_dict(_load_hypernetwork_weights(pretrained_model_name_or_path, hub_kwargs))
         model.eval()
         return model
 
@@ -644,7 +652,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -662,7 +670,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): prompt (and response) tokens.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`): 1 for real tokens, 0 for padding.
-                Left or right padding gives the same result: positions are derived from this mask.
+                Left or right padding gives the same result: positions are derived from this mask. With a non-empty
+                `cache`, it covers the cached tokens and the new ones, `(batch_size, past_length + sequence_length)`.
+            cache (`Cache`, *optional*): the base's key/value cache, as returned by a previous call with
+                `use_cache=True` (also accepted as `past_key_values`, its name before transformers 5.24). A non-empty
+                cache needs `steering_vectors`: the new tokens alone cannot give the `v` of the whole prompt.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): response tokens, -100
                 elsewhere. The hypernetwork only reads positions that are real and not labels, so it never sees the
                 response it is trained to produce.
@@ -680,15 +692,34 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds`.")
+        if "past_key_values" in kwargs:
+            if cache is not None:
+                raise ValueError("Pass the key/value cache once, as `cache` (or `past_key_values`), not both.")
+            cache = kwargs.pop("past_key_values")
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
+        past_length = cache.get_seq_length() if cache is not None else 0
+        decoding_from_cache = past_length > 0
+        if decoding_from_cache and steering_vectors is None:
+            raise ValueError(
+                f"`forward` got a cache of {past_length} tokens, so it sees only the {sequence_length} new tokens and "
+                "cannot compute the prompt's steering vectors from them. Pass the vectors of the first call, "
+                "`steering_vectors=outputs.steering_vectors`, or use `generate`, which caches them itself."
+            )
         if attention_mask is None:
-            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=device)
-        decoding_from_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
+            attention_mask = torch.ones(batch_size, past_length + sequence_length, dtype=torch.long, device=device)
+        if attention_mask.shape[-1] != past_length + sequence_length:
+            raise ValueError(
+                f"`attention_mask` has {attention_mask.shape[-1]} columns, but the cache holds {past_length} tokens and "
+                f"{sequence_length} are new: pass the mask of all {past_length + sequence_length} tokens."
+            )
+        if position_ids is None:
+            # Positions count real tokens only, also past a left-padded cached prompt.
+            position_ids = _positions_from_mask(attention_mask)[:, past_length:]
         request = self._build_request(
             batch_size=batch_size,
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask[:, past_length:],
             labels=labels,
             steering_prompt=steering_prompt,
             steering_input_ids=steering_input_ids,
@@ -697,9 +728,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_factor=steering_factor,
         )
         request.decoding_from_cache = decoding_from_cache
-        if position_ids is None and not decoding_from_cache:
-            position_ids = _positions_from_mask(attention_mask)
-        if use_cache is None and labels is not None and past_key_values is None:
+        if use_cache is None and labels is not None and cache is None:
             # A training forward would otherwise fill a key/value cache that nothing reads.
             use_cache = False
         with self._steering_hook(request):
@@ -707,21 +736,21 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **{_CACHE_KWARG: cache},
                 **kwargs,
             )
         return HyperSteerCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             steering_vectors=request.steering_vectors,
             steering_gates=request.steering_gates,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
     @torch.no_grad()
@@ -918,9 +947,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
                 "single number."
             )
-        if not isinstance(steering_factor, torch.Tensor) and not all(
-            abs(value) < float("inf") for value in factors.tolist()
-        ):
+        if not torch.isfinite(factors).all():
             raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
         return factors
 
@@ -1054,7 +1081,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             "config": base_config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": token_mask.long(),
-            "past_key_values": None,
+            _CACHE_KWARG: None,
             "position_ids": position_ids,
         }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -1137,12 +1164,14 @@ def _hypernet_decoder_layer(language_model, decoder_layers, index: int, init: st
     """A decoder block of the base's architecture: a copy of base layer `index` (`init="base"`) or the same block
     freshly drawn by the base architecture's own initialiser (`init="random"`)."""
     layer = copy.deepcopy(decoder_layers[index % len(decoder_layers)])
-    # The copy carries transformers' output-recording hooks from the base; they must not fire inside the hypernet.
-    for module in layer.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-        module._forward_hooks_with_kwargs.clear()
-        module._forward_pre_hooks_with_kwargs.clear()
+    _remove_copied_hooks(layer)
+    offloaded = [name for name, parameter in layer.named_parameters() if parameter.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"Base layer {index % len(decoder_layers)} is offloaded (parameters {offloaded[:3]} are on the meta "
+            "device), so the hypernetwork cannot copy it; load the base without disk/CPU offloading in its "
+            "`device_map`."
+        )
     layer.requires_grad_(True)
     if init == "random":
         with torch.no_grad():
@@ -1155,6 +1184,23 @@ def _hypernet_decoder_layer(language_model, decoder_layers, index: int, init: st
     for module in layer.modules():
         module._is_hf_initialized = True
     return layer
+
+
+def _remove_copied_hooks(layer: nn.Module) -> None:
+    """Strip the hooks a copied base layer brings along, so none of them fires inside the hypernetwork.
+
+    These are transformers' output-recording hooks and, for a base loaded with `device_map`, accelerate's dispatch
+    hook: accelerate stores it as `_hf_hook` and replaces the instance's `forward` with a wrapper (keeping the original
+    as `_old_forward`). Dropping the instance-level `forward` restores the class's own method.
+    """
+    for module in layer.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._forward_hooks_with_kwargs.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+        if "_hf_hook" in module.__dict__ or "_old_forward" in module.__dict__:
+            for name in ("_hf_hook", "_old_forward", "forward"):
+                module.__dict__.pop(name, None)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -1198,13 +1244,58 @@ def _check_finite(vectors: torch.Tensor) -> None:
         )
 
 
+def _base_hub_kwargs(hub_kwargs: dict) -> dict:
+    """The download settings that also apply to the base's files; `revision` and `subfolder` name places in the
+    HyperSteer repository only (the base's revision is `config.base_model_revision`)."""
+    return {key: value for key, value in hub_kwargs.items() if key not in ("revision", "subfolder")}
+
+
+def _optional_file(pretrained_model_name_or_path, file_name: str, hub_kwargs: dict) -> str | None:
+    """Resolve `file_name` in a folder or Hub repository; `None` only when the file does not exist there (network and
+    permission errors still raise)."""
+    return cached_file(
+        pretrained_model_name_or_path, file_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+
+
+def _load_hypernetwork_weights(pretrained_model_name_or_path, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    """The saved hypernetwork state dict, from `model.safetensors` or from the shards that
+    `model.safetensors.index.json` lists (as `save_pretrained(..., max_shard_size=...)` writes them)."""
+    weights_file = _optional_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, hub_kwargs)
+    if weights_file is not None:
+        return load_state_dict(weights_file)
+    index_file = _optional_file(pretrained_model_name_or_path, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
+    if index_file is None:
+        raise OSError(
+            f"{pretrained_model_name_or_path} holds neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; it is "
+            "not a folder written by `HyperSteerModel.save_pretrained`."
+        )
+    shard_files, _ = get_checkpoint_shard_files(pretrained_model_name_or_path, index_file, **hub_kwargs)
+    state_dict = {}
+    for shard_file in shard_files:
+        state_dict.update(load_state_dict(shard_file))
+    return state_dict
+
+
+# Any of these next to the weights means a tokenizer was saved there (`save_pretrained` always writes the config).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
 def _load_tokenizer(pretrained_model_name_or_path, config: HyperSteerConfig, hub_kwargs: dict):
-    """The tokenizer saved next to the hypernetwork, else the base's."""
-    try:
+    """The tokenizer saved next to the hypernetwork; the base's only when no tokenizer file was saved at all.
+
+    A saved tokenizer that fails to load raises: falling back would silently swap in a tokenizer the checkpoint was
+    not trained with (other special tokens, chat template or padding).
+    """
+    if any(_optional_file(pretrained_model_name_or_path, name, hub_kwargs) for name in _TOKENIZER_FILES):
         return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError) as error:
-        logger.info(f"No tokenizer in {pretrained_model_name_or_path} ({error}); using the base model's.")
-    return AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
+    logger.warning(
+        f"No tokenizer was saved in {pretrained_model_name_or_path}; loading the base model's from "
+        f"{config.base_model_name_or_path!r}. Pass `tokenizer=` to choose another."
+    )
+    return AutoTokenizer.from_pretrained(
+        config.base_model_name_or_path, revision=config.base_model_revision, **_base_hub_kwargs(hub_kwargs)
+    )
 
 
 AutoModel.register(HyperSteerConfig, HyperSteerModel, exist_ok=True)

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.evaluation import _per_row_loss
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts
 
 
@@ -192,6 +191,9 @@ def test_changing_the_response_does_not_change_v(tester, hypernet_type):
 @pytest.mark.parametrize("hypernet_type", VARIANTS)
 @pytest.mark.parametrize("architecture", ("gemma2", "llama"))
 def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hypernet_type, architecture):
+    # Imported here so this module stays importable in CI's lowest-transformers virtualenv, which has no `datasets`.
+    from modeling_hypersteer.evaluation import _per_row_loss
+
     model = tester.get_model(architecture, hypernet_type)
     right_batch = tester.training_batch(padding_side="right")
     left_batch = tester.training_batch(padding_side="left")
