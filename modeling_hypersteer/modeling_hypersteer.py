@@ -887,6 +887,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
             context_input_ids = input_ids
+            # The steering prompt and the chat-templated user prompt may both open with BOS; keep only the first.
+            context_mask = context_mask & ~_repeated_bos(input_ids, context_mask, ids, mask, self._bos_token_id())
         return _SteeringRequest(
             steering_input_ids=ids,
             steering_attention_mask=mask,
@@ -896,6 +898,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             label_mask=label_mask,
             steering_vectors=steering_vectors,
         )
+
+    def _bos_token_id(self) -> int | None:
+        if self.tokenizer is not None:
+            return self.tokenizer.bos_token_id
+        return self.language_model.config.get_text_config().bos_token_id
 
     def _steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
         """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
@@ -1236,6 +1243,27 @@ def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):
     return packed * packed_mask[..., None].to(packed.dtype), packed_mask
 
 
+def _first_real_token(token_ids: torch.LongTensor, mask: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Index and id of each row's first real token, whatever the padding side: two `(batch_size,)` tensors."""
+    first = mask.long().argmax(dim=-1)
+    return first, token_ids.gather(1, first[:, None]).squeeze(1)
+
+
+def _repeated_bos(context_input_ids, context_mask, steering_input_ids, steering_attention_mask, bos_token_id):
+    """`(batch_size, context_length)` mask, `True` at a row's first real context token when both it and the first
+    real steering-prompt token are BOS: packed after the steering prompt, it would be a second BOS mid-sequence."""
+    repeated = torch.zeros_like(context_mask, dtype=torch.bool)
+    if bos_token_id is None:
+        return repeated
+    first, first_id = _first_real_token(context_input_ids, context_mask)
+    device = first.device
+    _, steering_first_id = _first_real_token(steering_input_ids.to(device), steering_attention_mask.to(device))
+    both_bos = context_mask.any(dim=-1) & (first_id == bos_token_id) & (steering_first_id == bos_token_id)
+    rows = torch.arange(repeated.shape[0], device=repeated.device)
+    repeated[rows, first] = both_bos
+    return repeated
+
+
 def _check_finite(vectors: torch.Tensor) -> None:
     if not torch.isfinite(vectors).all():
         raise ValueError(
@@ -1288,7 +1316,13 @@ def _load_tokenizer(pretrained_model_name_or_path, config: HyperSteerConfig, hub
     not trained with (other special tokens, chat template or padding).
     """
     if any(_optional_file(pretrained_model_name_or_path, name, hub_kwargs) for name in _TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        try:
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"The tokenizer saved in {pretrained_model_name_or_path} does not load ({error}). Repair or delete its "
+                "files, or pass a loaded tokenizer with `tokenizer=`."
+            ) from error
     logger.warning(
         f"No tokenizer was saved in {pretrained_model_name_or_path}; loading the base model's from "
         f"{config.base_model_name_or_path!r}. Pass `tokenizer=` to choose another."

@@ -28,6 +28,7 @@ from modeling_hypersteer.data import (
     split_concepts,
     tokenize_dataset,
     tokenize_example,
+    turn_end_ids,
 )
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts
 
@@ -431,18 +432,18 @@ def test_format_prompt_applies_chat_template_and_folds_system(tiny_tokenizer):
         format_prompt(no_template, "Explain sorting.")
 
 
-def test_tokenize_example_labels_are_exactly_response_and_eos(tiny_tokenizer):
+def test_tokenize_example_labels_are_exactly_response_and_turn_end(tiny_tokenizer):
     row = dict(ASCII_ROWS[0], steering_factor=0.5)
     features = tokenize_example(row, tiny_tokenizer, max_length=512, max_steering_prompt_length=64)
 
     labels = torch.tensor(features["labels"])
     input_ids = torch.tensor(features["input_ids"])
     response = labels != -100
-    # The labelled suffix is the response followed by EOS; every earlier position is -100.
+    # The labelled suffix is the response followed by the template's turn end; every earlier position is -100.
     first = int(response.nonzero()[0])
     assert response[first:].all() and not response[:first].any()
     assert torch.equal(labels[response], input_ids[response])
-    assert int(labels[-1]) == tiny_tokenizer.eos_token_id
+    assert int(labels[-1]) == tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     assert tiny_tokenizer.decode(labels[response][:-1].tolist()) == row["output"]
     # The unlabelled prefix is the chat-formatted prompt, with the template's BOS once.
     prompt_text = format_prompt(tiny_tokenizer, row["input"])
@@ -466,7 +467,7 @@ def test_tokenize_dataset_on_real_rows(tiny_tokenizer, concept10):
     assert tokenized.features["steering_factor"] == datasets.Value("float32")
     assert len(tokenized) == len(sample)
     for row, features in zip(sample, tokenized):
-        response = tiny_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+        response = tiny_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + turn_end_ids(tiny_tokenizer)
         prompt = tiny_tokenizer(format_prompt(tiny_tokenizer, row["input"]), add_special_tokens=False)["input_ids"]
         assert features["input_ids"] == prompt + response
         assert features["labels"] == [-100] * len(prompt) + response
@@ -491,7 +492,7 @@ def test_truncation_cuts_response_and_drops_rows_without_one(tiny_tokenizer, cap
     row = tokenized[0]
     assert len(row["input_ids"]) == max_length
     labels = [label for label in row["labels"] if label != -100]
-    assert len(labels) == 5 and tiny_tokenizer.eos_token_id not in labels
+    assert len(labels) == 5 and tiny_tokenizer.convert_tokens_to_ids("<|end|>") not in labels
 
     with pytest.raises(ValueError, match="All 2 rows were dropped"):
         tokenize_dataset(data, tiny_tokenizer, max_length=4)
