@@ -433,6 +433,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         decoder_layers = _decoder_layers_of(language_model)
         _check_base_matches_config(language_model, config)
         base_config = language_model.config.get_text_config()
+        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
+        # alignment nothing to update (it warns about every token it has to fill in).
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
+                setattr(config, name, getattr(base_config, name))
         self._hypernet_layer_types = [
             _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
         ]

@@ -459,6 +459,64 @@ def test_tokenize_example_labels_are_exactly_response_and_turn_end(tiny_tokenize
     assert features["steering_attention_mask"] == expected["steering_attention_mask"][0].tolist()
 
 
+# The chat templates of google/gemma-2-2b-it and HuggingFaceTB/SmolLM2-135M-Instruct, verbatim.
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chat_tokenizer(tiny_tokenizer, chat_template, turn_tokens):
+    """The tiny tokenizer with another base's chat template and its turn tokens (its EOS stays `<eos>`)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_tokens(list(turn_tokens), special_tokens=True)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "chat_template, turn_tokens, turn_end",
+    [
+        (GEMMA2_CHAT_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"),
+        (SMOLLM2_CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    ],
+    ids=("gemma2", "smollm2"),
+)
+def test_labels_end_with_the_turn_end_of_the_chat_template(tiny_tokenizer, chat_template, turn_tokens, turn_end):
+    """Gemma-2-it ends a reply with `<end_of_turn>`, not with its EOS: labels must end the way the base ends a turn."""
+    tokenizer = _chat_tokenizer(tiny_tokenizer, chat_template, turn_tokens)
+    turn_end_id = tokenizer.convert_tokens_to_ids(turn_end)
+    assert turn_end_ids(tokenizer) == [turn_end_id]
+
+    row = ASCII_ROWS[0]
+    features = tokenize_example(row, tokenizer, max_length=512)
+    labels = [label for label in features["labels"] if label != -100]
+    assert labels[-1] == turn_end_id and tokenizer.eos_token_id not in labels
+    assert tokenizer.decode(labels[:-1]) == row["output"]
+    prompt_tokens = tokenizer.convert_ids_to_tokens(features["input_ids"][: len(features["input_ids"]) - len(labels)])
+    # The prompt opens the reply's turn (Gemma-2: user + model turns; SmolLM2: default system, user, assistant).
+    assert prompt_tokens.count(turn_tokens[0]) == (3 if chat_template == SMOLLM2_CHAT_TEMPLATE else 2)
+    assert prompt_tokens.count(turn_end) == prompt_tokens.count(turn_tokens[0]) - 1
+
+
+def test_a_template_without_a_turn_end_falls_back_to_eos_with_a_warning(tiny_tokenizer, caplog):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    with caplog.at_level(logging.WARNING):
+        assert turn_end_ids(tokenizer) == [tokenizer.eos_token_id]
+    assert "labels end with the EOS token '<eos>'" in caplog.text
+
+
 def test_tokenize_dataset_on_real_rows(tiny_tokenizer, concept10):
     sample = concept10.select(range(0, len(concept10), 97))  # positives and negatives from three files
     tokenized = tokenize_dataset(sample, tiny_tokenizer, max_length=4096, max_steering_prompt_length=16)

@@ -451,7 +451,9 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
         ),
         (lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor(float("-inf"))), "finite"),
         (
-            lambda m, i: m.generate(**i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor([float("inf")])),
+            lambda m, i: m.generate(
+                **i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor([float("inf")])
+            ),
             "finite",
         ),
         (lambda m, i: m(**i, steering_vectors=torch.zeros(2, 5)), "steering_vectors"),
@@ -579,7 +581,9 @@ def test_in_context_hypernetwork_reads_a_single_bos(tester):
     steering = tokenize_steering_prompts(tester.tokenizer, STEERING_PROMPTS, 64)
     with_bos = {
         "steering_input_ids": torch.cat([torch.full((2, 1), bos), steering["steering_input_ids"]], dim=1),
-        "steering_attention_mask": torch.cat([torch.ones(2, 1, dtype=torch.long), steering["steering_attention_mask"]], 1),
+        "steering_attention_mask": torch.cat(
+            [torch.ones(2, 1, dtype=torch.long), steering["steering_attention_mask"]], 1
+        ),
     }
 
     read = []
@@ -743,3 +747,19 @@ def test_blocks_copied_from_a_dispatched_base_carry_no_accelerate_hooks(tester, 
         _greedy(models[1], inputs, steering_prompt=STEERING_PROMPTS),
         _greedy(models[0], inputs, steering_prompt=STEERING_PROMPTS),
     )
+
+
+def test_config_records_the_base_special_tokens_so_trainer_aligns_nothing(tester):
+    from transformers.trainer_utils import align_special_tokens
+
+    model = tester.get_model("llama")
+    base_config = model.language_model.config
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        base_config.bos_token_id,
+        base_config.eos_token_id,
+        base_config.pad_token_id,
+    )
+    config, generation_config = model.config.to_dict(), model.generation_config.to_dict()
+    # Trainer runs this before training and warns about every token it has to update.
+    align_special_tokens(model, tester.tokenizer)
+    assert model.config.to_dict() == config and model.generation_config.to_dict() == generation_config
