@@ -1,5 +1,7 @@
 """HyperSteer model configuration."""
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.utils import logging
 
@@ -173,8 +175,9 @@ class HyperSteerConfig(PreTrainedConfig):
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"`hidden_size` must be positive, got {self.hidden_size}.")
         if (
-            not isinstance(self.default_steering_factor, (int, float))
-            or self.default_steering_factor != self.default_steering_factor
+            isinstance(self.default_steering_factor, bool)
+            or not isinstance(self.default_steering_factor, (int, float))
+            or not math.isfinite(self.default_steering_factor)
         ):
             raise ValueError(
                 f"`default_steering_factor` must be a finite number, got {self.default_steering_factor!r}."

@@ -668,6 +668,38 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, system_p
         return tokenizer.apply_chat_template([folded], tokenize=False, add_generation_prompt=True)
 
 
+# Rendered as the assistant's reply to find what the chat template writes after a reply; plain ASCII words that no
+# template trims or escapes.
+_SENTINEL_REPLY = "HyperSteer sentinel reply"
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end an assistant turn in the tokenizer's chat template, i.e. what the chat model generates when
+    its reply is done: `<end_of_turn>` for Gemma-2, `<|im_end|>` for SmolLM2 and Qwen2, `<|eot_id|>` for Llama-3.
+
+    Read from the template itself: a user turn and an assistant turn whose text is a sentinel are rendered, and the
+    text after the sentinel (without the whitespace that separates turns) is tokenised. A template that writes nothing
+    after a reply falls back to the EOS token, with a warning.
+    """
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL_REPLY}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    position = rendered.rfind(_SENTINEL_REPLY)
+    tail = rendered[position + len(_SENTINEL_REPLY) :].strip() if position >= 0 else ""
+    if tail:
+        return tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"The chat template of {type(tokenizer).__name__} writes no turn end after an assistant reply and the "
+            "tokenizer has no EOS token, so labels could not teach steered generation to stop. Set "
+            "`tokenizer.eos_token`."
+        )
+    logger.warning_once(
+        f"The chat template writes nothing after an assistant reply; labels end with the EOS token "
+        f"{tokenizer.eos_token!r} instead."
+    )
+    return [tokenizer.eos_token_id]
+
+
 def _tokenize_batch(
     batch: dict[str, list],
     tokenizer: PreTrainedTokenizerBase,
@@ -676,12 +708,7 @@ def _tokenize_batch(
     system_prompt: str | None,
 ) -> dict[str, list]:
     """Tokenises a batch of rows; rows whose prompt leaves no room for a response token are left out."""
-    eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
-        raise ValueError(
-            f"The tokenizer {type(tokenizer).__name__} has no EOS token; labels end with EOS so that steered "
-            "generation learns to stop. Set `tokenizer.eos_token`."
-        )
+    turn_end = turn_end_ids(tokenizer)
     prompts = [format_prompt(tokenizer, instruction, system_prompt) for instruction in batch["input"]]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(batch["output"]), add_special_tokens=False)["input_ids"]
@@ -695,7 +722,7 @@ def _tokenize_batch(
         budget = max_length - len(prompt)
         if budget <= 0:
             continue
-        response = (response + [eos_token_id])[:budget]
+        response = (response + turn_end)[:budget]
         features["input_ids"].append(prompt + response)
         features["attention_mask"].append([1] * (len(prompt) + len(response)))
         features["labels"].append([-100] * len(prompt) + response)
@@ -716,8 +743,9 @@ def tokenize_example(
     """Tokenises one AxBench row into HyperSteer model inputs.
 
     The prompt (`input` through `format_prompt`) and the response (`output`) are tokenised separately and their ids
-    concatenated, so the labels are exactly the response tokens followed by EOS; prompt positions get -100. When the
-    row exceeds `max_length`, the response is cut from the right (then without EOS). The steering prompt
+    concatenated, so the labels are exactly the response tokens followed by the chat template's turn end
+    (`turn_end_ids`, e.g. `<end_of_turn>` for Gemma-2); prompt positions get -100. When the row exceeds `max_length`,
+    the response is cut from the right (then without the turn end). The steering prompt
     (`output_concept`) goes through `tokenize_steering_prompts`, exactly as at inference.
 
     Returns:
@@ -945,4 +973,5 @@ __all__ = [
     "split_concepts",
     "tokenize_dataset",
     "tokenize_example",
+    "turn_end_ids",
 ]

@@ -32,7 +32,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import load_state_dict
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .configuration_hypersteer import HyperSteerConfig
 
@@ -48,6 +49,18 @@ AUTO_MAP = {
 # Keyword arguments that `AutoModel*.from_pretrained` hands to a remote-code class and that concern the HyperSteer
 # folder itself, never the base model's load.
 _AUTO_CLASS_ONLY_KWARGS = ("trust_remote_code", "_from_auto", "adapter_kwargs", "code_revision", "_commit_hash")
+
+
+def _cache_name(parameters) -> str:
+    """transformers 5.24 renamed the key/value cache from `past_key_values` to `cache` (the old name warns until its
+    removal in 5.40). This file is frozen into every saved checkpoint, so it uses whichever name the installed version
+    declares instead of either one alone."""
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+# Resolved once at import: the keyword of the mask builders and the base's forward, and the cache field of outputs.
+_CACHE_KWARG = _cache_name(inspect.signature(create_causal_mask).parameters)
+_CACHE_FIELD = _cache_name(CausalLMOutputWithPast.__dataclass_fields__)
 
 
 def tokenize_steering_prompts(tokenizer, steering_prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -312,7 +325,6 @@ class HyperSteerHypernetwork(nn.Module):
                 attention_mask=layer_attention_masks[index],
                 position_ids=position_ids,
                 position_embeddings=layer_position_embeddings[index],
-                past_key_values=None,
                 use_cache=False,
             )
             hidden_states = layer_output[0] if isinstance(layer_output, tuple) else layer_output
@@ -352,7 +364,7 @@ class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
         Language-modelling loss of the steered base on the label tokens.
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Steered prediction scores.
-    past_key_values (`Cache`, *optional*): the base's key/value cache.
+    cache (`Cache`, *optional*): the base's key/value cache (the field is `past_key_values` before transformers 5.24).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): the base's hidden states (steered from the steering
         layer on).
     attentions (`tuple(torch.FloatTensor)`, *optional*): the base's attention weights.
@@ -438,7 +450,6 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
     _no_split_modules = []
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -509,6 +520,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         decoder_layers = _decoder_layers_of(language_model)
         _check_base_matches_config(language_model, config)
         base_config = language_model.config.get_text_config()
+        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
+        # alignment nothing to update (it warns about every token it has to fill in).
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
+                setattr(config, name, getattr(base_config, name))
         self._hypernet_layer_types = [
             _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
         ]
@@ -609,9 +625,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             base_model = AutoModelForCausalLM.from_pretrained(
                 config.base_model_name_or_path,
                 revision=config.base_model_revision,
-                cache_dir=cache_dir,
-                token=token,
-                local_files_only=local_files_only,
+                **_base_hub_kwargs(hub_kwargs),
                 **base_model_kwargs,
             )
         elif base_model_kwargs:
@@ -621,8 +635,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if tokenizer is None:
             tokenizer = _load_tokenizer(pretrained_model_name_or_path, config, hub_kwargs)
         model = cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
-        weights_file = cached_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, **hub_kwargs)
-        model.load_hypernetwork_state_dict(load_state_dict(weights_file))
+        model.load_hypernetwork_state_dict(_load_hypernetwork_weights(pretrained_model_name_or_path, hub_kwargs))
         model.eval()
         return model
 
@@ -737,7 +750,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -757,7 +770,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): prompt (and response) tokens.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`): 1 for real tokens, 0 for padding.
-                Left or right padding gives the same result: positions are derived from this mask.
+                Left or right padding gives the same result: positions are derived from this mask. With a non-empty
+                `cache`, it covers the cached tokens and the new ones, `(batch_size, past_length + sequence_length)`.
+            cache (`Cache`, *optional*): the base's key/value cache, as returned by a previous call with
+                `use_cache=True` (also accepted as `past_key_values`, its name before transformers 5.24). A non-empty
+                cache needs `steering_vectors`: the new tokens alone cannot give the `v` of the whole prompt.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): response tokens, -100
                 elsewhere. The hypernetwork only reads positions that are real and not labels, so it never sees the
                 response it is trained to produce.
@@ -785,15 +802,34 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds`.")
+        if "past_key_values" in kwargs:
+            if cache is not None:
+                raise ValueError("Pass the key/value cache once, as `cache` (or `past_key_values`), not both.")
+            cache = kwargs.pop("past_key_values")
         batch_size, sequence_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = (input_ids if input_ids is not None else inputs_embeds).device
+        past_length = cache.get_seq_length() if cache is not None else 0
+        decoding_from_cache = past_length > 0
+        if decoding_from_cache and steering_vectors is None:
+            raise ValueError(
+                f"`forward` got a cache of {past_length} tokens, so it sees only the {sequence_length} new tokens and "
+                "cannot compute the prompt's steering vectors from them. Pass the vectors of the first call, "
+                "`steering_vectors=outputs.steering_vectors`, or use `generate`, which caches them itself."
+            )
         if attention_mask is None:
-            attention_mask = torch.ones(batch_size, sequence_length, dtype=torch.long, device=device)
-        decoding_from_cache = past_key_values is not None and past_key_values.get_seq_length() > 0
+            attention_mask = torch.ones(batch_size, past_length + sequence_length, dtype=torch.long, device=device)
+        if attention_mask.shape[-1] != past_length + sequence_length:
+            raise ValueError(
+                f"`attention_mask` has {attention_mask.shape[-1]} columns, but the cache holds {past_length} tokens and "
+                f"{sequence_length} are new: pass the mask of all {past_length + sequence_length} tokens."
+            )
+        if position_ids is None:
+            # Positions count real tokens only, also past a left-padded cached prompt.
+            position_ids = _positions_from_mask(attention_mask)[:, past_length:]
         request = self._build_request(
             batch_size=batch_size,
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask[:, past_length:],
             labels=labels,
             steering_prompt=steering_prompt,
             steering_input_ids=steering_input_ids,
@@ -811,9 +847,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             # The base's loss pairs logits with labels position by position: give it the kept window only.
             labels = labels[:, -logits_to_keep:]
-        if position_ids is None and not decoding_from_cache:
-            position_ids = _positions_from_mask(attention_mask)
-        if use_cache is None and labels is not None and past_key_values is None:
+        if use_cache is None and labels is not None and cache is None:
             # A training forward would otherwise fill a key/value cache that nothing reads.
             use_cache = False
         with self._steering_hook(request):
@@ -821,11 +855,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **{_CACHE_KWARG: cache},
                 **kwargs,
             )
         contrast_logits = None
@@ -834,12 +868,12 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         return HyperSteerCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             steering_vectors=request.steering_vectors,
             steering_gates=request.steering_gates,
             contrast_logits=contrast_logits,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
 
     @torch.no_grad()
@@ -976,6 +1010,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
             context_input_ids = input_ids
+            # The steering prompt and the chat-templated user prompt may both open with BOS; keep only the first.
+            context_mask = context_mask & ~_repeated_bos(input_ids, context_mask, ids, mask, self._bos_token_id())
         return _SteeringRequest(
             steering_input_ids=ids,
             steering_attention_mask=mask,
@@ -985,6 +1021,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             label_mask=label_mask,
             steering_vectors=steering_vectors,
         )
+
+    def _bos_token_id(self) -> int | None:
+        if self.tokenizer is not None:
+            return self.tokenizer.bos_token_id
+        return self.language_model.config.get_text_config().bos_token_id
 
     def _steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
         """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
@@ -1036,9 +1077,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
                 "single number."
             )
-        if not isinstance(steering_factor, torch.Tensor) and not all(
-            abs(value) < float("inf") for value in factors.tolist()
-        ):
+        if not torch.isfinite(factors).all():
             raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
         return factors
 
@@ -1309,7 +1348,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             "config": base_config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": token_mask.long(),
-            "past_key_values": None,
+            _CACHE_KWARG: None,
             "position_ids": position_ids,
         }
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -1392,12 +1431,14 @@ def _hypernet_decoder_layer(language_model, decoder_layers, index: int, init: st
     """A decoder block of the base's architecture: a copy of base layer `index` (`init="base"`) or the same block
     freshly drawn by the base architecture's own initialiser (`init="random"`)."""
     layer = copy.deepcopy(decoder_layers[index % len(decoder_layers)])
-    # The copy carries transformers' output-recording hooks from the base; they must not fire inside the hypernet.
-    for module in layer.modules():
-        module._forward_hooks.clear()
-        module._forward_pre_hooks.clear()
-        module._forward_hooks_with_kwargs.clear()
-        module._forward_pre_hooks_with_kwargs.clear()
+    _remove_copied_hooks(layer)
+    offloaded = [name for name, parameter in layer.named_parameters() if parameter.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"Base layer {index % len(decoder_layers)} is offloaded (parameters {offloaded[:3]} are on the meta "
+            "device), so the hypernetwork cannot copy it; load the base without disk/CPU offloading in its "
+            "`device_map`."
+        )
     layer.requires_grad_(True)
     if init == "random":
         with torch.no_grad():
@@ -1410,6 +1451,23 @@ def _hypernet_decoder_layer(language_model, decoder_layers, index: int, init: st
     for module in layer.modules():
         module._is_hf_initialized = True
     return layer
+
+
+def _remove_copied_hooks(layer: nn.Module) -> None:
+    """Strip the hooks a copied base layer brings along, so none of them fires inside the hypernetwork.
+
+    These are transformers' output-recording hooks and, for a base loaded with `device_map`, accelerate's dispatch
+    hook: accelerate stores it as `_hf_hook` and replaces the instance's `forward` with a wrapper (keeping the original
+    as `_old_forward`). Dropping the instance-level `forward` restores the class's own method.
+    """
+    for module in layer.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        module._forward_hooks_with_kwargs.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+        if "_hf_hook" in module.__dict__ or "_old_forward" in module.__dict__:
+            for name in ("_hf_hook", "_old_forward", "forward"):
+                module.__dict__.pop(name, None)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -1445,6 +1503,27 @@ def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):
     return packed * packed_mask[..., None].to(packed.dtype), packed_mask
 
 
+def _first_real_token(token_ids: torch.LongTensor, mask: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Index and id of each row's first real token, whatever the padding side: two `(batch_size,)` tensors."""
+    first = mask.long().argmax(dim=-1)
+    return first, token_ids.gather(1, first[:, None]).squeeze(1)
+
+
+def _repeated_bos(context_input_ids, context_mask, steering_input_ids, steering_attention_mask, bos_token_id):
+    """`(batch_size, context_length)` mask, `True` at a row's first real context token when both it and the first
+    real steering-prompt token are BOS: packed after the steering prompt, it would be a second BOS mid-sequence."""
+    repeated = torch.zeros_like(context_mask, dtype=torch.bool)
+    if bos_token_id is None:
+        return repeated
+    first, first_id = _first_real_token(context_input_ids, context_mask)
+    device = first.device
+    _, steering_first_id = _first_real_token(steering_input_ids.to(device), steering_attention_mask.to(device))
+    both_bos = context_mask.any(dim=-1) & (first_id == bos_token_id) & (steering_first_id == bos_token_id)
+    rows = torch.arange(repeated.shape[0], device=repeated.device)
+    repeated[rows, first] = both_bos
+    return repeated
+
+
 def per_row_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each row's label tokens.
 
@@ -1471,13 +1550,64 @@ def _check_finite(vectors: torch.Tensor) -> None:
         )
 
 
+def _base_hub_kwargs(hub_kwargs: dict) -> dict:
+    """The download settings that also apply to the base's files; `revision` and `subfolder` name places in the
+    HyperSteer repository only (the base's revision is `config.base_model_revision`)."""
+    return {key: value for key, value in hub_kwargs.items() if key not in ("revision", "subfolder")}
+
+
+def _optional_file(pretrained_model_name_or_path, file_name: str, hub_kwargs: dict) -> str | None:
+    """Resolve `file_name` in a folder or Hub repository; `None` only when the file does not exist there (network and
+    permission errors still raise)."""
+    return cached_file(
+        pretrained_model_name_or_path, file_name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+
+
+def _load_hypernetwork_weights(pretrained_model_name_or_path, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    """The saved hypernetwork state dict, from `model.safetensors` or from the shards that
+    `model.safetensors.index.json` lists (as `save_pretrained(..., max_shard_size=...)` writes them)."""
+    weights_file = _optional_file(pretrained_model_name_or_path, SAFE_WEIGHTS_NAME, hub_kwargs)
+    if weights_file is not None:
+        return load_state_dict(weights_file)
+    index_file = _optional_file(pretrained_model_name_or_path, SAFE_WEIGHTS_INDEX_NAME, hub_kwargs)
+    if index_file is None:
+        raise OSError(
+            f"{pretrained_model_name_or_path} holds neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; it is "
+            "not a folder written by `HyperSteerModel.save_pretrained`."
+        )
+    shard_files, _ = get_checkpoint_shard_files(pretrained_model_name_or_path, index_file, **hub_kwargs)
+    state_dict = {}
+    for shard_file in shard_files:
+        state_dict.update(load_state_dict(shard_file))
+    return state_dict
+
+
+# Any of these next to the weights means a tokenizer was saved there (`save_pretrained` always writes the config).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
 def _load_tokenizer(pretrained_model_name_or_path, config: HyperSteerConfig, hub_kwargs: dict):
-    """The tokenizer saved next to the hypernetwork, else the base's."""
-    try:
-        return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-    except (OSError, ValueError) as error:
-        logger.info(f"No tokenizer in {pretrained_model_name_or_path} ({error}); using the base model's.")
-    return AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
+    """The tokenizer saved next to the hypernetwork; the base's only when no tokenizer file was saved at all.
+
+    A saved tokenizer that fails to load raises: falling back would silently swap in a tokenizer the checkpoint was
+    not trained with (other special tokens, chat template or padding).
+    """
+    if any(_optional_file(pretrained_model_name_or_path, name, hub_kwargs) for name in _TOKENIZER_FILES):
+        try:
+            return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"The tokenizer saved in {pretrained_model_name_or_path} does not load ({error}). Repair or delete its "
+                "files, or pass a loaded tokenizer with `tokenizer=`."
+            ) from error
+    logger.warning(
+        f"No tokenizer was saved in {pretrained_model_name_or_path}; loading the base model's from "
+        f"{config.base_model_name_or_path!r}. Pass `tokenizer=` to choose another."
+    )
+    return AutoTokenizer.from_pretrained(
+        config.base_model_name_or_path, revision=config.base_model_revision, **_base_hub_kwargs(hub_kwargs)
+    )
 
 
 AutoModel.register(HyperSteerConfig, HyperSteerModel, exist_ok=True)

@@ -42,6 +42,9 @@ def test_round_trip_is_lossless(tmp_path):
         ({"steering_layer": 4, "base_num_hidden_layers": 4}, "out of range"),
         ({"hypernet_num_layers": 6, "base_num_hidden_layers": 4, "steering_layer": 1}, "hypernet_init='random'"),
         ({"default_steering_factor": float("nan")}, "default_steering_factor"),
+        ({"default_steering_factor": float("inf")}, "default_steering_factor"),
+        ({"default_steering_factor": float("-inf")}, "default_steering_factor"),
+        ({"default_steering_factor": True}, "default_steering_factor"),
     ],
 )
 def test_invalid_values_raise_with_the_field_named(kwargs, message):

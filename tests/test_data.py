@@ -28,6 +28,7 @@ from modeling_hypersteer.data import (
     split_concepts,
     tokenize_dataset,
     tokenize_example,
+    turn_end_ids,
 )
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts
 
@@ -431,18 +432,18 @@ def test_format_prompt_applies_chat_template_and_folds_system(tiny_tokenizer):
         format_prompt(no_template, "Explain sorting.")
 
 
-def test_tokenize_example_labels_are_exactly_response_and_eos(tiny_tokenizer):
+def test_tokenize_example_labels_are_exactly_response_and_turn_end(tiny_tokenizer):
     row = dict(ASCII_ROWS[0], steering_factor=0.5)
     features = tokenize_example(row, tiny_tokenizer, max_length=512, max_steering_prompt_length=64)
 
     labels = torch.tensor(features["labels"])
     input_ids = torch.tensor(features["input_ids"])
     response = labels != -100
-    # The labelled suffix is the response followed by EOS; every earlier position is -100.
+    # The labelled suffix is the response followed by the template's turn end; every earlier position is -100.
     first = int(response.nonzero()[0])
     assert response[first:].all() and not response[:first].any()
     assert torch.equal(labels[response], input_ids[response])
-    assert int(labels[-1]) == tiny_tokenizer.eos_token_id
+    assert int(labels[-1]) == tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     assert tiny_tokenizer.decode(labels[response][:-1].tolist()) == row["output"]
     # The unlabelled prefix is the chat-formatted prompt, with the template's BOS once.
     prompt_text = format_prompt(tiny_tokenizer, row["input"])
@@ -458,6 +459,64 @@ def test_tokenize_example_labels_are_exactly_response_and_eos(tiny_tokenizer):
     assert features["steering_attention_mask"] == expected["steering_attention_mask"][0].tolist()
 
 
+# The chat templates of google/gemma-2-2b-it and HuggingFaceTB/SmolLM2-135M-Instruct, verbatim.
+GEMMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chat_tokenizer(tiny_tokenizer, chat_template, turn_tokens):
+    """The tiny tokenizer with another base's chat template and its turn tokens (its EOS stays `<eos>`)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_tokens(list(turn_tokens), special_tokens=True)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "chat_template, turn_tokens, turn_end",
+    [
+        (GEMMA2_CHAT_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"),
+        (SMOLLM2_CHAT_TEMPLATE, ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    ],
+    ids=("gemma2", "smollm2"),
+)
+def test_labels_end_with_the_turn_end_of_the_chat_template(tiny_tokenizer, chat_template, turn_tokens, turn_end):
+    """Gemma-2-it ends a reply with `<end_of_turn>`, not with its EOS: labels must end the way the base ends a turn."""
+    tokenizer = _chat_tokenizer(tiny_tokenizer, chat_template, turn_tokens)
+    turn_end_id = tokenizer.convert_tokens_to_ids(turn_end)
+    assert turn_end_ids(tokenizer) == [turn_end_id]
+
+    row = ASCII_ROWS[0]
+    features = tokenize_example(row, tokenizer, max_length=512)
+    labels = [label for label in features["labels"] if label != -100]
+    assert labels[-1] == turn_end_id and tokenizer.eos_token_id not in labels
+    assert tokenizer.decode(labels[:-1]) == row["output"]
+    prompt_tokens = tokenizer.convert_ids_to_tokens(features["input_ids"][: len(features["input_ids"]) - len(labels)])
+    # The prompt opens the reply's turn (Gemma-2: user + model turns; SmolLM2: default system, user, assistant).
+    assert prompt_tokens.count(turn_tokens[0]) == (3 if chat_template == SMOLLM2_CHAT_TEMPLATE else 2)
+    assert prompt_tokens.count(turn_end) == prompt_tokens.count(turn_tokens[0]) - 1
+
+
+def test_a_template_without_a_turn_end_falls_back_to_eos_with_a_warning(tiny_tokenizer, caplog):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    with caplog.at_level(logging.WARNING):
+        assert turn_end_ids(tokenizer) == [tokenizer.eos_token_id]
+    assert "labels end with the EOS token '<eos>'" in caplog.text
+
+
 def test_tokenize_dataset_on_real_rows(tiny_tokenizer, concept10):
     sample = concept10.select(range(0, len(concept10), 97))  # positives and negatives from three files
     tokenized = tokenize_dataset(sample, tiny_tokenizer, max_length=4096, max_steering_prompt_length=16)
@@ -466,7 +525,7 @@ def test_tokenize_dataset_on_real_rows(tiny_tokenizer, concept10):
     assert tokenized.features["steering_factor"] == datasets.Value("float32")
     assert len(tokenized) == len(sample)
     for row, features in zip(sample, tokenized):
-        response = tiny_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+        response = tiny_tokenizer(row["output"], add_special_tokens=False)["input_ids"] + turn_end_ids(tiny_tokenizer)
         prompt = tiny_tokenizer(format_prompt(tiny_tokenizer, row["input"]), add_special_tokens=False)["input_ids"]
         assert features["input_ids"] == prompt + response
         assert features["labels"] == [-100] * len(prompt) + response
@@ -491,7 +550,7 @@ def test_truncation_cuts_response_and_drops_rows_without_one(tiny_tokenizer, cap
     row = tokenized[0]
     assert len(row["input_ids"]) == max_length
     labels = [label for label in row["labels"] if label != -100]
-    assert len(labels) == 5 and tiny_tokenizer.eos_token_id not in labels
+    assert len(labels) == 5 and tiny_tokenizer.convert_tokens_to_ids("<|end|>") not in labels
 
     with pytest.raises(ValueError, match="All 2 rows were dropped"):
         tokenize_dataset(data, tiny_tokenizer, max_length=4)

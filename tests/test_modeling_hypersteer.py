@@ -1,6 +1,7 @@
 """Tests of HyperSteerModel on tiny random bases of every supported architecture (offline, CPU, deterministic)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,11 +11,10 @@ import pytest
 import torch
 from conftest import BLOCK_PACKAGE_PREAMBLE, TINY_ARCHITECTURES, build_tiny_base
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.evaluation import _per_row_loss
-from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts
+from modeling_hypersteer.modeling_hypersteer import _CACHE_FIELD, tokenize_steering_prompts
 
 
 VARIANTS = ("cross_attention", "in_context", "no_context")
@@ -106,9 +106,13 @@ def test_every_variant_trains_and_generates_on_every_architecture(tester, archit
     assert torch.isfinite(outputs.loss)
     outputs.loss.backward()
     assert all(parameter.grad is None for parameter in model.language_model.parameters())
-    hypernet_grads = [p.grad for p in model.hypernetwork.parameters()]
-    assert all(grad is not None for grad in hypernet_grads)
-    assert model.hypernetwork.output_projection.weight.grad.abs().sum() > 0
+    # The loss reaches every hypernetwork weight (none is dead or detached).
+    without_gradient = [
+        name
+        for name, parameter in model.hypernetwork.named_parameters()
+        if parameter.grad is None or not parameter.grad.abs().sum() > 0
+    ]
+    assert not without_gradient
 
     model.eval()
     inputs = tester.prompts()
@@ -192,6 +196,9 @@ def test_changing_the_response_does_not_change_v(tester, hypernet_type):
 @pytest.mark.parametrize("hypernet_type", VARIANTS)
 @pytest.mark.parametrize("architecture", ("gemma2", "llama"))
 def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hypernet_type, architecture):
+    # Imported here so this module stays importable in CI's lowest-transformers virtualenv, which has no `datasets`.
+    from modeling_hypersteer.evaluation import _per_row_loss
+
     model = tester.get_model(architecture, hypernet_type)
     right_batch = tester.training_batch(padding_side="right")
     left_batch = tester.training_batch(padding_side="left")
@@ -400,9 +407,15 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
     torch.save({"inputs": dict(inputs), "expected": expected}, tmp_path / "reference.pt")
     script = textwrap.dedent(
         f"""
+        import warnings
+
         import torch
         from transformers import AutoModelForCausalLM
 
+        # The frozen remote code must not trigger deprecations, which announce its breakage in a later transformers.
+        warnings.filterwarnings("error", category=FutureWarning, module="transformers_modules")
+        warnings.filterwarnings("error", category=DeprecationWarning, module="transformers_modules")
+        warnings.filterwarnings("error", message="`past_key_values` is deprecated", category=FutureWarning)
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hypersteer")!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         reference = torch.load({str(tmp_path / "reference.pt")!r})
@@ -431,6 +444,18 @@ def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path)
         (lambda m, i: m(**i), "No steering prompt given"),
         (lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=[1.0, 2.0, 3.0]), "3 steering factors"),
         (lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=[1.0, float("inf")]), "finite"),
+        (lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=[float("nan"), 1.0]), "finite"),
+        (
+            lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor([1.0, float("nan")])),
+            "finite",
+        ),
+        (lambda m, i: m(**i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor(float("-inf"))), "finite"),
+        (
+            lambda m, i: m.generate(
+                **i, steering_prompt=STEERING_PROMPTS, steering_factor=torch.tensor([float("inf")])
+            ),
+            "finite",
+        ),
         (lambda m, i: m(**i, steering_vectors=torch.zeros(2, 5)), "steering_vectors"),
         (lambda m, i: m.generate(**i, steering_prompt=STEERING_PROMPTS * 2, max_new_tokens=2), "4 steering prompts"),
     ],
@@ -494,3 +519,247 @@ def test_activation_checkpointing_keeps_gradients_and_the_single_graph(tester):
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="non-reentrant"):
         model.activation_checkpointing_enable({"use_reentrant": True})
+
+
+def test_config_default_factor_is_checked_when_used(tester):
+    model = tester.get_model("llama")
+    # Set after construction, so only the call-time check can catch it.
+    model.config.default_steering_factor = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        model(**tester.prompts("left"), steering_prompt=STEERING_PROMPTS)
+
+
+@pytest.mark.parametrize("steering_positions", ("all", "generated"))
+def test_forward_with_a_cache_reuses_the_prefill_vectors_and_positions_from_the_mask(tester, steering_positions):
+    """A decode step through `forward` needs the prefill's `v` and must place left-padded rows by their real tokens:
+    it then gives the logits of a full forward over the same tokens."""
+    model = tester.get_model("gemma2", steering_positions=steering_positions, token_gate=True)
+    inputs = tester.prompts("left")
+    assert (inputs["attention_mask"] == 0).any(), "rows of equal length would not exercise the padded positions"
+    steering = tokenize_steering_prompts(tester.tokenizer, STEERING_PROMPTS, 64)
+    prefill = model(**inputs, **steering, steering_factor=3.0, use_cache=True)
+    cache = prefill[_CACHE_FIELD]
+    next_tokens = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_tokens)], dim=1)
+
+    with pytest.raises(ValueError, match="cannot compute the prompt's steering vectors"):
+        model(input_ids=next_tokens, attention_mask=attention_mask, cache=cache, **steering)
+    with pytest.raises(ValueError, match="pass the mask of all"):
+        model(
+            input_ids=next_tokens,
+            attention_mask=torch.ones_like(next_tokens),
+            cache=cache,
+            steering_vectors=prefill.steering_vectors,
+        )
+    step = model(
+        input_ids=next_tokens,
+        attention_mask=attention_mask,
+        cache=cache,
+        steering_vectors=prefill.steering_vectors,
+        steering_factor=3.0,
+    )
+
+    input_ids = torch.cat([inputs["input_ids"], next_tokens], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -1] = next_tokens[:, 0]  # the new token is the "generated" one, as in the decode step
+    full = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, steering_factor=3.0, **steering)
+    torch.testing.assert_close(full.steering_vectors, prefill.steering_vectors, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-4)
+    unsteered_step = model.language_model(input_ids=input_ids, attention_mask=attention_mask)
+    assert not torch.allclose(step.logits[:, -1], unsteered_step.logits[:, -1], atol=1e-3)
+
+
+def test_in_context_hypernetwork_reads_a_single_bos(tester):
+    """The chat-templated user prompt opens with BOS; when the steering prompt does too, the hypernetwork reads the
+    steering prompt's BOS only, exactly as if the user prompt had none."""
+    model = tester.get_model("llama", "in_context")
+    bos = tester.tokenizer.bos_token_id
+    inputs = tester.prompts("left")
+    lengths = inputs["attention_mask"].sum(dim=1)
+    first_real = inputs["input_ids"].gather(1, (inputs["attention_mask"].argmax(dim=1))[:, None])
+    assert (first_real == bos).all()
+    steering = tokenize_steering_prompts(tester.tokenizer, STEERING_PROMPTS, 64)
+    with_bos = {
+        "steering_input_ids": torch.cat([torch.full((2, 1), bos), steering["steering_input_ids"]], dim=1),
+        "steering_attention_mask": torch.cat(
+            [torch.ones(2, 1, dtype=torch.long), steering["steering_attention_mask"]], 1
+        ),
+    }
+
+    read = []
+
+    def record(module, args, kwargs):
+        token_mask = args[1] if len(args) > 1 else kwargs["attention_mask"]
+        read.append(token_mask.sum(dim=1))
+
+    handle = model.hypernetwork.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        vectors = model.compute_steering_vectors(**inputs, **with_bos)
+        texts = [
+            tester.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            ).removeprefix(tester.tokenizer.bos_token)
+            for text in ("Explain sorting.", "Hi")
+        ]
+        without_user_bos = tester.tokenizer(
+            texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        )
+        assert torch.equal(without_user_bos["attention_mask"].sum(dim=1), lengths - 1)
+        assert bos not in without_user_bos["input_ids"]
+        reference = model.compute_steering_vectors(**without_user_bos, **with_bos)
+        plain = model.compute_steering_vectors(**inputs, **steering)
+    finally:
+        handle.remove()
+    steering_lengths = with_bos["steering_attention_mask"].sum(dim=1)
+    assert torch.equal(read[0], steering_lengths + lengths - 1)
+    torch.testing.assert_close(vectors, reference, rtol=1e-5, atol=1e-6)
+    # A steering prompt without BOS leaves the user prompt's BOS in place (it is then the only one).
+    assert torch.equal(read[2], steering_lengths - 1 + lengths)
+    assert not torch.allclose(plain, reference)
+
+
+def _saved_model(tester, tmp_path, **save_kwargs):
+    """A steering model on a tiny Llama base saved in `tmp_path`, with its greedy steered tokens."""
+    build_tiny_base("llama", len(tester.tokenizer)).save_pretrained(tmp_path / "base")
+    tester.tokenizer.save_pretrained(tmp_path / "base")
+    model = HyperSteerModel.from_base_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        tokenizer=tester.tokenizer,
+        steering_layer=2,
+        hypernet_num_layers=2,
+    )
+    with torch.no_grad():
+        model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "hypersteer", **save_kwargs)
+    return model, _greedy(model, tester.prompts("left"), steering_prompt=STEERING_PROMPTS)
+
+
+def test_sharded_hypernetwork_weights_load(tester, tmp_path):
+    model, tokens = _saved_model(tester, tmp_path, max_shard_size="20KB")
+    files = set(os.listdir(tmp_path / "hypersteer"))
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    shards = sorted(name for name in files if name.startswith("model-") and name.endswith(".safetensors"))
+    assert len(shards) > 1
+    for reloaded in (
+        HyperSteerModel.from_pretrained(tmp_path / "hypersteer"),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hypersteer"),
+    ):
+        for key, value in model.hypernetwork.state_dict().items():
+            assert torch.equal(reloaded.hypernetwork.state_dict()[key], value), key
+        assert torch.equal(_greedy(reloaded, tester.prompts("left"), steering_prompt=STEERING_PROMPTS), tokens)
+    os.remove(tmp_path / "hypersteer" / "model.safetensors.index.json")
+    with pytest.raises(OSError, match="neither model.safetensors nor model.safetensors.index.json"):
+        HyperSteerModel.from_pretrained(tmp_path / "hypersteer")
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Records the path and keyword arguments of every `AutoModelForCausalLM`/`AutoTokenizer.from_pretrained` call."""
+    calls = []
+    for auto_class in (AutoModelForCausalLM, AutoTokenizer):
+        original = auto_class.from_pretrained
+
+        def spy(path, *args, _original=original, _name=auto_class.__name__, **kwargs):
+            calls.append((_name, str(path), kwargs))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", spy)
+    return calls
+
+
+HUB_SETTINGS = {"token": "hf_test_token", "force_download": True, "local_files_only": True}
+
+
+def test_from_pretrained_passes_hub_settings_to_the_base_and_tokenizer(tester, tmp_path, load_calls):
+    _, tokens = _saved_model(tester, tmp_path)
+    load_calls.clear()
+    cache_dir = str(tmp_path / "cache")
+    model = HyperSteerModel.from_pretrained(tmp_path / "hypersteer", cache_dir=cache_dir, **HUB_SETTINGS)
+    expected = {"cache_dir": cache_dir, **HUB_SETTINGS}
+    by_path = {(name, path): kwargs for name, path, kwargs in load_calls}
+    base_kwargs = by_path[("AutoModelForCausalLM", str(tmp_path / "base"))]
+    assert {key: base_kwargs.get(key) for key in expected} == expected
+    # The HyperSteer folder's revision never names a base revision.
+    assert base_kwargs["revision"] is None and "subfolder" not in base_kwargs
+    tokenizer_kwargs = by_path[("AutoTokenizer", str(tmp_path / "hypersteer"))]
+    assert {key: tokenizer_kwargs.get(key) for key in expected} == expected
+    assert ("AutoTokenizer", str(tmp_path / "base")) not in by_path
+    assert torch.equal(_greedy(model, tester.prompts("left"), steering_prompt=STEERING_PROMPTS), tokens)
+
+
+def test_base_tokenizer_is_used_only_when_none_was_saved(tester, tmp_path, load_calls, caplog):
+    _, tokens = _saved_model(tester, tmp_path)
+    saved = tmp_path / "hypersteer"
+    (saved / "tokenizer.json").write_text("{not json")
+    load_calls.clear()
+    with pytest.raises(OSError, match="The tokenizer saved in .* does not load"):
+        HyperSteerModel.from_pretrained(saved)
+    assert not any(name == "AutoTokenizer" and path == str(tmp_path / "base") for name, path, _ in load_calls)
+
+    for name in os.listdir(saved):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja"):
+            os.remove(saved / name)
+    load_calls.clear()
+    with caplog.at_level(logging.WARNING):
+        model = HyperSteerModel.from_pretrained(saved, local_files_only=True)
+    assert "No tokenizer was saved" in caplog.text
+    tokenizer_calls = [(path, kwargs) for name, path, kwargs in load_calls if name == "AutoTokenizer"]
+    assert [path for path, _ in tokenizer_calls] == [str(tmp_path / "base")]
+    assert tokenizer_calls[0][1]["local_files_only"] is True
+    assert torch.equal(_greedy(model, tester.prompts("left"), steering_prompt=STEERING_PROMPTS), tokens)
+
+
+@pytest.mark.parametrize("device_map", ("cpu", "auto"))
+def test_blocks_copied_from_a_dispatched_base_carry_no_accelerate_hooks(tester, tmp_path, device_map):
+    from accelerate import dispatch_model
+
+    build_tiny_base("llama", len(tester.tokenizer)).save_pretrained(tmp_path / "base")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map)
+    # On a CPU-only machine transformers keeps a one-device map undispatched; a multi-GPU map installs an accelerate
+    # hook on every decoder layer, which `force_hooks` reproduces here.
+    layer_map = {f"model.layers.{index}": "cpu" for index in range(len(dispatched.model.layers))}
+    dispatch_model(
+        dispatched,
+        {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **layer_map},
+        force_hooks=True,
+    )
+    assert all(hasattr(layer, "_hf_hook") for layer in dispatched.model.layers)
+
+    models = []
+    for base in (plain, dispatched):
+        torch.manual_seed(0)
+        models.append(
+            HyperSteerModel.from_base_model(base, tokenizer=tester.tokenizer, steering_layer=2, hypernet_num_layers=2)
+        )
+        with torch.no_grad():
+            models[-1].hypernetwork.output_projection.weight.copy_(torch.linspace(-1, 1, 32 * 32).view(32, 32))
+    for module in models[1].hypernetwork.modules():
+        assert not {"_hf_hook", "_old_forward", "forward"} & set(vars(module)), module
+    inputs = tester.prompts("left")
+    torch.testing.assert_close(
+        models[1].compute_steering_vectors(**inputs, steering_prompt=STEERING_PROMPTS),
+        models[0].compute_steering_vectors(**inputs, steering_prompt=STEERING_PROMPTS),
+        rtol=0,
+        atol=0,
+    )
+    assert torch.equal(
+        _greedy(models[1], inputs, steering_prompt=STEERING_PROMPTS),
+        _greedy(models[0], inputs, steering_prompt=STEERING_PROMPTS),
+    )
+
+
+def test_config_records_the_base_special_tokens_so_trainer_aligns_nothing(tester):
+    from transformers.trainer_utils import align_special_tokens
+
+    model = tester.get_model("llama")
+    base_config = model.language_model.config
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
+        base_config.bos_token_id,
+        base_config.eos_token_id,
+        base_config.pad_token_id,
+    )
+    config, generation_config = model.config.to_dict(), model.generation_config.to_dict()
+    # Trainer runs this before training and warns about every token it has to update.
+    align_special_tokens(model, tester.tokenizer)
+    assert model.config.to_dict() == config and model.generation_config.to_dict() == generation_config

@@ -5,7 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.data import HyperSteerDataCollator, format_prompt, load_concept_data, tokenize_dataset
+from modeling_hypersteer.data import (
+    HyperSteerDataCollator,
+    format_prompt,
+    load_concept_data,
+    tokenize_dataset,
+    turn_end_ids,
+)
 
 
 PROMPTS = ("What is the capital of France?", "Give me one tip for sleeping better.")
@@ -44,10 +50,27 @@ def test_steered_generation_on_smollm2(smollm2):
         model.hypernetwork.output_projection.weight.normal_(0.0, 0.05)
     vectors = model.compute_steering_vectors(**inputs, steering_prompt=list(CONCEPTS))
     assert vectors.shape == (2, 576) and torch.isfinite(vectors).all()
-    steered = model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=[8.0, 8.0], **generation)
-    assert steered.shape[0] == 2 and not torch.equal(steered, unsteered)
-    texts = tokenizer.batch_decode(steered[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert all(isinstance(text, str) for text in texts)
+    assert not torch.allclose(vectors[0], vectors[1]), "two concepts gave the same steering vector"
+    # Rows are steered independently: row 0 changes, row 1 with factor 0 keeps the base's tokens in the same batch.
+    steered = model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=[8.0, 0.0], **generation)
+    assert not torch.equal(steered[0], unsteered[0]) and torch.equal(steered[1], unsteered[1])
+    prompt_length = inputs["input_ids"].shape[1]
+    steered_text = tokenizer.decode(steered[0, prompt_length:], skip_special_tokens=True)
+    assert steered_text != text
+    # Greedy steering is deterministic, and the precomputed vectors give the same tokens as the steering prompt.
+    again = model.generate(**inputs, steering_prompt=list(CONCEPTS), steering_factor=[8.0, 0.0], **generation)
+    assert torch.equal(again, steered)
+    from_vectors = model.generate(**inputs, steering_vectors=vectors, steering_factor=[8.0, 0.0], **generation)
+    assert torch.equal(from_vectors, steered)
+
+
+@pytest.mark.slow
+def test_training_labels_end_where_smollm2_stops_generating(smollm2):
+    base, tokenizer = smollm2
+    stop_ids = base.generation_config.eos_token_id
+    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids]
+    assert turn_end_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert turn_end_ids(tokenizer)[0] in stop_ids
 
 
 @pytest.mark.slow
