@@ -28,6 +28,7 @@ rejects request fields outside the OpenAI schema, runs requests one at a time (i
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import queue
@@ -63,6 +64,10 @@ SUPPORTED_FIELDS = (
     "user",
 )
 STEERING_KEYS = ("prompt", "factor")
+# How often a non-streaming request checks that its client is still connected.
+DISCONNECT_POLL_S = 0.5
+# Seconds uvicorn waits for open requests at shutdown before cancelling them (which stops their rows).
+GRACEFUL_SHUTDOWN_S = 5
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -283,6 +288,10 @@ def parse_chat_request(body, tokenizer, settings: ServeSettings, max_prompt_toke
         raise ServeError(f"The chat template could not render `messages`: {error}", param="messages") from error
     prompt_ids = list(prompt_ids["input_ids"])
 
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise ServeError(
+            "Pass `max_completion_tokens` or its older name `max_tokens`, not both.", param="max_completion_tokens"
+        )
     max_tokens_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(max_tokens_param)
     if max_tokens is None:
@@ -423,7 +432,13 @@ class BatchingEngine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop taking batches, cancel every queued request and let the running batch end at its next step."""
         self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait().cancelled.set()
+            except queue.Empty:
+                break
         self._thread.join(timeout=30)
 
     def submit(self, job: ChatJob) -> None:
@@ -553,8 +568,18 @@ class BatchingEngine:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _require_serving_dependencies() -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"hypersteer-serve needs {' and '.join(missing)}: `pip install 'modeling-hypersteer[serve]'` (or "
+            "`pip install fastapi uvicorn`)."
+        )
+
+
 def build_app(engine: BatchingEngine):
     """The FastAPI application serving `engine`'s model."""
+    _require_serving_dependencies()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -671,12 +696,18 @@ def build_app(engine: BatchingEngine):
             )
         try:
             while True:
-                kind, value = await job.events.get()
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None  # nobody to answer; `finally` frees the row
+                    continue
                 if kind == "error":
                     return error_response(value)
                 if kind == "end":
                     break
         finally:
+            # A client that went away (or a server shutting down) stops its row at the next decoding step.
             if not job.done:
                 job.cancelled.set()
         completion = ChatCompletion(
@@ -771,10 +802,11 @@ def load_engine(args: argparse.Namespace) -> BatchingEngine:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import uvicorn
-
     args = make_parser().parse_args(argv)
     _check_arguments(args)
+    _require_serving_dependencies()
+    import uvicorn
+
     logging.set_verbosity_info()
     engine = load_engine(args)
     engine.start()
@@ -783,7 +815,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"(max_batch_size={args.max_batch_size}, batch_window_ms={args.batch_window_ms})"
     )
     try:
-        uvicorn.run(build_app(engine), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            build_app(engine),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
     finally:
         engine.stop()
 
