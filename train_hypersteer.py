@@ -41,7 +41,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.configuration_hypersteer import HYPERNET_INITS, HYPERNET_TYPES, STEERING_POSITIONS
+from modeling_hypersteer.configuration_hypersteer import (
+    HYPERNET_INITS,
+    HYPERNET_POOLINGS,
+    HYPERNET_TYPES,
+    STEERING_POSITIONS,
+)
 from modeling_hypersteer.data import (
     HyperSteerDataCollator,
     build_splits,
@@ -87,6 +92,24 @@ class ModelArguments:
     max_steering_prompt_length: int = field(
         default=64, metadata={"help": "Steering prompts are cut to this many tokens."}
     )
+    hypernet_pooling: str = field(
+        default="last",
+        metadata={"help": f"How the hypernetwork pools its states, one of {list(HYPERNET_POOLINGS)}."},
+    )
+    shared_steering_offset: bool = field(
+        default=False,
+        metadata={"help": "Learn one concept-free offset added to every steering vector (holds the teacher's style)."},
+    )
+    lexical_steering: bool = field(
+        default=False,
+        metadata={
+            "help": "Add a lexical path: a learned map of the steering prompt's centred mean output-token embedding, "
+            "a training-free concept direction that the hypernetwork corrects."
+        },
+    )
+    lexical_init_norm: float = field(
+        default=16.0, metadata={"help": "Initial norm of the lexical path (residual-stream scale)."}
+    )
     base_dtype: str = field(
         default="auto",
         metadata={
@@ -106,6 +129,10 @@ class ModelArguments:
         if self.steering_positions not in STEERING_POSITIONS:
             raise ValueError(
                 f"--steering_positions must be one of {list(STEERING_POSITIONS)}, got {self.steering_positions!r}."
+            )
+        if self.hypernet_pooling not in HYPERNET_POOLINGS:
+            raise ValueError(
+                f"--hypernet_pooling must be one of {list(HYPERNET_POOLINGS)}, got {self.hypernet_pooling!r}."
             )
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}.")
@@ -239,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
         steering_positions=model_args.steering_positions,
         token_gate=model_args.token_gate,
         max_steering_prompt_length=model_args.max_steering_prompt_length,
+        hypernet_pooling=model_args.hypernet_pooling,
+        shared_steering_offset=model_args.shared_steering_offset,
+        lexical_steering=model_args.lexical_steering,
+        lexical_init_norm=model_args.lexical_init_norm,
     )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(

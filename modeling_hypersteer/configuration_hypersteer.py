@@ -9,6 +9,7 @@ logger = logging.get_logger(__name__)
 HYPERNET_TYPES = ("cross_attention", "in_context", "no_context")
 HYPERNET_INITS = ("base", "random")
 STEERING_POSITIONS = ("all", "prompt", "generated")
+HYPERNET_POOLINGS = ("last", "mean")
 
 
 class HyperSteerConfig(PreTrainedConfig):
@@ -51,6 +52,22 @@ class HyperSteerConfig(PreTrainedConfig):
             activation at each position, so steering can be strong on some tokens and near zero on others.
         default_steering_factor (`float`, *optional*, defaults to 1.0):
             Factor used when a call gives none.
+        hypernet_pooling (`str`, *optional*, defaults to `"last"`):
+            How the hypernetwork's final states become one vector: the `"last"` real token (as a causal LM summarises
+            a text), or the `"mean"` over all real tokens the hypernetwork reads.
+        shared_steering_offset (`bool`, *optional*, defaults to `False`):
+            Add a learned concept-free vector `b` to every steering vector, `v = b + H(s, x)`. Training on teacher
+            outputs rewards a shift toward the teacher's style whatever the concept; `b` holds that shift once, so
+            `H` does not have to repeat it in every concept's vector.
+        lexical_steering (`bool`, *optional*, defaults to `False`):
+            Add a lexical path `A u(s)`, where `u(s)` is the unit-norm mean of the steering prompt's output-token
+            embeddings centred on the vocabulary mean (for a tied-embedding base, a direction that raises the logits
+            of the prompt's own words) and `A` a learned `hidden_size x hidden_size` map that starts at
+            `lexical_init_norm * I`. The hypernetwork then corrects a training-free concept direction instead of
+            inventing one, which carries over to steering prompts never seen in training.
+        lexical_init_norm (`float`, *optional*, defaults to 16.0):
+            Norm of the lexical path at initialisation (`A = lexical_init_norm * I`), on the scale of the residual
+            stream at `steering_layer`. Only used with `lexical_steering=True`.
         max_steering_prompt_length (`int`, *optional*, defaults to 64):
             Steering prompts are truncated to this many tokens.
         hidden_size (`int`, *optional*):
@@ -86,6 +103,10 @@ class HyperSteerConfig(PreTrainedConfig):
     hypernet_init: str = "base"
     steering_positions: str = "all"
     token_gate: bool = False
+    hypernet_pooling: str = "last"
+    shared_steering_offset: bool = False
+    lexical_steering: bool = False
+    lexical_init_norm: float = 16.0
     default_steering_factor: float = 1.0
     max_steering_prompt_length: int = 64
     hidden_size: int | None = None
@@ -104,6 +125,15 @@ class HyperSteerConfig(PreTrainedConfig):
         _check_choice("hypernet_type", self.hypernet_type, HYPERNET_TYPES)
         _check_choice("hypernet_init", self.hypernet_init, HYPERNET_INITS)
         _check_choice("steering_positions", self.steering_positions, STEERING_POSITIONS)
+        _check_choice("hypernet_pooling", self.hypernet_pooling, HYPERNET_POOLINGS)
+        if (
+            isinstance(self.lexical_init_norm, bool)
+            or not isinstance(self.lexical_init_norm, (int, float))
+            or not 0 <= self.lexical_init_norm < float("inf")
+        ):
+            raise ValueError(
+                f"`lexical_init_norm` must be a finite number >= 0, got {self.lexical_init_norm!r}."
+            )
         for name in ("hypernet_num_layers", "max_steering_prompt_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

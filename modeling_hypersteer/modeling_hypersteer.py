@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -204,7 +204,13 @@ class HyperSteerTokenGate(nn.Module):
 
 class HyperSteerHypernetwork(nn.Module):
     """The trainable part of HyperSteer: decoder blocks over the steering prompt, optional cross-attention to the
-    base residual, last-token pooling, a final norm and an output projection to `v`.
+    base residual, pooling (last token or mean), a final norm and an output projection, plus two optional terms:
+
+        v = W_o norm(pool(blocks(s, x)))  [+ b]  [+ A u(s)]
+
+    `b` is a learned concept-free offset (`shared_steering_offset`) and `A u(s)` the lexical path
+    (`lexical_steering`): `u(s)` is the unit-norm, vocabulary-centred mean output embedding of the steering prompt's
+    tokens, computed by the caller from the frozen base, and `A` a learned map starting at `lexical_init_norm * I`.
 
     The decoder blocks are of the base's own architecture, so `hypernet_init="base"` can start from the base's first
     pretrained layers. With `hypernet_type="cross_attention"`, a cross-attention sublayer precedes every decoder
@@ -222,6 +228,12 @@ class HyperSteerHypernetwork(nn.Module):
         self.norm = HyperSteerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
+        self.pooling = config.hypernet_pooling
+        self.steering_offset = nn.Parameter(torch.zeros(config.hidden_size)) if config.shared_steering_offset else None
+        if config.lexical_steering:
+            self.lexical_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        else:
+            self.lexical_projection = None
 
     def forward(
         self,
@@ -232,6 +244,7 @@ class HyperSteerHypernetwork(nn.Module):
         position_ids: torch.LongTensor,
         context_states: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        lexical_directions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -244,6 +257,8 @@ class HyperSteerHypernetwork(nn.Module):
             context_states (`torch.FloatTensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
                 Base residual at the steering layer, for `hypernet_type="cross_attention"`.
             context_mask (`torch.BoolTensor` of shape `(batch_size, context_length)`, *optional*).
+            lexical_directions (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+                The unit vectors `u(s)` of the lexical path; required when it exists.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`: the steering vectors `v`.
@@ -261,10 +276,21 @@ class HyperSteerHypernetwork(nn.Module):
                 use_cache=False,
             )
             hidden_states = layer_output[0] if isinstance(layer_output, tuple) else layer_output
-        # Pool the last real token: packed inputs make its index `length - 1` for every row.
-        last_index = attention_mask.sum(dim=-1) - 1
-        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
-        return self.output_projection(self.norm(pooled))
+        if self.pooling == "mean":
+            weights = attention_mask.to(hidden_states.dtype)[..., None]
+            pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        else:
+            # Packed inputs put the last real token at index `length - 1` in every row.
+            last_index = attention_mask.sum(dim=-1) - 1
+            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        vectors = self.output_projection(self.norm(pooled))
+        if self.steering_offset is not None:
+            vectors = vectors + self.steering_offset
+        if self.lexical_projection is not None:
+            if lexical_directions is None:
+                raise ValueError("This hypernetwork has a lexical path: pass `lexical_directions`.")
+            vectors = vectors + self.lexical_projection(lexical_directions.to(vectors.dtype))
+        return vectors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,10 +317,14 @@ class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
         The per-token gate `g_t` when `token_gate=True`. With composed steering, one row per (row, concept) pair in
         row-major order, shape `(num_concepts, sequence_length)`; `steering_vectors` then holds each row's
         `sum_k factor_k * v_k`.
+    contrast_logits (`torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, *optional*):
+        Logits of the same rows steered by the vectors of `contrast_steering_input_ids` (training objectives that
+        compare the right concept with a wrong one); positions as in `logits`.
     """
 
     steering_vectors: torch.FloatTensor | None = None
     steering_gates: torch.FloatTensor | None = None
+    contrast_logits: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,6 +358,12 @@ class _SteeringRequest:
     stop_after_vectors: bool = False
     prompt_last_position: torch.Tensor | None = None
     passes: int = 0
+    contrast_steering_input_ids: torch.LongTensor | None = None
+    contrast_steering_attention_mask: torch.Tensor | None = None
+    contrast_vectors: torch.Tensor | None = None
+    contrast_residual: torch.Tensor | None = None
+    contrast_position_ids: torch.LongTensor | None = None
+    upper_layer_inputs: dict = field(default_factory=dict)
     concept_rows: torch.LongTensor | None = None
     num_rows: int | None = None
 
@@ -387,10 +423,16 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, HyperSteerRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, HyperSteerHypernetwork) and module.steering_offset is not None:
+            nn.init.zeros_(module.steering_offset)
         elif isinstance(module, nn.Linear):
             if module is self.hypernetwork.output_projection:
                 # Zero output projection (as LoRA zeroes `lora_B`): at step 0 the steered model equals the base.
                 nn.init.zeros_(module.weight)
+            elif module is self.hypernetwork.lexical_projection:
+                # The lexical path starts as the training-free direction itself, at the configured norm.
+                with torch.no_grad():
+                    module.weight.copy_(torch.eye(module.weight.shape[0]) * self.config.lexical_init_norm)
             else:
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -451,6 +493,12 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             for index in range(config.hypernet_num_layers)
         ]
         self.hypernetwork = HyperSteerHypernetwork(config, hypernet_layers)
+        if config.lexical_steering:
+            # Centre of the output-embedding cloud: every token shares it, so the lexical path subtracts it.
+            output_embeddings = language_model.get_output_embeddings().weight
+            self.hypernetwork.register_buffer(
+                "vocabulary_mean_embedding", output_embeddings.detach().float().mean(dim=0), persistent=False
+            )
         self.post_init()
         # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
         self.language_model = language_model
@@ -675,6 +723,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         steering_vectors: torch.FloatTensor | None = None,
         steering_factor: float | Sequence[float] | torch.Tensor | None = None,
         steering_prompt: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        contrast_steering_input_ids: torch.LongTensor | None = None,
+        contrast_steering_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> HyperSteerCausalLMOutputWithPast:
         r"""
@@ -697,6 +747,16 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_prompt (`str` or list of `str`, *optional*): text steering prompts (needs the tokenizer). A list
                 of lists (one list of concepts per row, with `steering_factor` of the same shape) composes concepts
                 as described in `generate`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): as in the base: keep the logits of
+                the last `logits_to_keep` positions only (0 keeps all). With `labels`, the loss covers the kept
+                positions, so training that keeps the positions from the one before the first label on computes the
+                LM head only where labels are.
+            contrast_steering_input_ids (`torch.LongTensor` of shape `(batch_size, contrast_sequence_length)`,
+                *optional*): other steering prompts (e.g. a wrong concept per row). Their vectors are made on each
+                row's own context and applied to the same residual at the steering layer; only the layers above it
+                run again, and `contrast_logits` holds the result.
+            contrast_steering_attention_mask (`torch.Tensor` of shape `(batch_size, contrast_sequence_length)`,
+                *optional*).
 
         Returns:
             [`HyperSteerCausalLMOutputWithPast`] with `steering_vectors` of shape `(batch_size, hidden_size)` (for
@@ -721,6 +781,18 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_factor=steering_factor,
         )
         request.decoding_from_cache = decoding_from_cache
+        if contrast_steering_input_ids is not None:
+            if steering_vectors is not None or request.concept_rows is not None:
+                raise ValueError(
+                    "`contrast_steering_input_ids` needs one (uncomposed) steering prompt per row, not "
+                    "`steering_vectors` or composed steering prompts."
+                )
+            request.contrast_steering_input_ids, request.contrast_steering_attention_mask = self._steering_inputs(
+                batch_size, None, contrast_steering_input_ids, contrast_steering_attention_mask
+            )
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            # The base's loss pairs logits with labels position by position: give it the kept window only.
+            labels = labels[:, -logits_to_keep:]
         if position_ids is None and not decoding_from_cache:
             position_ids = _positions_from_mask(attention_mask)
         if use_cache is None and labels is not None and past_key_values is None:
@@ -738,6 +810,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
+        contrast_logits = None
+        if request.contrast_vectors is not None:
+            contrast_logits = self._contrast_logits(request, logits_to_keep)
         return HyperSteerCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -746,6 +821,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             steering_vectors=request.row_vectors(),
             steering_gates=request.steering_gates,
+            contrast_logits=contrast_logits,
         )
 
     @torch.no_grad()
@@ -1083,13 +1159,28 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 return (steered,) + tuple(output[1:])
             return steered
 
+        def record_layer_inputs(index):
+            def record(module, args, kwargs):
+                request.upper_layer_inputs[index] = (args[1:], kwargs)
+
+            return record
+
         # `prepend=True` runs before the hooks transformers installs to record hidden states, so the recorded
         # state of the steering layer is the steered one.
-        handle = layer.register_forward_hook(steer, with_kwargs=True, prepend=True)
+        handles = [layer.register_forward_hook(steer, with_kwargs=True, prepend=True)]
+        if request.contrast_steering_input_ids is not None:
+            # The contrast pass re-runs the layers above the steering layer with the very arguments the base gave
+            # them (masks per attention type, rotary embeddings), so it holds for every supported architecture.
+            decoder_layers = _decoder_layers_of(self.language_model)
+            for index in range(self.config.steering_layer + 1, len(decoder_layers)):
+                handles.append(
+                    decoder_layers[index].register_forward_pre_hook(record_layer_inputs(index), with_kwargs=True)
+                )
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def _apply_steering(
         self, request: _SteeringRequest, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None
@@ -1127,7 +1218,37 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 _check_finite(request.steering_vectors)
         if request.stop_after_vectors:
             raise _StopAtSteeringLayer()
-        vectors = request.steering_vectors.to(device=hidden_states.device)
+        if first_pass and request.contrast_steering_input_ids is not None:
+            request.contrast_vectors = self._run_hypernetwork(
+                request.contrast_steering_input_ids,
+                request.contrast_steering_attention_mask,
+                hidden_states if self.config.hypernet_type == "cross_attention" else None,
+                request.context_mask,
+                request.context_input_ids,
+            )
+            request.contrast_residual = hidden_states
+            request.contrast_position_ids = position_ids
+        steered, gates = self._add_steering(
+            request, hidden_states, request.steering_vectors, position_ids, first_pass, request.concept_rows
+        )
+        if first_pass:
+            request.steering_gates = gates
+        return steered
+
+    def _add_steering(self, request, hidden_states, vectors, position_ids, first_pass, concept_rows=None):
+        """`h + factor * g_t * v` at the positions `config.steering_positions` selects.
+
+        With composed steering, `vectors` and the request's factors hold one entry per concept and `concept_rows`
+        (`torch.LongTensor` of shape `(num_concepts,)`) names each concept's batch row: every row gets the sum of its
+        concepts' terms, each with its own gate.
+
+        Returns:
+            The steered `torch.FloatTensor` of the shape and dtype of `hidden_states`, and the gates `g_t` of shape
+            `(batch_size, sequence_length)` (`(num_concepts, sequence_length)` when composed; `None` without
+            `token_gate`).
+        """
+        vectors = vectors.to(device=hidden_states.device)
+        rows = None if concept_rows is None else concept_rows.to(hidden_states.device)
         scale = request.steering_factor.to(hidden_states.device)[:, None, None]
         position_mask = self._steering_position_mask(request, hidden_states, position_ids, first_pass)
         # Composition: per-row masks and states are gathered to one entry per concept.
@@ -1136,15 +1257,41 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             if rows is not None:
                 position_mask = position_mask.index_select(0, rows)
             scale = scale * position_mask[..., None].to(scale.dtype)
+        gates = None
         if self.hypernetwork.token_gate is not None:
             gates = self.hypernetwork.token_gate(concept_states.to(vectors.device), vectors).to(hidden_states.device)
-            request.steering_gates = gates if first_pass else request.steering_gates
             scale = scale * gates[..., None]
         update = scale * vectors[:, None, :]
         if rows is not None:
             # (num_concepts, length, hidden_size) -> (batch_size, length, hidden_size): sum each row's concepts.
             update = update.new_zeros(hidden_states.shape[0], *update.shape[1:]).index_add_(0, rows, update)
-        return hidden_states + update.to(hidden_states.dtype)
+        return hidden_states + update.to(hidden_states.dtype), gates
+
+    def _contrast_logits(self, request: _SteeringRequest, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
+        the contrast steering, through the layers above it, the final norm and the LM head.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, positions as in `logits`.
+        """
+        hidden_states, _ = self._add_steering(
+            request, request.contrast_residual, request.contrast_vectors, request.contrast_position_ids, True
+        )
+        decoder_layers = _decoder_layers_of(self.language_model)
+        for index in range(self.config.steering_layer + 1, len(decoder_layers)):
+            args, kwargs = request.upper_layer_inputs[index]
+            output = decoder_layers[index](hidden_states, *args, **kwargs)
+            hidden_states = output[0] if isinstance(output, tuple) else output
+        hidden_states = self.language_model.model.norm(hidden_states)
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.language_model.get_output_embeddings()(hidden_states)
+        softcap = getattr(self.language_model.config.get_text_config(), "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
     def _steering_position_mask(self, request, hidden_states, position_ids, first_pass) -> torch.Tensor | None:
         """`None` to steer every position, else a `(batch_size, sequence_length)` mask of positions to steer."""
@@ -1197,6 +1344,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             context_mask = context_mask.to(parameter.device)
         else:
             context_mask = None
+        lexical_directions = None
+        if self.hypernetwork.lexical_projection is not None:
+            lexical_directions = self._lexical_directions(steering_input_ids, steering_attention_mask)
         return self.hypernetwork(
             inputs_embeds,
             token_mask,
@@ -1205,7 +1355,34 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             position_ids,
             context_states=context_states,
             context_mask=context_mask,
+            lexical_directions=lexical_directions,
         )
+
+    @torch.no_grad()
+    def _lexical_directions(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
+        """`u(s)`: the unit-norm mean output embedding of each steering prompt's tokens, centred on the vocabulary
+        mean. Special tokens (BOS/EOS/PAD of the base) carry no concept and are left out.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32.
+        """
+        output_embeddings = self.get_output_embeddings().weight
+        device = output_embeddings.device
+        steering_input_ids = steering_input_ids.to(device)
+        token_mask = steering_attention_mask.to(device).bool()
+        base_config = self.language_model.config.get_text_config()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            special = getattr(base_config, name, None)
+            for token_id in special if isinstance(special, (list, tuple)) else [special]:
+                if token_id is not None:
+                    token_mask &= steering_input_ids != token_id
+        # A prompt made only of special tokens falls back to all its tokens rather than to a zero direction.
+        token_mask = torch.where(token_mask.any(dim=-1, keepdim=True), token_mask, steering_attention_mask.to(device).bool())
+        weights = token_mask.float()[..., None]
+        mean_embedding = (output_embeddings[steering_input_ids].float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        centred = mean_embedding - self.hypernetwork.vocabulary_mean_embedding.to(device)
+        directions = centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return directions.to(self.hypernetwork.output_projection.weight.device)
 
     def _hypernet_layer_arguments(self, inputs_embeds, token_mask, position_ids):
         """Causal masks and rotary embeddings for the hypernetwork's decoder blocks, built the way the base builds
@@ -1367,6 +1544,24 @@ def _compose_rows(
     return weighted.new_zeros(num_rows, vectors.shape[-1]).index_add_(0, concept_rows.to(vectors.device), weighted)
 
 
+def per_row_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each row's label tokens.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`): the logits of the last
+            `kept_length` positions (all positions, or a `logits_to_keep` window).
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): -100 where there is no label.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size,)` in float32 (0 for a row without labels).
+    """
+    labels = labels[:, labels.shape[1] - logits.shape[1] :].to(logits.device)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    return losses.sum(-1) / shift_labels.ne(-100).sum(-1).clamp(min=1)
+
+
 def _check_finite(vectors: torch.Tensor) -> None:
     if not torch.isfinite(vectors).all():
         raise ValueError(
@@ -1393,5 +1588,6 @@ __all__ = [
     "HyperSteerPreTrainedModel",
     "HyperSteerHypernetwork",
     "HyperSteerCausalLMOutputWithPast",
+    "per_row_causal_lm_loss",
     "tokenize_steering_prompts",
 ]

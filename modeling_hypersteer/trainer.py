@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .model_card import DEFAULT_LICENSE, write_model_card
+from .modeling_hypersteer import per_row_causal_lm_loss
 
 
 logger = logging.get_logger(__name__)
@@ -35,9 +37,29 @@ class HyperSteerTrainingArguments(TrainingArguments):
     >   traversal would only cost time.
     > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
 
+    Training objective. The LM loss on the concept data's responses alone learns a concept-free shift toward the
+    teacher's style: the wrong concept then lowers the loss as much as the right one. Two terms make the vector
+    depend on the concept (each row of a batch is paired with a row of another concept in the same batch):
+
+        loss = L_lm + contrast_loss_weight * mean_i -log sigmoid(contrast_beta * (L_i(v_wrong) - L_i(v_i)))
+                    + diversity_loss_weight * mean_{i,j: c_i != c_j} cos(v_i - b, v_j - b)
+
+    where `L_i(v)` is row `i`'s mean response cross-entropy when steered by `v`, `v_wrong` is the vector the
+    hypernetwork makes from the other row's steering prompt *on row `i`'s own context* (only the layers above the
+    steering layer run again), and `b` the shared offset when the model has one.
+
     Args:
         plot_loss_curve (`bool`, *optional*, defaults to `True`):
             Write `loss_curve.png` (train, held-in and held-out eval loss) into `output_dir` after training.
+        contrast_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the wrong-concept contrast (0 turns it off and skips its extra pass).
+        contrast_beta (`float`, *optional*, defaults to 5.0):
+            Sharpness of the contrast's log-sigmoid on the per-row loss gap (nats).
+        diversity_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the mean cosine similarity between steering vectors of different concepts in a batch.
+        logits_on_labels_only (`bool`, *optional*, defaults to `False`):
+            Compute the LM head in training only from the position before the first label on (the loss is the
+            same); saves the head's cost on prompt tokens. Evaluation keeps full logits for `compute_metrics`.
     """
 
     learning_rate: float = field(default=8e-5, metadata={"help": "Initial AdamW learning rate (paper: 8e-5)."})
@@ -53,6 +75,37 @@ class HyperSteerTrainingArguments(TrainingArguments):
     plot_loss_curve: bool = field(
         default=True, metadata={"help": "Write loss_curve.png (train / held-in / held-out loss) into output_dir."}
     )
+    contrast_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the wrong-concept contrast: each row's response must be more likely under its own "
+            "concept's vector than under the vector made from another row's concept on this row's context "
+            "(-log sigmoid(beta * loss gap)). 0 turns it off."
+        },
+    )
+    contrast_beta: float = field(
+        default=5.0, metadata={"help": "Sharpness of the contrast's log-sigmoid on the per-row loss gap (nats)."}
+    )
+    diversity_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the mean cosine similarity between steering vectors of different concepts."},
+    )
+    logits_on_labels_only: bool = field(
+        default=False,
+        metadata={
+            "help": "In training, compute the LM head only from the position before the first label on (same loss, "
+            "less compute)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("contrast_loss_weight", "diversity_loss_weight"):
+            value = getattr(self, name)
+            if not 0.0 <= value < float("inf"):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if not 0.0 < self.contrast_beta < float("inf"):
+            raise ValueError(f"`contrast_beta` must be a finite number > 0, got {self.contrast_beta!r}.")
 
 
 class HyperSteerTrainer(Trainer):
@@ -70,8 +123,48 @@ class HyperSteerTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         mode = "train" if model.training else "eval"
+        args = self.args
+        inputs = dict(inputs)
+        other_row = None
+        if args.contrast_loss_weight > 0 or args.diversity_loss_weight > 0:
+            concept_ids = steering_prompt_groups(inputs["steering_input_ids"], inputs.get("steering_attention_mask"))
+            other_row = other_concept_rows(concept_ids)
+        # Evaluation reports the LM loss; the contrast and diversity terms are logged there as diagnostics only.
+        use_contrast = args.contrast_loss_weight > 0 and other_row is not None and bool((other_row >= 0).any())
+        if use_contrast:
+            partner = other_row.clamp(min=0)
+            inputs["contrast_steering_input_ids"] = inputs["steering_input_ids"][partner]
+            if "steering_attention_mask" in inputs:
+                inputs["contrast_steering_attention_mask"] = inputs["steering_attention_mask"][partner]
+        if model.training and args.logits_on_labels_only and "labels" in inputs:
+            inputs["logits_to_keep"] = logits_to_keep_for_labels(inputs["labels"])
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # The LM loss may already be normalised over gradient-accumulation steps (by `num_items_in_batch`); the
+        # per-batch auxiliary terms must then be too, or they would weigh more with more accumulation.
+        aux_scale = 1.0
+        if model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            aux_scale = 1.0 / self.current_gradient_accumulation_steps
+        if use_contrast:
+            valid = other_row >= 0
+            right = per_row_causal_lm_loss(outputs.logits, inputs["labels"])
+            wrong = per_row_causal_lm_loss(outputs.contrast_logits, inputs["labels"])
+            gap = (wrong - right)[valid]
+            contrast = -F.logsigmoid(args.contrast_beta * gap).mean()
+            if model.training:
+                loss = loss + aux_scale * args.contrast_loss_weight * contrast
+            self._metrics[mode]["contrast_loss"].append(contrast.detach())
+            self._metrics[mode]["contrast_gap"].append(gap.detach().mean())
+        if args.diversity_loss_weight > 0 and other_row is not None:
+            unwrapped = self.accelerator.unwrap_model(model)
+            vectors = outputs.steering_vectors.float()
+            offset = unwrapped.hypernetwork.steering_offset
+            if offset is not None:
+                vectors = vectors - offset.float()
+            similarity = cross_concept_cosine(vectors, concept_ids)
+            if similarity is not None and model.training:
+                loss = loss + aux_scale * args.diversity_loss_weight * similarity
+                self._metrics[mode]["cross_concept_cosine"].append(similarity.detach())
         # Kept as tensors: converting to floats here would add a host sync to every step.
         vectors = outputs.steering_vectors.detach()
         self._metrics[mode]["steering_vector_norm"].append(vectors.float().norm(dim=-1).mean())
@@ -126,6 +219,61 @@ class HyperSteerTrainer(Trainer):
             tags=tags,
             dataset_names=[datasets] if isinstance(datasets, str) else datasets,
         )
+
+
+def steering_prompt_groups(steering_input_ids: torch.Tensor, steering_attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """One integer per row, equal for rows whose steering prompts are the same tokens (the same concept).
+
+    Args:
+        steering_input_ids (`torch.LongTensor` of shape `(batch_size, steering_sequence_length)`).
+        steering_attention_mask (`torch.Tensor` of the same shape, *optional*).
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size,)`.
+    """
+    if steering_attention_mask is not None:
+        steering_input_ids = steering_input_ids.masked_fill(~steering_attention_mask.bool(), -1)
+    _, groups = torch.unique(steering_input_ids, dim=0, return_inverse=True)
+    return groups
+
+
+def other_concept_rows(groups: torch.Tensor) -> torch.Tensor:
+    """For each row, the nearest following row (cyclically) of another concept, or -1 when the batch holds no other
+    concept. Deterministic, so a resumed run pairs rows as the original did.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size,)`.
+    """
+    batch_size = groups.shape[0]
+    partner = torch.full_like(groups, -1)
+    for shift in range(batch_size - 1, 0, -1):
+        candidate = torch.roll(torch.arange(batch_size, device=groups.device), -shift)
+        partner = torch.where(groups[candidate] != groups, candidate, partner)
+    return partner
+
+
+def cross_concept_cosine(vectors: torch.Tensor, groups: torch.Tensor) -> torch.Tensor | None:
+    """Mean cosine similarity over pairs of rows with different concepts, or `None` when there is no such pair.
+
+    Args:
+        vectors (`torch.FloatTensor` of shape `(batch_size, hidden_size)`).
+        groups (`torch.LongTensor` of shape `(batch_size,)`): concept of each row.
+    """
+    different = groups[:, None] != groups[None, :]
+    if not different.any():
+        return None
+    unit = F.normalize(vectors, dim=-1)
+    return (unit @ unit.T)[different].mean()
+
+
+def logits_to_keep_for_labels(labels: torch.Tensor) -> int:
+    """The number of last positions whose logits cover every label of the batch: from the position before the
+    earliest label on (that position predicts it)."""
+    has_label = labels.ne(-100)
+    if not has_label.any():
+        return 0
+    first_label = int(has_label.float().argmax(dim=-1)[has_label.any(dim=-1)].min())
+    return labels.shape[1] - max(first_label - 1, 0)
 
 
 def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:
