@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch_size", type=int, default=8, help="`--max_batch_size` of the batched server.")
     parser.add_argument("--steering_factor", type=float, default=1.0, help="Factor of steered requests.")
     parser.add_argument(
-        "--deadline_s", type=float, default=420, help="Start no new phase after this many seconds (the rest is skipped)."
+        "--deadline_s",
+        type=float,
+        default=420,
+        help="Start no new phase after this many seconds (the rest is skipped).",
     )
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="Where to write the results.")
     return parser
@@ -124,7 +126,7 @@ class Server:
             except openai.APIConnectionError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"The server did not start within 180 s; see {log_path}.")
+                    raise RuntimeError(f"The server did not start within 180 s; see {log_path}.") from None
                 time.sleep(0.3)
 
     def stop(self):

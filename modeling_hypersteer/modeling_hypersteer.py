@@ -977,8 +977,14 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         context_mask = real_tokens & ~label_mask if label_mask is not None else real_tokens
         if _is_composed(steering_prompt):
             return self._build_composed_request(
-                batch_size, input_ids, context_mask, label_mask, steering_prompt, steering_factor,
-                steering_input_ids, steering_vectors,
+                batch_size,
+                input_ids,
+                context_mask,
+                label_mask,
+                steering_prompt,
+                steering_factor,
+                steering_input_ids,
+                steering_vectors,
             )
         if steering_vectors is not None:
             if steering_prompt is not None or steering_input_ids is not None:
@@ -1007,7 +1013,14 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         )
 
     def _build_composed_request(
-        self, batch_size, input_ids, context_mask, label_mask, steering_prompt, steering_factor, steering_input_ids,
+        self,
+        batch_size,
+        input_ids,
+        context_mask,
+        label_mask,
+        steering_prompt,
+        steering_factor,
+        steering_input_ids,
         steering_vectors,
     ) -> _SteeringRequest:
         """The request for composed steering: one list of concepts (and of factors) per row, flattened row-major so

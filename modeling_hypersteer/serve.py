@@ -185,7 +185,7 @@ def parse_steering(value, tokenizer, settings: ServeSettings, max_prompt_tokens:
         where = "steering" if not isinstance(value, list) else f"steering[{index}]"
         if not isinstance(item, dict):
             raise ServeError(
-                f"`{where}` must be an object like {{\"prompt\": \"references to legal terminology\", \"factor\": "
+                f'`{where}` must be an object like {{"prompt": "references to legal terminology", "factor": '
                 f"1.0}}, got {json.dumps(item)}.",
                 param=where,
             )
@@ -247,7 +247,9 @@ def parse_chat_request(body, tokenizer, settings: ServeSettings, max_prompt_toke
         raise ServeError("`messages` must be a non-empty list of {role, content} objects.", param="messages")
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ServeError(f"`messages[{index}]` must be an object with a string `role`.", param=f"messages[{index}]")
+            raise ServeError(
+                f"`messages[{index}]` must be an object with a string `role`.", param=f"messages[{index}]"
+            )
         content = message.get("content")
         if isinstance(content, list):
             # OpenAI content parts: only text parts can be read by a text-only model.
@@ -282,7 +284,9 @@ def parse_chat_request(body, tokenizer, settings: ServeSettings, max_prompt_toke
     concepts = parse_steering(body.get("steering"), tokenizer, settings, max_prompt_tokens)
 
     try:
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt_ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
     except (TemplateError, ValueError, TypeError, KeyError) as error:
         # e.g. a template that raises "roles must alternate user/assistant"
         raise ServeError(f"The chat template could not render `messages`: {error}", param="messages") from error
@@ -305,7 +309,9 @@ def parse_chat_request(body, tokenizer, settings: ServeSettings, max_prompt_toke
                 param="messages",
             )
     elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ServeError(f"`{max_tokens_param}` must be a positive integer, got {max_tokens!r}.", param=max_tokens_param)
+        raise ServeError(
+            f"`{max_tokens_param}` must be a positive integer, got {max_tokens!r}.", param=max_tokens_param
+        )
     elif context_limit is not None and len(prompt_ids) + max_tokens > context_limit:
         raise ServeError(
             f"The prompt ({len(prompt_ids)} tokens) plus `{max_tokens_param}` ({max_tokens}) exceeds the model's "
@@ -526,7 +532,10 @@ class BatchingEngine:
                     factors.append(factor)
                 else:
                     row_vectors.append(
-                        sum((factor * vectors[prompt] for prompt, factor in concepts), parameter.new_zeros(parameter.shape[0]))
+                        sum(
+                            (factor * vectors[prompt] for prompt, factor in concepts),
+                            parameter.new_zeros(parameter.shape[0]),
+                        )
                     )
                     factors.append(1.0)
             return {"steering_vectors": torch.stack(row_vectors), "steering_factor": factors}
@@ -607,7 +616,9 @@ def build_app(engine: BatchingEngine):
         return tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def chunk(job: ChatJob, delta: ChoiceDelta | None, finish_reason=None, with_usage=False) -> str:
-        choices = [] if delta is None else [ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)]
+        choices = (
+            [] if delta is None else [ChunkChoice(index=0, delta=delta, finish_reason=finish_reason, logprobs=None)]
+        )
         payload = ChatCompletionChunk(
             id=job.request_id,
             object="chat.completion.chunk",

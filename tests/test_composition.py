@@ -44,8 +44,12 @@ def test_composition_is_the_factor_weighted_sum_of_single_concept_vectors(tester
     reference = model(**inputs, steering_vectors=manual, steering_factor=1.0)
     torch.testing.assert_close(steered.logits, reference.logits, atol=1e-4, rtol=1e-4)
 
-    generated = model.generate(**inputs, steering_prompt=prompts, steering_factor=factors, max_new_tokens=8, do_sample=False)
-    expected = model.generate(**inputs, steering_vectors=manual, steering_factor=1.0, max_new_tokens=8, do_sample=False)
+    generated = model.generate(
+        **inputs, steering_prompt=prompts, steering_factor=factors, max_new_tokens=8, do_sample=False
+    )
+    expected = model.generate(
+        **inputs, steering_vectors=manual, steering_factor=1.0, max_new_tokens=8, do_sample=False
+    )
     assert generated.tolist() == expected.tolist()
     unsteered = model.language_model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert generated.tolist() != unsteered.tolist()
@@ -73,7 +77,9 @@ def test_single_concept_in_list_form_equals_the_plain_form(tester, hypernet_type
         torch.testing.assert_close(listed.steering_gates, plain.steering_gates, atol=0, rtol=0)
     kwargs = {"max_new_tokens": 8, "do_sample": False}
     assert (
-        model.generate(**inputs, steering_prompt=[[CONCEPTS[0]], [CONCEPTS[1]]], steering_factor=[[1.5], [-0.5]], **kwargs).tolist()
+        model.generate(
+            **inputs, steering_prompt=[[CONCEPTS[0]], [CONCEPTS[1]]], steering_factor=[[1.5], [-0.5]], **kwargs
+        ).tolist()
         == model.generate(**inputs, steering_prompt=CONCEPTS[:2], steering_factor=[1.5, -0.5], **kwargs).tolist()
     )
 
@@ -83,7 +89,9 @@ def test_an_empty_concept_list_leaves_its_row_unsteered(tester):
     inputs = tester.prompts()
     kwargs = {"max_new_tokens": 8, "do_sample": False}
     base = model.language_model.generate(**inputs, **kwargs)
-    mixed = model.generate(**inputs, steering_prompt=[[CONCEPTS[0], CONCEPTS[1]], []], steering_factor=[[1.0, 1.0], []], **kwargs)
+    mixed = model.generate(
+        **inputs, steering_prompt=[[CONCEPTS[0], CONCEPTS[1]], []], steering_factor=[[1.0, 1.0], []], **kwargs
+    )
     assert mixed[1].tolist() == base[1].tolist()
     assert mixed[0].tolist() != base[0].tolist()
     assert model.generate(**inputs, steering_prompt=[[], []], **kwargs).tolist() == base.tolist()

@@ -56,7 +56,9 @@ class ServerProcess:
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"The server did not start in {STARTUP_TIMEOUT_S} s:\n{open(log_path).read()}")
+                    raise RuntimeError(
+                        f"The server did not start in {STARTUP_TIMEOUT_S} s:\n{open(log_path).read()}"
+                    ) from None
                 time.sleep(0.2)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
         self.model_id = self.client.models.list().data[0].id
@@ -201,7 +203,11 @@ def tiny_cross_attention(tmp_path_factory, tiny_tokenizer):
     model_dir = _save_tiny_hypersteer(directory, tiny_tokenizer, "cross_attention")
     # A long batch window makes concurrent test requests share a batch deterministically.
     server = ServerProcess(
-        model_dir, directory / "server.log", max_batch_size=8, batch_window_ms=400, max_concepts=3,
+        model_dir,
+        directory / "server.log",
+        max_batch_size=8,
+        batch_window_ms=400,
+        max_concepts=3,
         max_steering_factor=8,
     )
     yield server, Reference(model_dir)
@@ -216,7 +222,12 @@ def test_models_health_and_unknown_routes(tiny_cross_attention):
     assert health["status"] == "ok" and health["model"] == server.model_id
     with pytest.raises(urllib.error.HTTPError) as error:
         server.get("/v1/nothing")
-    assert error.value.code == 404 and set(json.loads(error.value.read())["error"]) == {"message", "type", "param", "code"}
+    assert error.value.code == 404 and set(json.loads(error.value.read())["error"]) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
 
 
 def test_steered_and_unsteered_completions_equal_generate(tiny_cross_attention):
@@ -301,7 +312,11 @@ def test_sampling_and_greedy_requests_go_to_separate_batches(tiny_cross_attentio
 
     def sampled():
         return server.client.chat.completions.create(
-            model=server.model_id, messages=_messages("Hi"), max_tokens=8, temperature=0.9, top_p=0.8,
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=8,
+            temperature=0.9,
+            top_p=0.8,
             extra_body={"steering": {"prompt": CODE, "factor": 1.0}},
         )
 
@@ -392,7 +407,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_cross_attentio
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     # A following request is answered.
-    _assert_matches(_create(server, "Hi", {"prompt": CODE, "factor": 1.0}), reference.expect("Hi", {"prompt": CODE, "factor": 1.0}))
+    _assert_matches(
+        _create(server, "Hi", {"prompt": CODE, "factor": 1.0}), reference.expect("Hi", {"prompt": CODE, "factor": 1.0})
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,11 +432,17 @@ def test_no_context_server_caches_vectors_and_equals_generate(tmp_path, tiny_tok
             results = list(pool.map(lambda request: _create(server, *request), requests))
         for (text, steering), completion in zip(requests, results):
             _assert_matches(completion, reference.expect(text, steering))
-        _assert_matches(_create(server, "Hi", {"prompt": MATH, "factor": 1.0}), reference.expect("Hi", {"prompt": MATH, "factor": 1.0}))
+        _assert_matches(
+            _create(server, "Hi", {"prompt": MATH, "factor": 1.0}),
+            reference.expect("Hi", {"prompt": MATH, "factor": 1.0}),
+        )
         # LEGAL, CODE, MATH were computed once (LEGAL served two rows), MATH was then reused, and the LRU (size 2)
         # has evicted LEGAL, so it is computed again.
         assert server.get("/health")["vector_cache"] == {"size": 2, "misses": 3, "hits": 1}
-        _assert_matches(_create(server, "Hi", {"prompt": LEGAL, "factor": 1.0}), reference.expect("Hi", {"prompt": LEGAL, "factor": 1.0}))
+        _assert_matches(
+            _create(server, "Hi", {"prompt": LEGAL, "factor": 1.0}),
+            reference.expect("Hi", {"prompt": LEGAL, "factor": 1.0}),
+        )
         assert server.get("/health")["vector_cache"] == {"size": 2, "misses": 4, "hits": 1}
     finally:
         server.stop()
@@ -460,7 +483,10 @@ def test_smollm2_server_equals_generate_alone_and_batched(tmp_path, smollm2_dir)
         others = [
             (text, steering),
             ("Why do people enjoy travelling?", {"prompt": "SQL queries with SELECT, FROM and WHERE", "factor": 4.0}),
-            (text, [{"prompt": "terms related to baking bread", "factor": 3.0}, {"prompt": "legal terms", "factor": 2.0}]),
+            (
+                text,
+                [{"prompt": "terms related to baking bread", "factor": 3.0}, {"prompt": "legal terms", "factor": 2.0}],
+            ),
             ("Why do people enjoy travelling?", None),
         ]
         with ThreadPoolExecutor(len(others)) as pool:
