@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import logging as std_logging
 import math
 import queue
 import threading
@@ -818,7 +819,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     _require_serving_dependencies()
     import uvicorn
 
-    logging.set_verbosity_info()
+    std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=std_logging.INFO)
+    logger.setLevel(std_logging.INFO)
+
     engine = load_engine(args)
     engine.start()
     logger.info(

@@ -25,7 +25,8 @@ from modeling_hypersteer import HyperSteerModel
 
 
 LEGAL, CODE, MATH = "references to legal terminology", "C/C++ syntax", "mathematical equations"
-STARTUP_TIMEOUT_S = 180
+# Generous: an idle machine starts the server in seconds, but a CPU held by higher-priority jobs can take minutes.
+STARTUP_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
