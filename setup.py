@@ -29,7 +29,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "gguf>=0.10", "pandas>=2", "pyarrow>=14"],
+        "dev": ["pytest>=8", "gguf>=0.10", "pandas>=2", "pyarrow>=14", "fastapi>=0.110", "uvicorn>=0.29"],
         "gguf": ["gguf>=0.10"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
+    entry_points={"console_scripts": ["hypersteer-serve = modeling_hypersteer.serve:main"]},
 )

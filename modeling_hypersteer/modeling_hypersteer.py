@@ -371,7 +371,9 @@ class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
     steering_vectors (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         The vectors `v` added at the steering layer (before the steering factor).
     steering_gates (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        The per-token gate `g_t` when `token_gate=True`.
+        The per-token gate `g_t` when `token_gate=True`. With composed steering, one row per (row, concept) pair in
+        row-major order, shape `(num_concepts, sequence_length)`; `steering_vectors` then holds each row's
+        `sum_k factor_k * v_k`.
     contrast_logits (`torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, *optional*):
         Logits of the same rows steered by the vectors of `contrast_steering_input_ids` (training objectives that
         compare the right concept with a wrong one); positions as in `logits`.
@@ -393,6 +395,11 @@ class _SteeringRequest:
 
     `steering_vectors` is filled at the first pass through the steering layer (the prefill, for generation) and
     reused by every later decoding step of the same request.
+
+    With composed steering (several concepts per row) the steering tensors (`steering_input_ids`,
+    `steering_attention_mask`, `steering_factor`, `context_mask`, `context_input_ids`, `steering_vectors`,
+    `steering_gates`) hold one entry per concept, flattened row-major, and `concept_rows[k]` is the batch row of
+    concept `k`; `label_mask` stays per row. Without composition `concept_rows` is `None` and every entry is a row.
     """
 
     steering_input_ids: torch.LongTensor | None
@@ -414,18 +421,32 @@ class _SteeringRequest:
     contrast_residual: torch.Tensor | None = None
     contrast_position_ids: torch.LongTensor | None = None
     upper_layer_inputs: dict = field(default_factory=dict)
+    concept_rows: torch.LongTensor | None = None
+    num_rows: int | None = None
+
+    def row_vectors(self) -> torch.Tensor | None:
+        """The vector each batch row is steered by, `(batch_size, hidden_size)`: `v` itself, or for composed
+        steering `sum_k factor_k * v_k` over the row's concepts (factors folded in)."""
+        if self.concept_rows is None or self.steering_vectors is None:
+            return self.steering_vectors
+        return _compose_rows(self.steering_vectors, self.steering_factor, self.concept_rows, self.num_rows)
 
     def expand_to(self, batch_size: int) -> None:
         """Repeat per-row inputs for beam search / `num_return_sequences`, which expand the batch before prefill."""
-        current = self.steering_factor.shape[0]
+        current = self.num_rows if self.concept_rows is not None else self.steering_factor.shape[0]
         if batch_size == current:
             return
-        if batch_size % current != 0:
+        if current == 0 or batch_size % current != 0:
             raise ValueError(
                 f"The base model ran a batch of {batch_size} rows, which is not a multiple of the {current} steering "
                 "rows given; pass one steering prompt/factor per input row."
             )
         repeats = batch_size // current
+        if self.concept_rows is not None:
+            # Concept k of row r serves the expanded rows r * repeats + j, j = 0 .. repeats - 1.
+            offsets = torch.arange(repeats, device=self.concept_rows.device).repeat(self.concept_rows.shape[0])
+            self.concept_rows = self.concept_rows.repeat_interleave(repeats) * repeats + offsets
+            self.num_rows = batch_size
         for name in (
             "steering_input_ids",
             "steering_attention_mask",
@@ -759,7 +780,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         steering_attention_mask: torch.Tensor | None = None,
         steering_vectors: torch.FloatTensor | None = None,
         steering_factor: float | Sequence[float] | torch.Tensor | None = None,
-        steering_prompt: str | Sequence[str] | None = None,
+        steering_prompt: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
         contrast_steering_input_ids: torch.LongTensor | None = None,
         contrast_steering_attention_mask: torch.Tensor | None = None,
         **kwargs,
@@ -785,7 +806,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 vectors to add instead of running the hypernetwork.
             steering_factor (`float`, list of floats or `torch.Tensor` of shape `(batch_size,)`, *optional*):
                 Per-row factors; defaults to `config.default_steering_factor`. 0 reproduces the base exactly.
-            steering_prompt (`str` or list of `str`, *optional*): text steering prompts (needs the tokenizer).
+            steering_prompt (`str` or list of `str`, *optional*): text steering prompts (needs the tokenizer). A list
+                of lists (one list of concepts per row, with `steering_factor` of the same shape) composes concepts
+                as described in `generate`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): as in the base: keep the logits of
                 the last `logits_to_keep` positions only (0 keeps all). With `labels`, the loss covers the kept
                 positions, so training that keeps the positions from the one before the first label on computes the
@@ -798,7 +821,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 *optional*).
 
         Returns:
-            [`HyperSteerCausalLMOutputWithPast`] with `steering_vectors` of shape `(batch_size, hidden_size)`.
+            [`HyperSteerCausalLMOutputWithPast`] with `steering_vectors` of shape `(batch_size, hidden_size)` (for
+            composed steering, `sum_k factor_k * v_k` per row).
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds`.")
@@ -839,8 +863,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         )
         request.decoding_from_cache = decoding_from_cache
         if contrast_steering_input_ids is not None:
-            if steering_vectors is not None:
-                raise ValueError("`contrast_steering_input_ids` needs steering prompts, not `steering_vectors`.")
+            if steering_vectors is not None or request.concept_rows is not None:
+                raise ValueError(
+                    "`contrast_steering_input_ids` needs one (uncomposed) steering prompt per row, not "
+                    "`steering_vectors` or composed steering prompts."
+                )
             request.contrast_steering_input_ids, request.contrast_steering_attention_mask = self._steering_inputs(
                 batch_size, None, contrast_steering_input_ids, contrast_steering_attention_mask
             )
@@ -870,7 +897,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             logits=outputs.logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            steering_vectors=request.steering_vectors,
+            steering_vectors=request.row_vectors(),
             steering_gates=request.steering_gates,
             contrast_logits=contrast_logits,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
@@ -880,8 +907,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
     def generate(
         self,
         inputs: torch.Tensor | None = None,
-        steering_prompt: str | Sequence[str] | None = None,
-        steering_factor: float | Sequence[float] | torch.Tensor | None = None,
+        steering_prompt: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        steering_factor: float | Sequence[float] | Sequence[Sequence[float]] | torch.Tensor | None = None,
         steering_input_ids: torch.LongTensor | None = None,
         steering_attention_mask: torch.Tensor | None = None,
         steering_vectors: torch.FloatTensor | None = None,
@@ -893,6 +920,17 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         added according to `config.steering_positions`. Per-row steering prompts and factors share one batch; beam
         search and `num_return_sequences` repeat them to match. All other arguments are the base's `generate`
         arguments; the return value is the base's.
+
+        Composition: `steering_prompt=[["legal terms", "pirate speech"], []]` with
+        `steering_factor=[[1.0, 0.5], []]` gives each row its own list of concepts (an empty list leaves the row
+        unsteered). The hypernetwork runs once per (row, concept) pair, and the row is steered by
+
+            h_t <- h_t + sum_k factor_k * g_t(v_k) * v_k     (g_t = 1 without `token_gate`, so v_row = sum_k factor_k v_k)
+
+        where `v_k` is what the hypernetwork makes from concept `k` for that row: for `"no_context"` the concept's
+        own vector (independent of the row), for `"in_context"` the concept read together with the row's prompt, and
+        for `"cross_attention"` the concept cross-attending to the row's own residual; the row's context is
+        repeated once per concept. A single concept in list form steers exactly like the plain form.
         """
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         inputs_embeds = kwargs.get("inputs_embeds")
@@ -926,10 +964,11 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        steering_prompt: str | Sequence[str] | None = None,
+        steering_prompt: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
         steering_input_ids: torch.LongTensor | None = None,
         steering_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        steering_factor: float | Sequence[Sequence[float]] | None = None,
     ) -> torch.FloatTensor:
         """Return the steering vectors `v` without generating.
 
@@ -937,13 +976,34 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         steering prompt and passed to `generate(steering_vectors=...)`. Otherwise the base runs only up to the
         steering layer.
 
+        With composed steering prompts (one list per row, see `generate`), each row's vector is
+        `sum_k steering_factor[row][k] * v_k` (factors default to `config.default_steering_factor`); without a token
+        gate, `generate(steering_vectors=it, steering_factor=1.0)` then steers exactly as the composed prompts do.
+        `steering_factor` is accepted only with composed prompts: a plain `v` is returned before any factor.
+
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
         """
+        composed = _is_composed(steering_prompt)
+        if steering_factor is not None and not composed:
+            raise ValueError(
+                "`steering_factor` applies to composed steering prompts only (one list of prompts per row); plain "
+                "steering vectors are returned before any factor, so scale them yourself or pass the factor to "
+                "`generate`."
+            )
         if self.config.hypernet_type == "no_context" and input_ids is None:
-            steering = self._steering_inputs(None, steering_prompt, steering_input_ids, steering_attention_mask)
-            vectors = self._run_hypernetwork(steering[0], steering[1], None, None, None)
+            if composed:
+                prompts, factors, rows = self._flatten_composition(None, steering_prompt, steering_factor)
+                ids, mask = self._steering_inputs(len(prompts), prompts, None, None) if prompts else (None, None)
+            else:
+                ids, mask = self._steering_inputs(None, steering_prompt, steering_input_ids, steering_attention_mask)
+            if ids is None:
+                vectors = self.hypernetwork.output_projection.weight.new_zeros(0, self.config.hidden_size)
+            else:
+                vectors = self._run_hypernetwork(ids, mask, None, None, None)
             _check_finite(vectors)
+            if composed:
+                return _compose_rows(vectors, torch.tensor(factors), torch.tensor(rows), len(steering_prompt))
             return vectors
         if input_ids is None:
             raise ValueError(
@@ -961,7 +1021,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_input_ids=steering_input_ids,
             steering_attention_mask=steering_attention_mask,
             steering_vectors=None,
-            steering_factor=None,
+            steering_factor=steering_factor,
         )
         request.stop_after_vectors = True
         try:
@@ -975,7 +1035,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         except _StopAtSteeringLayer:
             pass
         _check_finite(request.steering_vectors)
-        return request.steering_vectors
+        return request.row_vectors()
 
     def _build_request(
         self,
@@ -994,6 +1054,17 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         real_tokens = attention_mask.bool()
         label_mask = labels.ne(-100) & real_tokens if labels is not None else None
         context_mask = real_tokens & ~label_mask if label_mask is not None else real_tokens
+        if _is_composed(steering_prompt):
+            return self._build_composed_request(
+                batch_size,
+                input_ids,
+                context_mask,
+                label_mask,
+                steering_prompt,
+                steering_factor,
+                steering_input_ids,
+                steering_vectors,
+            )
         if steering_vectors is not None:
             if steering_prompt is not None or steering_input_ids is not None:
                 raise ValueError("Pass either `steering_vectors` or a steering prompt, not both.")
@@ -1026,6 +1097,102 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if self.tokenizer is not None:
             return self.tokenizer.bos_token_id
         return self.language_model.config.get_text_config().bos_token_id
+
+    def _build_composed_request(
+        self,
+        batch_size,
+        input_ids,
+        context_mask,
+        label_mask,
+        steering_prompt,
+        steering_factor,
+        steering_input_ids,
+        steering_vectors,
+    ) -> _SteeringRequest:
+        """The request for composed steering: one list of concepts (and of factors) per row, flattened row-major so
+        the hypernetwork runs once over every (row, concept) pair; rows with an empty list are not steered."""
+        if steering_input_ids is not None or steering_vectors is not None:
+            raise ValueError(
+                "Composed steering (one list of steering prompts per row) takes text prompts only; do not also pass "
+                "`steering_input_ids` or `steering_vectors`."
+            )
+        prompts, factors, rows = self._flatten_composition(batch_size, steering_prompt, steering_factor)
+        device = context_mask.device
+        concept_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        steering_vectors = None
+        if prompts:
+            ids, mask = self._steering_inputs(len(prompts), prompts, None, None)
+        else:
+            # No row names a concept: nothing to run the hypernetwork on, and every row is steered by zero.
+            ids = mask = None
+            parameter = self.hypernetwork.output_projection.weight
+            steering_vectors = parameter.new_zeros(0, self.config.hidden_size)
+        context_input_ids = None
+        if self.config.hypernet_type == "in_context":
+            if input_ids is None:
+                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
+            context_input_ids = input_ids.index_select(0, concept_rows.to(input_ids.device))
+        context_mask = context_mask.index_select(0, concept_rows)
+        if context_input_ids is not None and ids is not None:
+            # As for single prompts: the steering prompt and the chat-templated user prompt keep one BOS between them.
+            context_mask = context_mask & ~_repeated_bos(context_input_ids, context_mask, ids, mask, self._bos_token_id())
+        return _SteeringRequest(
+            steering_input_ids=ids,
+            steering_attention_mask=mask,
+            steering_factor=torch.tensor(factors, dtype=torch.float32, device=device),
+            context_mask=context_mask,
+            context_input_ids=context_input_ids,
+            label_mask=label_mask,
+            steering_vectors=steering_vectors,
+            concept_rows=concept_rows,
+            num_rows=batch_size,
+        )
+
+    def _flatten_composition(self, batch_size, steering_prompt, steering_factor):
+        """Validate composed steering prompts/factors and flatten them row-major.
+
+        Returns:
+            `(prompts, factors, rows)`: three lists with one entry per (row, concept) pair.
+        """
+        rows_of_prompts = list(steering_prompt)
+        if batch_size is not None and len(rows_of_prompts) != batch_size:
+            raise ValueError(
+                f"Got {len(rows_of_prompts)} lists of steering prompts for {batch_size} input rows; composed steering "
+                "takes one list of steering prompts per row (an empty list leaves that row unsteered)."
+            )
+        for row, concepts in enumerate(rows_of_prompts):
+            if not isinstance(concepts, (list, tuple)):
+                raise ValueError(
+                    f"Composed steering needs a list of steering prompts for every row, but row {row} is {concepts!r}; "
+                    f"write it as [{concepts!r}]."
+                )
+        if steering_factor is None or isinstance(steering_factor, (int, float)):
+            value = self.config.default_steering_factor if steering_factor is None else float(steering_factor)
+            rows_of_factors = [[value] * len(concepts) for concepts in rows_of_prompts]
+        elif isinstance(steering_factor, (list, tuple)) and all(
+            isinstance(factors, (list, tuple)) for factors in steering_factor
+        ):
+            rows_of_factors = [list(factors) for factors in steering_factor]
+        else:
+            raise ValueError(
+                f"With composed steering prompts, `steering_factor` must be one number for every concept or one list "
+                f"of factors per row (the shape of `steering_prompt`), got {steering_factor!r}."
+            )
+        shape = [len(concepts) for concepts in rows_of_prompts]
+        if [len(factors) for factors in rows_of_factors] != shape:
+            raise ValueError(
+                f"`steering_factor` lists have lengths {[len(factors) for factors in rows_of_factors]} but the "
+                f"steering prompt lists have lengths {shape}; pass one factor per concept."
+            )
+        prompts, factors, rows = [], [], []
+        for row, (concepts, row_factors) in enumerate(zip(rows_of_prompts, rows_of_factors)):
+            for concept, factor in zip(concepts, row_factors):
+                if not isinstance(factor, (int, float)) or not abs(float(factor)) < float("inf"):
+                    raise ValueError(f"Steering factors must be finite numbers, got {factor!r} in row {row}.")
+                prompts.append(concept)
+                factors.append(float(factor))
+                rows.append(row)
+        return prompts, factors, rows
 
     def _steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
         """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
@@ -1133,8 +1300,14 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             request.expand_to(hidden_states.shape[0])
             if position_ids is not None and request.is_generation:
                 request.prompt_last_position = position_ids.max(dim=-1, keepdim=True).values
+        rows = request.concept_rows
+        if rows is not None:
+            rows = rows.to(hidden_states.device)
         if request.steering_vectors is None:
             context_states = hidden_states if self.config.hypernet_type == "cross_attention" else None
+            if context_states is not None and rows is not None:
+                # Composition: every concept reads its own row's context.
+                context_states = context_states.index_select(0, rows)
             request.steering_vectors = self._run_hypernetwork(
                 request.steering_input_ids,
                 request.steering_attention_mask,
@@ -1156,28 +1329,44 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             )
             request.contrast_residual = hidden_states
             request.contrast_position_ids = position_ids
-        steered, gates = self._add_steering(request, hidden_states, request.steering_vectors, position_ids, first_pass)
+        steered, gates = self._add_steering(
+            request, hidden_states, request.steering_vectors, position_ids, first_pass, request.concept_rows
+        )
         if first_pass:
             request.steering_gates = gates
         return steered
 
-    def _add_steering(self, request, hidden_states, vectors, position_ids, first_pass):
+    def _add_steering(self, request, hidden_states, vectors, position_ids, first_pass, concept_rows=None):
         """`h + factor * g_t * v` at the positions `config.steering_positions` selects.
+
+        With composed steering, `vectors` and the request's factors hold one entry per concept and `concept_rows`
+        (`torch.LongTensor` of shape `(num_concepts,)`) names each concept's batch row: every row gets the sum of its
+        concepts' terms, each with its own gate.
 
         Returns:
             The steered `torch.FloatTensor` of the shape and dtype of `hidden_states`, and the gates `g_t` of shape
-            `(batch_size, sequence_length)` (`None` without `token_gate`).
+            `(batch_size, sequence_length)` (`(num_concepts, sequence_length)` when composed; `None` without
+            `token_gate`).
         """
         vectors = vectors.to(device=hidden_states.device)
+        rows = None if concept_rows is None else concept_rows.to(hidden_states.device)
         scale = request.steering_factor.to(hidden_states.device)[:, None, None]
         position_mask = self._steering_position_mask(request, hidden_states, position_ids, first_pass)
+        # Composition: per-row masks and states are gathered to one entry per concept.
+        concept_states = hidden_states if rows is None else hidden_states.index_select(0, rows)
         if position_mask is not None:
+            if rows is not None:
+                position_mask = position_mask.index_select(0, rows)
             scale = scale * position_mask[..., None].to(scale.dtype)
         gates = None
         if self.hypernetwork.token_gate is not None:
-            gates = self.hypernetwork.token_gate(hidden_states.to(vectors.device), vectors).to(hidden_states.device)
+            gates = self.hypernetwork.token_gate(concept_states.to(vectors.device), vectors).to(hidden_states.device)
             scale = scale * gates[..., None]
-        return hidden_states + (scale * vectors[:, None, :]).to(hidden_states.dtype), gates
+        update = scale * vectors[:, None, :]
+        if rows is not None:
+            # (num_concepts, length, hidden_size) -> (batch_size, length, hidden_size): sum each row's concepts.
+            update = update.new_zeros(hidden_states.shape[0], *update.shape[1:]).index_add_(0, rows, update)
+        return hidden_states + update.to(hidden_states.dtype), gates
 
     def _contrast_logits(self, request: _SteeringRequest, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
         """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
@@ -1522,6 +1711,22 @@ def _repeated_bos(context_input_ids, context_mask, steering_input_ids, steering_
     rows = torch.arange(repeated.shape[0], device=repeated.device)
     repeated[rows, first] = both_bos
     return repeated
+
+
+def _is_composed(steering_prompt) -> bool:
+    """Whether `steering_prompt` is in the composed form: a list with one list of steering prompts per row."""
+    return isinstance(steering_prompt, (list, tuple)) and any(
+        isinstance(concepts, (list, tuple)) for concepts in steering_prompt
+    )
+
+
+def _compose_rows(
+    vectors: torch.Tensor, factors: torch.Tensor, concept_rows: torch.LongTensor, num_rows: int
+) -> torch.Tensor:
+    """Sum per-concept vectors into per-row vectors: `(num_concepts, hidden_size)` -> `(num_rows, hidden_size)`,
+    row `r` holding `sum_k factors[k] * vectors[k]` over the concepts `k` with `concept_rows[k] == r`."""
+    weighted = factors.to(vectors)[:, None] * vectors
+    return weighted.new_zeros(num_rows, vectors.shape[-1]).index_add_(0, concept_rows.to(vectors.device), weighted)
 
 
 def per_row_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
