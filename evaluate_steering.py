@@ -56,6 +56,7 @@ from modeling_hypersteer.data import (
     split_concepts,
 )
 from modeling_hypersteer.evaluation import (
+    BASELINE_METHODS,
     METHODS,
     generate_samples,
     generation_tasks,
@@ -140,6 +141,19 @@ class EvaluationArguments:
     )
     offline_steering_factor: float = field(default=1.0, metadata={"help": "HyperSteer factor of the offline metric."})
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens in the offline metric."})
+    baseline_vector_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Norm of the diffmean vectors; by default HyperSteer's mean vector norm on the evaluation rows, "
+            "so the comparison is about direction."
+        },
+    )
+    vector_baseline_steps: int = field(
+        default=250, metadata={"help": "Training steps (batch 4) of the per-concept vector baseline ('vector')."}
+    )
+    vector_baseline_learning_rate: float = field(
+        default=0.05, metadata={"help": "AdamW learning rate of the per-concept vector baseline."}
+    )
     judge_model: str = field(default="gpt-4o-mini", metadata={"help": "Judge model name."})
     judge_base_url: str | None = field(
         default=None,
@@ -160,8 +174,15 @@ class EvaluationArguments:
         unknown = sorted(set(self.method_list) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods has unknown entries {unknown}; choose from {list(METHODS)}.")
-        if not self.factor_grid and "hypersteer" in self.method_list:
+        if not self.factor_grid and set(self.method_list) & {"hypersteer", *BASELINE_METHODS}:
             raise ValueError("--steering_factors is empty; give e.g. 0.5,1.0,1.5,2.0.")
+        if self.baseline_vector_norm is not None and not 0 < self.baseline_vector_norm < float("inf"):
+            raise ValueError(f"--baseline_vector_norm must be a positive number, got {self.baseline_vector_norm}.")
+        if self.vector_baseline_steps < 1 or not self.vector_baseline_learning_rate > 0:
+            raise ValueError(
+                "--vector_baseline_steps must be >= 1 and --vector_baseline_learning_rate > 0, got "
+                f"{self.vector_baseline_steps} and {self.vector_baseline_learning_rate}."
+            )
         if self.num_instructions_per_concept < 0 or self.offline_examples_per_concept < 0:
             raise ValueError("--num_instructions_per_concept and --offline_examples_per_concept must be >= 0.")
         if self.dataset_name_or_path:
@@ -288,6 +309,53 @@ def _write_summary(summary: dict, folder: Path) -> Path:
     return path
 
 
+def _baseline_vectors(args, method, model, tokenizer, data, split, split_settings, reference_rows) -> dict:
+    """The per-concept vectors of a baseline for every held-in concept, from the training run's own training rows
+    (never its evaluation rows); reused from `output_dir/baselines/<method>` when made for the same model."""
+    from transformers import TrainingArguments
+
+    from modeling_hypersteer.baselines import (
+        diffmean_vectors,
+        load_concept_vectors,
+        mean_steering_vector_norm,
+        save_concept_vectors,
+        train_concept_vectors,
+    )
+
+    folder = Path(args.output_dir) / "baselines" / method
+    fingerprint = model_fingerprint(model.config, model.hypernetwork.state_dict())
+    settings = {
+        "model_fingerprint": fingerprint,
+        "baseline_vector_norm": args.baseline_vector_norm,
+        "vector_baseline_steps": args.vector_baseline_steps,
+        "vector_baseline_learning_rate": args.vector_baseline_learning_rate,
+    }
+    if (folder / "concept_vectors.json").is_file():
+        meta, vectors = load_concept_vectors(folder)
+        if meta.get("method") == method and all(meta.get(key) == value for key, value in settings.items()):
+            logger.info(f"Reusing the {method} vectors in {folder}.")
+            return vectors
+    train_rows = [dict(row) for row in build_splits(data, split, **split_settings)["train"] if not row["is_negative"]]
+    if method == "diffmean":
+        norm = args.baseline_vector_norm or mean_steering_vector_norm(model, tokenizer, reference_rows)
+        negatives = [dict(row) for row in data if row["is_negative"]]
+        vectors = diffmean_vectors(model, tokenizer, train_rows, negatives, norm=norm)
+    else:
+        training_args = TrainingArguments(
+            output_dir=str(folder / "run"),
+            max_steps=args.vector_baseline_steps,
+            per_device_train_batch_size=4,
+            learning_rate=args.vector_baseline_learning_rate,
+            save_strategy="no",
+            report_to="none",
+            seed=args.seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        vectors = train_concept_vectors(model, tokenizer, train_rows, training_args, max_length=args.max_length)
+    save_concept_vectors(vectors, folder, method=method, **settings)
+    return vectors
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(make_parser(), argv)
     logging.basicConfig(
@@ -345,6 +413,20 @@ def main(argv: list[str] | None = None) -> dict:
         "judge": None,
     }
 
+    baseline_methods = [method for method in args.method_list if method in BASELINE_METHODS]
+    concept_vectors = {}
+    if baseline_methods:
+        if split_settings is None:
+            raise ValueError(
+                f"--methods {','.join(baseline_methods)} builds per-concept vectors from the training run's training "
+                f"rows, which needs its split settings in {Path(args.model) / TRAINING_SUMMARY_FILE}; they are missing."
+            )
+        reference_rows = [row for row in heldin_rows if not row["is_negative"]][:32]
+        for method in baseline_methods:
+            concept_vectors[method] = _baseline_vectors(
+                args, method, model, tokenizer, data, split, split_settings, reference_rows
+            )
+
     if args.offline_examples_per_concept > 0:
         by_set = {"heldin": set(split.heldin_concepts), "heldout": set(split.heldout_concepts)}
         for name, members in by_set.items():
@@ -365,8 +447,29 @@ def main(argv: list[str] | None = None) -> dict:
                     max_length=args.max_length,
                     desc=f"Offline metric ({name})",
                 )
+                for method in baseline_methods:
+                    baselines = summary.setdefault("offline_baselines", {}).setdefault(method, {})
+                    if name == "heldout":
+                        baselines[name] = {"note": "undefined: a held-out concept has no training rows to build a vector from"}
+                        continue
+                    baselines[name] = offline_steering_metric(
+                        model,
+                        tokenizer,
+                        chosen,
+                        steering_factor=args.offline_steering_factor,
+                        batch_size=args.batch_size,
+                        max_length=args.max_length,
+                        desc=f"Offline metric ({name}, {method})",
+                        concept_vectors=concept_vectors[method],
+                        reference_row_losses=summary["offline"][name]["row_losses"],
+                    )
             elif counts:
                 logger.warning(f"Only one {name} concept selected: the wrong-concept control needs two; skipped.")
+        # Per-row losses served the baselines' shared conditions; the summary keeps the aggregates.
+        for metric in list(summary["offline"].values()) + [
+            entry for method in summary.get("offline_baselines", {}).values() for entry in method.values()
+        ]:
+            metric.pop("row_losses", None)
         if summary["offline"]:
             plot_offline_losses(summary["offline"], Path(args.output_dir) / "offline_losses.png")
 
@@ -392,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
             temperature=args.temperature,
             batch_size=args.batch_size,
             seed=args.seed,
+            concept_vectors=concept_vectors,
         )
         client = _make_judge(args)
         try:

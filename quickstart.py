@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import train_hypersteer
@@ -42,6 +43,21 @@ SHOWN_HELDIN_CONCEPTS = (
     "references to oceans, tides and marine life",
     "terms related to baking bread and pastry",
     "SQL queries with SELECT, FROM and WHERE clauses",
+)
+# The quickstart trains with the AxBench recipe's objective and hypernetwork options (one source of truth); data,
+# budget and lengths are the quickstart's own.
+RECIPE_PATH = Path(__file__).resolve().parent / "examples" / "recipes" / "smollm2_axbench.yaml"
+RECIPE_OBJECTIVE_KEYS = (
+    "contrast_loss_weight",
+    "contrast_beta",
+    "diversity_loss_weight",
+    "logits_on_labels_only",
+    "shared_steering_offset",
+    "center_pooled_features",
+    "pooled_feature_momentum",
+    "hypernet_pooling",
+    "steering_prior",
+    "steering_prior_init_norm",
 )
 # Written for the report; none of these instructions appears in the bundled training data.
 UNSEEN_INSTRUCTIONS = (
@@ -70,9 +86,23 @@ class QuickstartArguments:
     seed: int = field(default=42, metadata={"help": "Training seed."})
 
 
+def recipe_objective_arguments(path: Path = RECIPE_PATH) -> list[str]:
+    """The recipe's objective and hypernetwork flags, as command-line arguments."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the quickstart reads its training objective from the recipe file.")
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [
+        argument
+        for key in RECIPE_OBJECTIVE_KEYS
+        if key in recipe
+        for argument in (f"--{key}", str(recipe[key]))
+    ]
+
+
 def _train(args: QuickstartArguments) -> dict:
     return train_hypersteer.main(
-        [
+        recipe_objective_arguments()
+        + [
             "--base_model_name_or_path",
             train_hypersteer.SMOLLM2_ALIAS,
             "--steering_layer",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,10 @@ def load_experiment(name: str) -> dict:
         raise ValueError(f"No experiment {name!r} ({path} is missing); known experiments: {known}.")
     defaults = json.loads((QUALITY_DIR / "default_training_params.json").read_text())
     overrides = json.loads(path.read_text())
+    recipe_file = overrides.pop("recipe_file", None)
+    if recipe_file:
+        # The recipe experiment trains exactly what the shipped recipe file says.
+        overrides = {**yaml.safe_load((REPO_ROOT / recipe_file).read_text()), **overrides}
     return {**defaults, **overrides}
 
 
@@ -129,6 +134,11 @@ def score(model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin",
     return results
 
 
+def _flag_pairs(argv: list[str]) -> list[tuple[str, str]]:
+    """`--flag value` pairs, order-insensitive."""
+    return sorted(zip(argv[::2], argv[1::2]))
+
+
 def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
     import train_hypersteer
 
@@ -140,7 +150,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
     if args.reuse_trained and timing_file.is_file():
         # Scoring a finished run again (e.g. after a crash in evaluation) costs no training.
         timing = json.loads(timing_file.read_text())
-        if timing["argv"] != argv:
+        if _flag_pairs(timing["argv"]) != _flag_pairs(argv):
             raise ValueError(f"{output_dir} was trained with other arguments; remove it or drop --reuse_trained.")
     else:
         start = time.perf_counter()
@@ -157,7 +167,17 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     if checkpoints:
         curve = []
+        final_step = int(config["max_steps"])
         for checkpoint in checkpoints:
+            if int(checkpoint.name.split("-")[1]) == final_step:
+                # The last checkpoint is the final model, already scored above.
+                curve.append(
+                    {
+                        "step": final_step,
+                        **{f"{split}_{key}": result[split][key] for split in ("heldin", "heldout") for key in ("specificity_ratio", "gain_ratio")},
+                    }
+                )
+                continue
             checkpoint_model = HyperSteerModel.from_pretrained(
                 checkpoint, base_model=model.language_model, tokenizer=model.tokenizer
             )

@@ -85,6 +85,30 @@ def mean_response_residual(
     return total / count
 
 
+@torch.no_grad()
+def mean_steering_vector_norm(model: HyperSteerModel, tokenizer, rows: Sequence[dict], batch_size: int = 8) -> float:
+    """HyperSteer's mean steering-vector norm on `rows` (AxBench rows; each steered by its own concept), the scale a
+    baseline is matched to so that the comparison is about direction."""
+    features = [tokenize_example(dict(row), tokenizer, max_length=512, max_steering_prompt_length=model.config.max_steering_prompt_length) for row in rows]
+    features = [feature for feature in features if feature is not None]
+    if not features:
+        raise ValueError("No row to measure HyperSteer's vector norm on; pass rows with `input`, `output`, `output_concept`.")
+    collator = HyperSteerDataCollator(tokenizer=tokenizer)
+    device = model.get_input_embeddings().weight.device
+    norms = []
+    for start in range(0, len(features), batch_size):
+        batch = {key: value.to(device) for key, value in collator(features[start : start + batch_size]).items()}
+        vectors = model.compute_steering_vectors(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            steering_input_ids=batch["steering_input_ids"],
+            steering_attention_mask=batch["steering_attention_mask"],
+        )
+        norms.append(vectors.float().norm(dim=-1))
+    return torch.cat(norms).mean().item()
+
+
 def diffmean_vectors(
     model: HyperSteerModel,
     tokenizer,
@@ -188,17 +212,22 @@ def train_concept_vectors(
     return vector_model.as_dict()
 
 
-def save_concept_vectors(vectors: dict[str, torch.Tensor], directory: str | os.PathLike, method: str) -> None:
-    """Write `concept_vectors.safetensors` (a `(num_concepts, hidden_size)` tensor) and `concept_vectors.json`."""
+def save_concept_vectors(
+    vectors: dict[str, torch.Tensor], directory: str | os.PathLike, method: str, **meta
+) -> None:
+    """Write `concept_vectors.safetensors` (a `(num_concepts, hidden_size)` tensor) and `concept_vectors.json` (the
+    method, the concept names in row order, and any `meta` such as the model fingerprint they were made for)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     concepts = sorted(vectors)
     save_file({"vectors": torch.stack([vectors[concept] for concept in concepts]).contiguous()}, directory / VECTORS_FILE)
-    (directory / CONCEPTS_FILE).write_text(json.dumps({"method": method, "concepts": concepts}, indent=2) + "\n")
+    (directory / CONCEPTS_FILE).write_text(
+        json.dumps({"method": method, "concepts": concepts, **meta}, indent=2) + "\n"
+    )
 
 
-def load_concept_vectors(directory: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
-    """Read what `save_concept_vectors` wrote: `(method, {concept: vector})`."""
+def load_concept_vectors(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read what `save_concept_vectors` wrote: `(meta, {concept: vector})`, `meta` holding at least `method`."""
     directory = Path(directory)
     for name in (VECTORS_FILE, CONCEPTS_FILE):
         if not (directory / name).is_file():
@@ -210,7 +239,7 @@ def load_concept_vectors(directory: str | os.PathLike) -> tuple[str, dict[str, t
             f"{directory / VECTORS_FILE} holds {tensor.shape[0]} vectors but {CONCEPTS_FILE} names "
             f"{len(meta['concepts'])} concepts; the files do not belong together."
         )
-    return meta["method"], dict(zip(meta["concepts"], tensor))
+    return meta, dict(zip(meta["concepts"], tensor))
 
 
 __all__ = [
@@ -218,6 +247,7 @@ __all__ = [
     "diffmean_vectors",
     "load_concept_vectors",
     "mean_response_residual",
+    "mean_steering_vector_norm",
     "save_concept_vectors",
     "train_concept_vectors",
 ]

@@ -47,7 +47,10 @@ PROMPT_STEERING_TEMPLATE = (
     "Answer the user's request helpfully, and weave the following concept clearly and naturally into your answer: "
     "{concept}."
 )
-METHODS = ("hypersteer", "prompt", "none")
+METHODS = ("hypersteer", "prompt", "none", "diffmean", "vector")
+# Per-concept baselines (see `baselines.py`): they steer with their own vector per concept through the same hook and
+# factor grid as HyperSteer, and exist only for concepts with training rows.
+BASELINE_METHODS = ("diffmean", "vector")
 SELECT_SPLIT, TEST_SPLIT = "select", "test"
 
 
@@ -351,6 +354,15 @@ def generation_run_key(model: HyperSteerModel, **decoding_settings) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
+def vectors_run_key(run_key: str, vectors: dict[str, torch.Tensor]) -> str:
+    """`run_key` extended by a hash of a baseline's per-concept vectors."""
+    digest = hashlib.sha256(run_key.encode("utf-8"))
+    for concept in sorted(vectors):
+        digest.update(concept.encode("utf-8"))
+        digest.update(vectors[concept].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
 def generate_samples(
     model: HyperSteerModel,
@@ -364,8 +376,10 @@ def generate_samples(
     temperature: float = 1.0,
     batch_size: int = 8,
     seed: int = 42,
+    concept_vectors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate for every task, method and (for `hypersteer`) factor, in batches, with a progress bar.
+    """Generate for every task, method and (for `hypersteer` and the baselines) factor, in batches, with a progress
+    bar. `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`.
 
     Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
     rerun skips what is already there. Rows are reused only when they carry the same `run_key`
@@ -379,8 +393,17 @@ def generate_samples(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+    concept_vectors = concept_vectors or {}
+    for method in set(methods) & set(BASELINE_METHODS):
+        missing = sorted({task["concept"] for task in tasks} - set(concept_vectors.get(method, {})))
+        if missing:
+            raise ValueError(
+                f"Method {method!r} has no vector for {len(missing)} concept(s), e.g. {missing[:3]}: baselines exist "
+                "only for concepts with training rows (evaluate them with --concepts heldin)."
+            )
     done = {}
     run_key = None
+    run_keys = {}
     if generations_path:
         run_key = generation_run_key(
             model,
@@ -390,19 +413,32 @@ def generate_samples(
             seed=seed if do_sample else None,
             batch_size=batch_size if do_sample else None,
         )
+        # A baseline's generations also depend on its vectors.
+        run_keys = {
+            method: vectors_run_key(run_key, concept_vectors[method]) if method in BASELINE_METHODS else run_key
+            for method in methods
+        }
         previous = []
         if Path(generations_path).is_file():
             previous = read_jsonl(generations_path, allow_truncated_last_line=True)
-        done = {_sample_key(sample): sample for sample in previous if sample.get("run_key") == run_key}
+        done = {
+            _sample_key(sample): sample
+            for sample in previous
+            if sample.get("run_key") is not None and sample.get("run_key") == run_keys.get(sample.get("method"))
+        }
         if len(done) < len(previous):
             logger.warning(
                 f"{len(previous) - len(done)} generation(s) in {generations_path} come from another model or other "
                 "decoding settings; they are not reused."
             )
     all_jobs = [
-        {"method": method, "factor": float(factor), "run_key": run_key, **task}
+        {"method": method, "factor": float(factor), "run_key": run_keys.get(method), **task}
         for method in methods
-        for factor in (steering_factors if method == "hypersteer" else [1.0 if method == "prompt" else 0.0])
+        for factor in (
+            steering_factors
+            if method == "hypersteer" or method in BASELINE_METHODS
+            else [1.0 if method == "prompt" else 0.0]
+        )
         for task in tasks
     ]
     jobs = [job for job in all_jobs if _sample_key(job) not in done]
@@ -441,6 +477,11 @@ def generate_samples(
                             steering_prompt=[job["concept"] for job in batch],
                             steering_factor=factor,
                             **generation_kwargs,
+                        )
+                    elif method in BASELINE_METHODS:
+                        vectors = torch.stack([concept_vectors[method][job["concept"]] for job in batch])
+                        output_ids = model.generate(
+                            **encoding, steering_vectors=vectors.to(device), steering_factor=factor, **generation_kwargs
                         )
                     else:
                         output_ids = model.language_model.generate(**encoding, **generation_kwargs)

@@ -491,5 +491,39 @@ def test_a_missing_model_is_named(tmp_path):
 
 
 def test_bad_method_is_rejected():
-    with pytest.raises(ValueError, match="diffmean"):
-        evaluate_steering.main(["--model", "x", "--output_dir", "y", "--methods", "hypersteer,diffmean"])
+    with pytest.raises(ValueError, match="reft"):
+        evaluate_steering.main(["--model", "x", "--output_dir", "y", "--methods", "hypersteer,reft"])
+
+
+def test_baselines_are_built_from_training_rows_and_scored_offline(trained_dir, tmp_path, monkeypatch):
+    from modeling_hypersteer.baselines import load_concept_vectors
+    from modeling_hypersteer.data import ConceptSplit, build_splits, load_concept_data
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    output_dir = tmp_path / "eval"
+    argv = _offline_argv(
+        trained_dir, output_dir, "--concepts", "all", "--methods", "hypersteer,prompt,none,diffmean,vector",
+        "--vector_baseline_steps", "3",
+    )
+    summary = evaluate_steering.main(argv)
+    split = ConceptSplit.from_json(trained_dir / "concept_split.json")
+    for method in ("diffmean", "vector"):
+        meta, vectors = load_concept_vectors(output_dir / "baselines" / method)
+        assert meta["method"] == method
+        # One vector per held-in concept, none for held-out concepts (they have no training rows).
+        assert sorted(vectors) == sorted(split.heldin_concepts)
+        assert all(vector.shape == (32,) for vector in vectors.values())
+        heldin = summary["offline_baselines"][method]["heldin"]
+        assert heldin["num_rows"] == summary["offline"]["heldin"]["num_rows"]
+        # The shared conditions are the very numbers of HyperSteer's metric on the same rows.
+        for condition in ("none", "prompt", "prompt_wrong"):
+            assert heldin["losses"][condition] == summary["offline"]["heldin"]["losses"][condition]
+        assert "no training rows" in summary["offline_baselines"][method]["heldout"]["note"]
+    diffmean = load_concept_vectors(output_dir / "baselines" / "diffmean")[1]
+    norms = torch.stack(list(diffmean.values())).norm(dim=-1)
+    torch.testing.assert_close(norms, norms[:1].expand_as(norms))
+    assert "row_losses" not in summary["offline"]["heldin"]
+    # A second run reuses the saved vectors instead of rebuilding them.
+    stamp = (output_dir / "baselines" / "vector" / "concept_vectors.safetensors").stat().st_mtime_ns
+    evaluate_steering.main(argv)
+    assert (output_dir / "baselines" / "vector" / "concept_vectors.safetensors").stat().st_mtime_ns == stamp

@@ -276,8 +276,8 @@ def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
     assert sorted(vectors) == sorted({CONCEPT_A, CONCEPT_B})
     assert all(vector.shape == (32,) and vector.norm() > 0 for vector in vectors.values())
     save_concept_vectors(vectors, tmp_path / "vectors", method="vector")
-    method, loaded = load_concept_vectors(tmp_path / "vectors")
-    assert method == "vector"
+    meta, loaded = load_concept_vectors(tmp_path / "vectors")
+    assert meta["method"] == "vector"
     for concept in vectors:
         torch.testing.assert_close(loaded[concept], vectors[concept])
     assert not any(p.requires_grad for p in model.language_model.parameters())
