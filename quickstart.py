@@ -72,7 +72,7 @@ UNSEEN_INSTRUCTIONS = (
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the trained model is saved."})
     max_steps: int = field(
-        default=200, metadata={"help": "Training steps (batch 4); 1.2-3 s each on 2 idle CPU cores."}
+        default=150, metadata={"help": "Training steps (batch 4); 2.5-5 s each on 2 CPU cores."}
     )
     steering_layer: int = field(default=20, metadata={"help": "SmolLM2 layer (of 30) whose output is steered."})
     hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})

@@ -646,7 +646,7 @@ def side_by_side(
         model,
         tokenizer,
         tasks,
-        METHODS,
+        ("none", "prompt", "hypersteer"),
         [steering_factor],
         max_new_tokens=max_new_tokens,
         do_sample=False,
