@@ -450,7 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
                 for method in baseline_methods:
                     baselines = summary.setdefault("offline_baselines", {}).setdefault(method, {})
                     if name == "heldout":
-                        baselines[name] = {"note": "undefined: a held-out concept has no training rows to build a vector from"}
+                        baselines[name] = {
+                            "note": "undefined: a held-out concept has no training rows to build a vector from"
+                        }
                         continue
                     baselines[name] = offline_steering_metric(
                         model,

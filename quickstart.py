@@ -71,9 +71,7 @@ UNSEEN_INSTRUCTIONS = (
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the trained model is saved."})
-    max_steps: int = field(
-        default=150, metadata={"help": "Training steps (batch 4); 2.5-5 s each on 2 CPU cores."}
-    )
+    max_steps: int = field(default=150, metadata={"help": "Training steps (batch 4); 2.5-5 s each on 2 CPU cores."})
     steering_layer: int = field(default=20, metadata={"help": "SmolLM2 layer (of 30) whose output is steered."})
     hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})
@@ -89,14 +87,11 @@ class QuickstartArguments:
 def recipe_objective_arguments(path: Path = RECIPE_PATH) -> list[str]:
     """The recipe's objective and hypernetwork flags, as command-line arguments."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the quickstart reads its training objective from the recipe file.")
+        raise FileNotFoundError(
+            f"{path} is missing; the quickstart reads its training objective from the recipe file."
+        )
     recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [
-        argument
-        for key in RECIPE_OBJECTIVE_KEYS
-        if key in recipe
-        for argument in (f"--{key}", str(recipe[key]))
-    ]
+    return [argument for key in RECIPE_OBJECTIVE_KEYS if key in recipe for argument in (f"--{key}", str(recipe[key]))]
 
 
 def _train(args: QuickstartArguments) -> dict:

@@ -104,10 +104,15 @@ def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, li
 
 
 def reference_losses_path(args, name: str) -> Path:
-    return Path(args.work_dir) / f"reference_row_losses_{name}_{args.heldout_rows_per_concept}_{args.eval_max_length}.json"
+    return (
+        Path(args.work_dir)
+        / f"reference_row_losses_{name}_{args.heldout_rows_per_concept}_{args.eval_max_length}.json"
+    )
 
 
-def score(model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin", "heldout"), concept_vectors=None) -> dict:
+def score(
+    model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin", "heldout"), concept_vectors=None
+) -> dict:
     """Offline metric per split. The `none`/`prompt` losses do not depend on the model being compared, so they are
     computed once per split and reused from `--work_dir`."""
     results = {}
@@ -127,7 +132,9 @@ def score(model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin",
         )
         if reference is None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({k: v for k, v in metric["row_losses"].items() if not k.startswith("hypersteer")}))
+            cache.write_text(
+                json.dumps({k: v for k, v in metric["row_losses"].items() if not k.startswith("hypersteer")})
+            )
         metric.pop("per_concept")
         metric.pop("row_losses")
         results[name] = metric
@@ -155,7 +162,11 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
     else:
         start = time.perf_counter()
         train_metrics = train_hypersteer.main(argv)
-        timing = {"argv": argv, "minutes": (time.perf_counter() - start) / 60, "train_loss": train_metrics.get("train_loss")}
+        timing = {
+            "argv": argv,
+            "minutes": (time.perf_counter() - start) / 60,
+            "train_loss": train_metrics.get("train_loss"),
+        }
         timing_file.write_text(json.dumps(timing))
     model = HyperSteerModel.from_pretrained(output_dir)
     result = {
@@ -174,7 +185,11 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
                 curve.append(
                     {
                         "step": final_step,
-                        **{f"{split}_{key}": result[split][key] for split in ("heldin", "heldout") for key in ("specificity_ratio", "gain_ratio")},
+                        **{
+                            f"{split}_{key}": result[split][key]
+                            for split in ("heldin", "heldout")
+                            for key in ("specificity_ratio", "gain_ratio")
+                        },
                     }
                 )
                 continue
@@ -185,7 +200,11 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
             curve.append(
                 {
                     "step": int(checkpoint.name.split("-")[1]),
-                    **{f"{split}_{key}": scores[split][key] for split in scores for key in ("specificity_ratio", "gain_ratio")},
+                    **{
+                        f"{split}_{key}": scores[split][key]
+                        for split in scores
+                        for key in ("specificity_ratio", "gain_ratio")
+                    },
                 }
             )
         result["curve"] = curve
@@ -212,7 +231,10 @@ def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
     base = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = HyperSteerModel.from_base_model(
-        base, tokenizer=tokenizer, steering_layer=config["steering_layer"], hypernet_type="no_context",
+        base,
+        tokenizer=tokenizer,
+        steering_layer=config["steering_layer"],
+        hypernet_type="no_context",
         hypernet_num_layers=1,
     )
     train_rows = [dict(row) for row in rows["train"] if not row["is_negative"]]
@@ -221,7 +243,9 @@ def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
         norm = reference_vector_norm(Path(args.work_dir) / config["match_norm_of"])
         negatives = [dict(row) for row in rows["negatives"]]
         vectors = diffmean_vectors(model, tokenizer, train_rows, negatives, norm=norm)
-        command = f"DiffMean at layer {config['steering_layer']}, norm {norm:.2f} (HyperSteer run {config['match_norm_of']})"
+        command = (
+            f"DiffMean at layer {config['steering_layer']}, norm {norm:.2f} (HyperSteer run {config['match_norm_of']})"
+        )
     else:
         training_args = TrainingArguments(
             output_dir=str(Path(args.work_dir) / name),
@@ -291,7 +315,12 @@ def report() -> str:
         figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         for axis, split in zip(axes, ("heldin", "heldout")):
             for name, curve in curves.items():
-                axis.plot([p["step"] for p in curve], [p[f"{split}_specificity_ratio"] for p in curve], marker="o", label=name)
+                axis.plot(
+                    [p["step"] for p in curve],
+                    [p[f"{split}_specificity_ratio"] for p in curve],
+                    marker="o",
+                    label=name,
+                )
             axis.axhline(1.0 if split == "heldin" else 0.3, color="grey", linestyle="--", linewidth=1, label="target")
             axis.set_title(f"{'held-in concepts, unseen prompts' if split == 'heldin' else 'never-trained concepts'}")
             axis.set_xlabel("training step")

@@ -89,10 +89,17 @@ def mean_response_residual(
 def mean_steering_vector_norm(model: HyperSteerModel, tokenizer, rows: Sequence[dict], batch_size: int = 8) -> float:
     """HyperSteer's mean steering-vector norm on `rows` (AxBench rows; each steered by its own concept), the scale a
     baseline is matched to so that the comparison is about direction."""
-    features = [tokenize_example(dict(row), tokenizer, max_length=512, max_steering_prompt_length=model.config.max_steering_prompt_length) for row in rows]
+    features = [
+        tokenize_example(
+            dict(row), tokenizer, max_length=512, max_steering_prompt_length=model.config.max_steering_prompt_length
+        )
+        for row in rows
+    ]
     features = [feature for feature in features if feature is not None]
     if not features:
-        raise ValueError("No row to measure HyperSteer's vector norm on; pass rows with `input`, `output`, `output_concept`.")
+        raise ValueError(
+            "No row to measure HyperSteer's vector norm on; pass rows with `input`, `output`, `output_concept`."
+        )
     collator = HyperSteerDataCollator(tokenizer=tokenizer)
     device = model.get_input_embeddings().weight.device
     norms = []
@@ -137,10 +144,14 @@ def diffmean_vectors(
     by_concept = defaultdict(list)
     for row in rows:
         by_concept[row["output_concept"]].append(row)
-    negative_mean = mean_response_residual(model, tokenizer, list(negative_rows)[:max_negative_rows], max_length=max_length)
+    negative_mean = mean_response_residual(
+        model, tokenizer, list(negative_rows)[:max_negative_rows], max_length=max_length
+    )
     vectors = {}
     for concept, concept_rows in tqdm(sorted(by_concept.items()), desc="DiffMean", unit="concept"):
-        difference = mean_response_residual(model, tokenizer, concept_rows[:max_rows_per_concept], max_length=max_length)
+        difference = mean_response_residual(
+            model, tokenizer, concept_rows[:max_rows_per_concept], max_length=max_length
+        )
         difference = difference - negative_mean
         vectors[concept] = norm * difference / difference.norm().clamp(min=1e-6)
     return vectors
@@ -212,15 +223,15 @@ def train_concept_vectors(
     return vector_model.as_dict()
 
 
-def save_concept_vectors(
-    vectors: dict[str, torch.Tensor], directory: str | os.PathLike, method: str, **meta
-) -> None:
+def save_concept_vectors(vectors: dict[str, torch.Tensor], directory: str | os.PathLike, method: str, **meta) -> None:
     """Write `concept_vectors.safetensors` (a `(num_concepts, hidden_size)` tensor) and `concept_vectors.json` (the
     method, the concept names in row order, and any `meta` such as the model fingerprint they were made for)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     concepts = sorted(vectors)
-    save_file({"vectors": torch.stack([vectors[concept] for concept in concepts]).contiguous()}, directory / VECTORS_FILE)
+    save_file(
+        {"vectors": torch.stack([vectors[concept] for concept in concepts]).contiguous()}, directory / VECTORS_FILE
+    )
     (directory / CONCEPTS_FILE).write_text(
         json.dumps({"method": method, "concepts": concepts, **meta}, indent=2) + "\n"
     )
@@ -231,7 +242,9 @@ def load_concept_vectors(directory: str | os.PathLike) -> tuple[dict, dict[str, 
     directory = Path(directory)
     for name in (VECTORS_FILE, CONCEPTS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing; write baseline vectors with `save_concept_vectors`.")
+            raise FileNotFoundError(
+                f"{directory / name} is missing; write baseline vectors with `save_concept_vectors`."
+            )
     meta = json.loads((directory / CONCEPTS_FILE).read_text())
     tensor = load_file(directory / VECTORS_FILE)["vectors"]
     if tensor.shape[0] != len(meta["concepts"]):

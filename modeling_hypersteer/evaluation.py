@@ -481,7 +481,10 @@ def generate_samples(
                     elif method in BASELINE_METHODS:
                         vectors = torch.stack([concept_vectors[method][job["concept"]] for job in batch])
                         output_ids = model.generate(
-                            **encoding, steering_vectors=vectors.to(device), steering_factor=factor, **generation_kwargs
+                            **encoding,
+                            steering_vectors=vectors.to(device),
+                            steering_factor=factor,
+                            **generation_kwargs,
                         )
                     else:
                         output_ids = model.language_model.generate(**encoding, **generation_kwargs)

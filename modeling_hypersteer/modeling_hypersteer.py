@@ -1135,7 +1135,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         context_mask = context_mask.index_select(0, concept_rows)
         if context_input_ids is not None and ids is not None:
             # As for single prompts: the steering prompt and the chat-templated user prompt keep one BOS between them.
-            context_mask = context_mask & ~_repeated_bos(context_input_ids, context_mask, ids, mask, self._bos_token_id())
+            context_mask = context_mask & ~_repeated_bos(
+                context_input_ids, context_mask, ids, mask, self._bos_token_id()
+            )
         return _SteeringRequest(
             steering_input_ids=ids,
             steering_attention_mask=mask,
@@ -1509,7 +1511,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             handle.remove()
         weights = self._prior_token_mask(steering_input_ids, steering_attention_mask).float()[..., None]
         hidden_states = recorded["hidden_states"].float()
-        means = (hidden_states * weights.to(hidden_states.device)).sum(1) / weights.sum(1).clamp(min=1).to(hidden_states.device)
+        means = (hidden_states * weights.to(hidden_states.device)).sum(1) / weights.sum(1).clamp(min=1).to(
+            hidden_states.device
+        )
         return means.to(self.hypernetwork.output_projection.weight.device)
 
     @torch.no_grad()

@@ -237,7 +237,9 @@ class HyperSteerTrainer(Trainer):
         )
 
 
-def steering_prompt_groups(steering_input_ids: torch.Tensor, steering_attention_mask: torch.Tensor | None) -> torch.Tensor:
+def steering_prompt_groups(
+    steering_input_ids: torch.Tensor, steering_attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """One integer per row, equal for rows whose steering prompts are the same tokens (the same concept).
 
     Args:

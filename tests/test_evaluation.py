@@ -497,13 +497,19 @@ def test_bad_method_is_rejected():
 
 def test_baselines_are_built_from_training_rows_and_scored_offline(trained_dir, tmp_path, monkeypatch):
     from modeling_hypersteer.baselines import load_concept_vectors
-    from modeling_hypersteer.data import ConceptSplit, build_splits, load_concept_data
+    from modeling_hypersteer.data import ConceptSplit
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     output_dir = tmp_path / "eval"
     argv = _offline_argv(
-        trained_dir, output_dir, "--concepts", "all", "--methods", "hypersteer,prompt,none,diffmean,vector",
-        "--vector_baseline_steps", "3",
+        trained_dir,
+        output_dir,
+        "--concepts",
+        "all",
+        "--methods",
+        "hypersteer,prompt,none,diffmean,vector",
+        "--vector_baseline_steps",
+        "3",
     )
     summary = evaluate_steering.main(argv)
     split = ConceptSplit.from_json(trained_dir / "concept_split.json")

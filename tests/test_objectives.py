@@ -1,8 +1,6 @@
 """Concept-specificity levers: the contrast and diversity terms, the label-only LM head, mean pooling, the shared
 offset, the lexical path, the recipe file and the per-concept baselines."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -29,9 +27,21 @@ from modeling_hypersteer.trainer import (
 CONCEPT_A = "references to legal terminology and court proceedings"
 CONCEPT_B = "C/C++ syntax such as pointers, headers and semicolons"
 ROWS = [
-    {"input": "Explain sorting algorithms in simple words.", "output": "The court sorts the docket by date.", "output_concept": CONCEPT_A},
-    {"input": "Write a short poem about the sea.", "output": "int *sea; /* tidal currents */", "output_concept": CONCEPT_B},
-    {"input": "Explain sorting in simple words.", "output": "A judge hears the legal case.", "output_concept": CONCEPT_A},
+    {
+        "input": "Explain sorting algorithms in simple words.",
+        "output": "The court sorts the docket by date.",
+        "output_concept": CONCEPT_A,
+    },
+    {
+        "input": "Write a short poem about the sea.",
+        "output": "int *sea; /* tidal currents */",
+        "output_concept": CONCEPT_B,
+    },
+    {
+        "input": "Explain sorting in simple words.",
+        "output": "A judge hears the legal case.",
+        "output_concept": CONCEPT_A,
+    },
     {"input": "Write a poem about the fox.", "output": "#include <fox.h> int main;", "output_concept": CONCEPT_B},
 ]
 
@@ -79,7 +89,9 @@ def test_steering_prompt_groups_ignore_padding():
 @pytest.mark.parametrize(
     "hypernet_type, prior", [("cross_attention", "residual"), ("in_context", "lexical"), ("no_context", "none")]
 )
-def test_contrast_logits_equal_a_separate_pass_with_the_other_prompts(tiny_tokenizer, architecture, hypernet_type, prior):
+def test_contrast_logits_equal_a_separate_pass_with_the_other_prompts(
+    tiny_tokenizer, architecture, hypernet_type, prior
+):
     model = _model(tiny_tokenizer, architecture, hypernet_type=hypernet_type, token_gate=True, steering_prior=prior)
     _perturb(model)
     batch = _batch(tiny_tokenizer, ROWS)
@@ -208,7 +220,10 @@ def test_lexical_path_starts_as_the_centred_prompt_embedding(tiny_tokenizer):
 @pytest.mark.parametrize("prior", ["lexical", "residual"])
 def test_prior_model_round_trips(tiny_tokenizer, tmp_path, prior):
     model = _model(
-        tiny_tokenizer, steering_prior=prior, shared_steering_offset=True, hypernet_pooling="mean",
+        tiny_tokenizer,
+        steering_prior=prior,
+        shared_steering_offset=True,
+        hypernet_pooling="mean",
         center_pooled_features=True,
     )
     _perturb(model)
@@ -258,7 +273,10 @@ def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer)
         torch.testing.assert_close(vector.norm(), torch.tensor(3.0))
     assert not torch.allclose(vectors[CONCEPT_A], vectors[CONCEPT_B])
     # Changing a row of concept B moves B's vector and leaves A's unchanged.
-    changed = [dict(row, output="Totally different words here.") if row["output_concept"] == CONCEPT_B else row for row in ROWS]
+    changed = [
+        dict(row, output="Totally different words here.") if row["output_concept"] == CONCEPT_B else row
+        for row in ROWS
+    ]
     again = diffmean_vectors(model, tiny_tokenizer, changed, negatives, norm=3.0)
     torch.testing.assert_close(again[CONCEPT_A], vectors[CONCEPT_A])
     assert not torch.allclose(again[CONCEPT_B], vectors[CONCEPT_B])
@@ -269,8 +287,13 @@ def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
 
     model = _model(tiny_tokenizer, hypernet_type="no_context")
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=2, learning_rate=0.1,
-        report_to="none", save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path / "run"),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        learning_rate=0.1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
     )
     vectors = train_concept_vectors(model, tiny_tokenizer, ROWS, args, max_length=96)
     assert sorted(vectors) == sorted({CONCEPT_A, CONCEPT_B})
@@ -284,7 +307,9 @@ def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
 
 
 def test_running_center_tracks_training_batches_and_is_frozen_in_eval(tiny_tokenizer, tmp_path):
-    model = _model(tiny_tokenizer, hypernet_type="no_context", center_pooled_features=True, pooled_feature_momentum=0.5)
+    model = _model(
+        tiny_tokenizer, hypernet_type="no_context", center_pooled_features=True, pooled_feature_momentum=0.5
+    )
     _perturb(model)
     center = model.hypernetwork.feature_center
     batch = _batch(tiny_tokenizer, ROWS)
@@ -319,4 +344,12 @@ def test_residual_prior_reads_the_unsteered_base_at_the_steering_layer(tiny_toke
     batch = _batch(tiny_tokenizer, ROWS)
     vectors = model(**batch).steering_vectors
     torch.testing.assert_close(vectors.norm(dim=-1), torch.full((4,), 4.0), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model.compute_steering_vectors(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "steering_input_ids", "steering_attention_mask")}), vectors)
+    torch.testing.assert_close(
+        model.compute_steering_vectors(
+            **{
+                k: batch[k]
+                for k in ("input_ids", "attention_mask", "labels", "steering_input_ids", "steering_attention_mask")
+            }
+        ),
+        vectors,
+    )
