@@ -99,14 +99,18 @@ class ModelArguments:
         metadata={"help": f"How the hypernetwork pools its states, one of {list(HYPERNET_POOLINGS)}."},
     )
     shared_steering_offset: bool = field(
-        default=False,
-        metadata={"help": "Learn one concept-free offset added to every steering vector (holds the teacher's style)."},
+        default=True,
+        metadata={
+            "help": "Learn one concept-free offset added to every steering vector (holds the teacher's style). On by "
+            "default here (the measured winner); `HyperSteerConfig` keeps it off so older checkpoints load unchanged."
+        },
     )
     center_pooled_features: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Subtract a running mean of the hypernetwork's pooled features before its output projection, so "
-            "what tells concepts apart is not drowned by what all steering prompts share."
+            "what tells concepts apart is not drowned by what all steering prompts share. On by default here (the "
+            "measured winner); `HyperSteerConfig` keeps it off so older checkpoints load unchanged."
         },
     )
     steering_prior: str = field(

@@ -340,7 +340,7 @@ def model_fingerprint(config, hypernetwork_state_dict: dict[str, torch.Tensor]) 
     for name in sorted(hypernetwork_state_dict, key=lambda key: key.removeprefix("hypernetwork.")):
         tensor = hypernetwork_state_dict[name].detach().cpu().contiguous()
         digest.update(f"{name.removeprefix('hypernetwork.')}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -40,6 +40,8 @@ class HyperSteerTrainingArguments(TrainingArguments):
     > - `ddp_find_unused_parameters`: `False`; every hypernetwork weight is used at every step, so DDP's extra graph
     >   traversal would only cost time.
     > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
+    > - `contrast_loss_weight`: `1.0` (a HyperSteer field, listed here because it changes the default objective from the
+    >   LM loss alone; see below).
     > - `eval_steps`: with `eval_strategy="steps"` and no `eval_steps` given, `1 / DEFAULT_EVALUATIONS_PER_RUN`
     >   (a ratio of the total steps), so a run is evaluated 5 times however long it is, instead of at every
     >   `logging_steps`.
@@ -58,8 +60,10 @@ class HyperSteerTrainingArguments(TrainingArguments):
     Args:
         plot_loss_curve (`bool`, *optional*, defaults to `True`):
             Write `loss_curve.png` (train, held-in and held-out eval loss) into `output_dir` after training.
-        contrast_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the wrong-concept contrast (0 turns it off and skips its extra pass).
+        contrast_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the wrong-concept contrast (0 turns it off and skips its extra pass). The default is the
+            measured winner of `benchmarks/quality_ablation.py`; it costs a second pass over the layers above the
+            steering layer.
         contrast_beta (`float`, *optional*, defaults to 5.0):
             Sharpness of the contrast's log-sigmoid on the per-row loss gap (nats).
         diversity_loss_weight (`float`, *optional*, defaults to 0.0):
@@ -83,7 +87,7 @@ class HyperSteerTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Write loss_curve.png (train / held-in / held-out loss) into output_dir."}
     )
     contrast_loss_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "Weight of the wrong-concept contrast: each row's response must be more likely under its own "
             "concept's vector than under the vector made from another row's concept on this row's context "
@@ -127,7 +131,8 @@ class HyperSteerTrainingArguments(TrainingArguments):
 class HyperSteerTrainer(Trainer):
     """Trainer for [`HyperSteerModel`].
 
-    It differs from [`Trainer`] only in logging two steering diagnostics per step — the mean L2 norm of the steering
+    It differs from [`Trainer`] in the training objective (the wrong-concept contrast and diversity terms of
+    [`HyperSteerTrainingArguments`], and the optional label-only LM head) and in logging steering diagnostics per step — the mean L2 norm of the steering
     vectors and, with `token_gate=True`, the mean gate value over real tokens — for training and for every evaluation
     set (pass `eval_dataset={"heldin": ..., "heldout": ...}` to get `eval_heldin_loss` and `eval_heldout_loss`).
     The model returns its own loss and saves its own (hypernetwork-only) weights; the only other override writes the
@@ -191,13 +196,29 @@ class HyperSteerTrainer(Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
+    def _metric_names(self) -> list[str]:
+        """The diagnostics this run logs, decided by its arguments and model alone (identical on every process)."""
+        names = ["steering_vector_norm"]
+        if self.accelerator.unwrap_model(self.model).config.token_gate:
+            names.append("steering_gate_mean")
+        if self.args.contrast_loss_weight > 0:
+            names += ["contrast_gap", "contrast_loss"]
+        if self.args.diversity_loss_weight > 0:
+            names.append("cross_concept_cosine")
+        return names
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         eval_loss_key = next((key for key in logs if key.startswith("eval") and key.endswith("_loss")), None)
         mode, prefix = ("eval", eval_loss_key[: -len("loss")]) if eval_loss_key else ("train", "")
-        for name, values in self._metrics[mode].items():
-            if values:
-                mean = torch.stack(values).mean()
-                logs[f"{prefix}{name}"] = self.accelerator.gather_for_metrics(mean[None]).mean().item()
+        # Every process gathers the same metrics in the same order (a gather per name is a collective call); a
+        # metric a process could not measure in its batches (e.g. no two concepts met) is NaN there and left out
+        # of the mean.
+        for name in self._metric_names():
+            values = self._metrics[mode].get(name)
+            mean = torch.stack(values).nanmean() if values else torch.tensor(float("nan"), device=self.args.device)
+            gathered = self.accelerator.gather_for_metrics(mean.to(self.args.device)[None]).nanmean()
+            if not torch.isnan(gathered):
+                logs[f"{prefix}{name}"] = gathered.item()
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
