@@ -370,7 +370,11 @@ def _perturbed_copy(model_dir, target):
     """A copy of a checkpoint folder with other hypernetwork weights, as another training run would leave."""
     shutil.copytree(model_dir, target)
     weights = load_file(target / "model.safetensors")
-    perturbed = {key: value + 0.05 * torch.randn_like(value) for key, value in weights.items()}
+    # Weights move; integer buffers (e.g. the running centre's update count) stay as saved.
+    perturbed = {
+        key: value + 0.05 * torch.randn_like(value) if value.is_floating_point() else value
+        for key, value in weights.items()
+    }
     save_file(perturbed, target / "model.safetensors")
     return target
 
