@@ -65,11 +65,7 @@ def load_experiment(name: str) -> dict:
 def training_argv(config: dict, output_dir: Path) -> list[str]:
     argv = []
     for key, value in config.items():
-        if key in META_KEYS:
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}", str(value)]
-        else:
+        if key not in META_KEYS:
             argv += [f"--{key}", str(value)]
     checkpoint_every = config.get("checkpoint_every")
     saving = (
