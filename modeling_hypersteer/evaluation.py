@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, format_prompt, tokenize_example
-from .modeling_hypersteer import HyperSteerModel, _positions_from_mask
+from .modeling_hypersteer import HyperSteerModel, _positions_from_mask, per_row_causal_lm_loss
 from .utils import JsonlAppender, pyplot, read_jsonl
 
 
@@ -115,16 +115,6 @@ def steering_ratios(losses: dict[str, float]) -> dict[str, Any]:
     return {"gain_ratio": gain, "specificity_ratio": specificity, "undefined_ratios": undefined}
 
 
-def _per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each row's label tokens: `(batch_size,)` in float32."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    losses = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-    )
-    return losses.sum(-1) / shift_labels.ne(-100).sum(-1).clamp(min=1)
-
-
 @torch.no_grad()
 def _row_losses(
     model: HyperSteerModel,
@@ -152,7 +142,7 @@ def _row_losses(
                 attention_mask=batch["attention_mask"],
                 position_ids=_positions_from_mask(batch["attention_mask"]),
             ).logits
-        losses.extend(_per_row_loss(logits, batch["labels"]).tolist())
+        losses.extend(per_row_causal_lm_loss(logits, batch["labels"]).tolist())
         progress.update(len(features[start : start + batch_size]))
     return losses
 

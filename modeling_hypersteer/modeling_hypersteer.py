@@ -238,7 +238,8 @@ class HyperSteerRunningCenter(nn.Module):
         """
         if self.training:
             with torch.no_grad():
-                rate = max(1.0 / (self.num_updates.item() + 1), self.momentum)
+                # Computed on the buffer's device: reading the count on the host would sync every training step.
+                rate = (1.0 / (self.num_updates + 1).float()).clamp(min=self.momentum)
                 batch_mean = features.detach().float().mean(dim=0)
                 self.running_mean.add_(rate * (batch_mean - self.running_mean))
                 self.num_updates.add_(1)

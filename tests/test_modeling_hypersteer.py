@@ -197,7 +197,7 @@ def test_changing_the_response_does_not_change_v(tester, hypernet_type):
 @pytest.mark.parametrize("architecture", ("gemma2", "llama"))
 def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hypernet_type, architecture):
     # Imported here so this module stays importable in CI's lowest-transformers virtualenv, which has no `datasets`.
-    from modeling_hypersteer.evaluation import _per_row_loss
+    from modeling_hypersteer.modeling_hypersteer import per_row_causal_lm_loss
 
     model = tester.get_model(architecture, hypernet_type)
     right_batch = tester.training_batch(padding_side="right")
@@ -206,8 +206,8 @@ def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hyperne
     left = model(**left_batch)
     torch.testing.assert_close(left.steering_vectors, right.steering_vectors, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        _per_row_loss(left.logits, left_batch["labels"]),
-        _per_row_loss(right.logits, right_batch["labels"]),
+        per_row_causal_lm_loss(left.logits, left_batch["labels"]),
+        per_row_causal_lm_loss(right.logits, right_batch["labels"]),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -221,8 +221,8 @@ def test_left_and_right_padding_give_the_same_vectors_and_losses(tester, hyperne
     single = model(**alone)
     torch.testing.assert_close(single.steering_vectors[0], right.steering_vectors[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        _per_row_loss(single.logits, alone["labels"])[0],
-        _per_row_loss(right.logits, right_batch["labels"])[1],
+        per_row_causal_lm_loss(single.logits, alone["labels"])[0],
+        per_row_causal_lm_loss(right.logits, right_batch["labels"])[1],
         rtol=1e-4,
         atol=1e-4,
     )
