@@ -1,5 +1,6 @@
-"""Offline quickstart: train a cross-attention HyperSteer on the real SmolLM2-135M-Instruct with the bundled concept
-set, then compare unsteered, prompt-steered and HyperSteer generations on instructions never seen in training.
+"""Offline quickstart: train HyperSteer (the AxBench recipe's variant and objective) on the real SmolLM2-135M-Instruct
+with the bundled concept set, then compare unsteered, prompt-steered and HyperSteer generations on instructions never
+seen in training.
 
 Ready-to-copy commands:
 
@@ -26,7 +27,7 @@ import yaml
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import train_hypersteer
-from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer.cli import parse_arguments
 from modeling_hypersteer.data import ConceptSplit, build_splits, format_prompt, load_concept_data
 from modeling_hypersteer.evaluation import offline_steering_metric, side_by_side
@@ -48,6 +49,7 @@ SHOWN_HELDIN_CONCEPTS = (
 # budget and lengths are the quickstart's own.
 RECIPE_PATH = Path(__file__).resolve().parent / "examples" / "recipes" / "smollm2_axbench.yaml"
 RECIPE_OBJECTIVE_KEYS = (
+    "hypernet_type",
     "contrast_loss_weight",
     "contrast_beta",
     "diversity_loss_weight",
@@ -84,14 +86,19 @@ class QuickstartArguments:
     seed: int = field(default=42, metadata={"help": "Training seed."})
 
 
-def recipe_objective_arguments(path: Path = RECIPE_PATH) -> list[str]:
-    """The recipe's objective and hypernetwork flags, as command-line arguments."""
+def recipe_settings(path: Path = RECIPE_PATH) -> dict:
+    """The recipe's hypernetwork variant and objective (`RECIPE_OBJECTIVE_KEYS` it sets)."""
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; the quickstart reads its training objective from the recipe file."
         )
     recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [argument for key in RECIPE_OBJECTIVE_KEYS if key in recipe for argument in (f"--{key}", str(recipe[key]))]
+    return {key: recipe[key] for key in RECIPE_OBJECTIVE_KEYS if key in recipe}
+
+
+def recipe_objective_arguments(path: Path = RECIPE_PATH) -> list[str]:
+    """The recipe's hypernetwork and objective flags, as command-line arguments."""
+    return [argument for key, value in recipe_settings(path).items() for argument in (f"--{key}", str(value))]
 
 
 def _train(args: QuickstartArguments) -> dict:
@@ -102,8 +109,6 @@ def _train(args: QuickstartArguments) -> dict:
             train_hypersteer.SMOLLM2_ALIAS,
             "--steering_layer",
             str(args.steering_layer),
-            "--hypernet_type",
-            "cross_attention",
             "--hypernet_num_layers",
             str(args.hypernet_num_layers),
             "--dataset_name_or_path",
@@ -179,8 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise ValueError(f"The bundled concept set lacks the quickstart's concepts {missing}; reinstall the package.")
 
+    hypernet_type = recipe_settings().get("hypernet_type", HyperSteerConfig.hypernet_type)
     print(
-        f"[1/4] Training a cross-attention HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
+        f"[1/4] Training a {hypernet_type} HyperSteer on SmolLM2-135M-Instruct, "
+        f"layer {args.steering_layer}, "
         f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})"
     )
     metrics = _train(args)

@@ -14,6 +14,9 @@ Ready-to-copy commands:
         --dataset_name_or_path ../shared/data/axbench/concept10 --heldout_concepts 3 --max_steps 200 \
         --per_device_train_batch_size 4 --output_dir outputs/smollm2-hypersteer
 
+    # The measured SmolLM2 recipe on the shared AxBench folders (see benchmarks/README.md)
+    python train_hypersteer.py --config examples/recipes/smollm2_axbench.yaml --output_dir outputs/smollm2-axbench
+
     # Two CPU processes (DDP over gloo; accelerate's torchrun launcher plus --use_cpu, as the test suite runs it)
     accelerate launch --multi_gpu --num_processes 2 train_hypersteer.py --use_cpu ... same flags ...
 
@@ -80,7 +83,13 @@ class ModelArguments:
         default=20, metadata={"help": "Decoder layer whose output is steered (paper: 20 for Gemma-2-2B)."}
     )
     hypernet_type: str = field(
-        default="cross_attention", metadata={"help": f"Hypernetwork variant, one of {list(HYPERNET_TYPES)}."}
+        default="no_context",
+        metadata={
+            "help": f"Hypernetwork variant, one of {list(HYPERNET_TYPES)}. 'no_context' (the measured winner of "
+            "benchmarks/quality_ablation.py, and the default here) makes the vector from the steering prompt alone; "
+            "with the user's context in view ('cross_attention', the paper's variant and `HyperSteerConfig`'s "
+            "default) a short run fits each context's style instead of the concept."
+        },
     )
     hypernet_num_layers: int = field(default=8, metadata={"help": "Number of hypernetwork transformer blocks."})
     hypernet_init: str = field(

@@ -18,6 +18,7 @@ command, the configuration, the training minutes and both metrics, so the table 
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -99,11 +100,10 @@ def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, li
     }
 
 
-def reference_losses_path(args, name: str) -> Path:
-    return (
-        Path(args.work_dir)
-        / f"reference_row_losses_{name}_{args.heldout_rows_per_concept}_{args.eval_max_length}.json"
-    )
+def reference_losses_path(args, name: str, rows: list[dict]) -> Path:
+    # Keyed by the rows themselves: another split or dataset must never reuse these losses.
+    rows_key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(args.work_dir) / f"reference_row_losses_{name}_{args.eval_max_length}_{rows_key}.json"
 
 
 def score(
@@ -113,7 +113,7 @@ def score(
     computed once per split and reused from `--work_dir`."""
     results = {}
     for name in splits:
-        cache = reference_losses_path(args, name)
+        cache = reference_losses_path(args, name, rows[name])
         reference = json.loads(cache.read_text()) if cache.is_file() else None
         metric = offline_steering_metric(
             model,

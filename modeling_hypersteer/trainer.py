@@ -40,7 +40,7 @@ class HyperSteerTrainingArguments(TrainingArguments):
     > - `ddp_find_unused_parameters`: `False`; every hypernetwork weight is used at every step, so DDP's extra graph
     >   traversal would only cost time.
     > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
-    > - `contrast_loss_weight`: `1.0` (a HyperSteer field, listed here because it changes the default objective from the
+    > - `contrast_loss_weight`: `0.5` (a HyperSteer field, listed here because it changes the default objective from the
     >   LM loss alone; see below).
     > - `eval_steps`: with `eval_strategy="steps"` and no `eval_steps` given, `1 / DEFAULT_EVALUATIONS_PER_RUN`
     >   (a ratio of the total steps), so a run is evaluated 5 times however long it is, instead of at every
@@ -60,7 +60,7 @@ class HyperSteerTrainingArguments(TrainingArguments):
     Args:
         plot_loss_curve (`bool`, *optional*, defaults to `True`):
             Write `loss_curve.png` (train, held-in and held-out eval loss) into `output_dir` after training.
-        contrast_loss_weight (`float`, *optional*, defaults to 1.0):
+        contrast_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the wrong-concept contrast (0 turns it off and skips its extra pass). The default is the
             measured winner of `benchmarks/quality_ablation.py`; it costs a second pass over the layers above the
             steering layer.
@@ -87,7 +87,7 @@ class HyperSteerTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Write loss_curve.png (train / held-in / held-out loss) into output_dir."}
     )
     contrast_loss_weight: float = field(
-        default=1.0,
+        default=0.5,
         metadata={
             "help": "Weight of the wrong-concept contrast: each row's response must be more likely under its own "
             "concept's vector than under the vector made from another row's concept on this row's context "

@@ -263,6 +263,42 @@ def test_recipe_file_parses_into_the_arguments_it_names():
     assert training_args.contrast_loss_weight > 0
 
 
+def test_quickstart_trains_the_recipe_variant_and_objective(tmp_path):
+    import quickstart
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("hypernet_type: in_context\ncontrast_loss_weight: 0.25\nmax_steps: 9\n")
+    # The variant and objective come from the recipe; data and budget are the quickstart's own.
+    assert quickstart.recipe_objective_arguments(recipe) == [
+        "--hypernet_type",
+        "in_context",
+        "--contrast_loss_weight",
+        "0.25",
+    ]
+    shipped = yaml.safe_load(quickstart.RECIPE_PATH.read_text())
+    assert quickstart.recipe_settings()["hypernet_type"] == shipped["hypernet_type"]
+    with pytest.raises(FileNotFoundError, match="recipe"):
+        quickstart.recipe_settings(tmp_path / "missing.yaml")
+
+
+def test_ablation_reuses_reference_losses_only_for_the_same_rows(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    class Args:
+        work_dir = str(tmp_path)
+        eval_max_length = 320
+
+    rows = [{"input": "Say hi.", "output": "Hello.", "output_concept": CONCEPT_A}]
+    other_split = [{**rows[0], "output_concept": CONCEPT_B}]
+    path = quality_ablation.reference_losses_path(Args, "heldout", rows)
+    assert path == quality_ablation.reference_losses_path(Args, "heldout", [dict(rows[0])])
+    assert path != quality_ablation.reference_losses_path(Args, "heldout", other_split)
+    assert path != quality_ablation.reference_losses_path(Args, "heldin", rows)
+
+
 def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer):
     model = _model(tiny_tokenizer, hypernet_type="no_context")
     negatives = [{"input": "Say hi.", "output": "Hello there, friend.", "output_concept": "EEEEE"}] * 2
