@@ -73,7 +73,9 @@ UNSEEN_INSTRUCTIONS = (
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "Where the trained model is saved."})
-    max_steps: int = field(default=150, metadata={"help": "Training steps (batch 4); 2.5-5 s each on 2 CPU cores."})
+    max_steps: int = field(
+        default=150, metadata={"help": "Training steps (batch 4); about 2 s each on 2 idle CPU cores."}
+    )
     steering_layer: int = field(default=20, metadata={"help": "SmolLM2 layer (of 30) whose output is steered."})
     hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})

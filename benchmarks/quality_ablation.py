@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,9 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
         if _flag_pairs(timing["argv"]) != _flag_pairs(argv):
             raise ValueError(f"{output_dir} was trained with other arguments; remove it or drop --reuse_trained.")
     else:
+        # Checkpoints of an earlier run in the same directory would be scored as this run's curve.
+        for stale in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(stale)
         start = time.perf_counter()
         train_metrics = train_hypersteer.main(argv)
         timing = {

@@ -1,11 +1,11 @@
-"""Per-concept steering baselines that bound what a single vector at the steering layer can do.
+"""Per-concept steering baselines: what a single vector per concept at the steering layer does without a hypernetwork.
 
 * DiffMean (AxBench): for each training concept, the mean residual at the steering layer over the response tokens of
   its positive rows minus the same mean over concept-free (negative) rows, as a unit direction scaled to a given norm:
 
       v_c = norm * (mean_pos(h_L) - mean_neg(h_L)) / ||mean_pos(h_L) - mean_neg(h_L)||
 
-* Per-concept vectors (a ReFT-r1-like ceiling): one free vector per training concept, trained with the same LM loss,
+* Per-concept vectors (ReFT-r1-like): one free vector per training concept, trained with the same LM loss,
   rows and Trainer as HyperSteer, added where HyperSteer adds its vector.
 
 Both steer through [`HyperSteerModel`]'s own hook with `steering_vectors=`, so they are scored and generated with

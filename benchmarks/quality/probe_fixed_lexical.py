@@ -1,0 +1,70 @@
+"""Probe: does a fixed (untrained) lexical concept direction add specificity on top of a trained no-context model?
+
+Each concept's vector is the trained model's `v(s)` plus `norm * u(s)`, where `u(s)` is the steering prompt's mean
+output-token embedding centred on the vocabulary mean (unit length); the vectors are scored with the ablation's offline
+metric and rows. Only `no_context` models qualify (their vector does not depend on the row).
+
+    python benchmarks/quality/probe_fixed_lexical.py --run nocontext_offset_center --norms 0,16,32,48 \
+        >> benchmarks/results/quality_probe_fixed_lexical.jsonl
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import quality_ablation  # noqa: E402
+
+from modeling_hypersteer import HyperSteerModel  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="A trained no_context experiment in --work_dir.")
+    parser.add_argument("--norms", default="0,16,32,48", help="Comma-separated norms of the lexical term.")
+    parser.add_argument("--split", default="heldout", choices=("heldin", "heldout"))
+    parser.add_argument("--work_dir", default="/tmp/hypersteer-quality")
+    parser.add_argument("--heldout_rows_per_concept", type=int, default=8)
+    parser.add_argument("--steering_factor", type=float, default=1.0)
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--eval_max_length", type=int, default=320)
+    args = parser.parse_args()
+    config = quality_ablation.load_experiment(args.run)
+    if config.get("hypernet_type") != "no_context":
+        raise ValueError(f"--run {args.run!r} is not a no_context experiment; its vectors depend on the row.")
+    rows = quality_ablation.evaluation_rows(config, args.heldout_rows_per_concept)
+    model = HyperSteerModel.from_pretrained(Path(args.work_dir) / args.run).eval()
+    concepts = sorted({row["output_concept"] for row in rows[args.split]})
+    with torch.no_grad():
+        trained = model.compute_steering_vectors(steering_prompt=concepts).float()
+        tokens = model.tokenizer(concepts, return_tensors="pt", padding=True, add_special_tokens=False)
+        embeddings = model.get_output_embeddings().weight.float()
+        weights = tokens["attention_mask"].float()[..., None]
+        centred = (embeddings[tokens["input_ids"]] * weights).sum(1) / weights.sum(1) - embeddings.mean(0)
+        lexical = centred / centred.norm(dim=-1, keepdim=True)
+    for norm in (float(value) for value in args.norms.split(",")):
+        vectors = {concept: trained[index] + norm * lexical[index] for index, concept in enumerate(concepts)}
+        result = quality_ablation.score(
+            model, model.tokenizer, rows, args, splits=(args.split,), concept_vectors=vectors
+        )[args.split]
+        print(
+            json.dumps(
+                {
+                    "run": args.run,
+                    "split": args.split,
+                    "lexical_norm": norm,
+                    "specificity_ratio": result["specificity_ratio"],
+                    "gain_ratio": result["gain_ratio"],
+                    "losses": result["losses"],
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
