@@ -89,7 +89,7 @@ class QuickstartArguments:
 
 
 def recipe_settings(path: Path = RECIPE_PATH) -> dict:
-    """The recipe's hypernetwork variant and objective (`RECIPE_OBJECTIVE_KEYS` it sets)."""
+    """The recipe's hypernetwork variant and objective: the keys of `RECIPE_OBJECTIVE_KEYS` that it sets."""
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; the quickstart reads its training objective from the recipe file."
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     hypernet_type = recipe_settings().get("hypernet_type", HyperSteerConfig.hypernet_type)
     print(
-        f"[1/4] Training a {hypernet_type} HyperSteer on SmolLM2-135M-Instruct, "
-        f"layer {args.steering_layer}, "
+        f"[1/4] Training a {hypernet_type} HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
         f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})"
     )
     metrics = _train(args)
