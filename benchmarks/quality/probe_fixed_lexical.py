@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quality_ablation  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -41,11 +42,13 @@ def main() -> None:
     concepts = sorted({row["output_concept"] for row in rows[args.split]})
     with torch.no_grad():
         trained = model.compute_steering_vectors(steering_prompt=concepts).float()
-        tokens = model.tokenizer(concepts, return_tensors="pt", padding=True, add_special_tokens=False)
-        embeddings = model.get_output_embeddings().weight.float()
-        weights = tokens["attention_mask"].float()[..., None]
-        centred = (embeddings[tokens["input_ids"]] * weights).sum(1) / weights.sum(1) - embeddings.mean(0)
-        lexical = centred / centred.norm(dim=-1, keepdim=True)
+        # The direction the `lexical` prior reads, from the model's own code; a model without that prior lacks only
+        # the vocabulary centre it subtracts.
+        model.hypernetwork.register_buffer(
+            "vocabulary_mean_embedding", model.get_output_embeddings().weight.float().mean(dim=0), persistent=False
+        )
+        tokens = tokenize_steering_prompts(model.tokenizer, concepts, model.config.max_steering_prompt_length)
+        lexical = model._lexical_directions(tokens["steering_input_ids"], tokens["steering_attention_mask"]).float()
     for norm in (float(value) for value in args.norms.split(",")):
         vectors = {concept: trained[index] + norm * lexical[index] for index, concept in enumerate(concepts)}
         result = quality_ablation.score(
