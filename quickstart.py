@@ -98,14 +98,14 @@ def recipe_settings(path: Path = RECIPE_PATH) -> dict:
     return {key: recipe[key] for key in RECIPE_OBJECTIVE_KEYS if key in recipe}
 
 
-def recipe_objective_arguments(path: Path = RECIPE_PATH) -> list[str]:
-    """The recipe's hypernetwork and objective flags, as command-line arguments."""
-    return [argument for key, value in recipe_settings(path).items() for argument in (f"--{key}", str(value))]
+def recipe_objective_arguments(recipe: dict) -> list[str]:
+    """`recipe_settings` as command-line arguments."""
+    return [argument for key, value in recipe.items() for argument in (f"--{key}", str(value))]
 
 
-def _train(args: QuickstartArguments) -> dict:
+def _train(args: QuickstartArguments, recipe: dict) -> dict:
     return train_hypersteer.main(
-        recipe_objective_arguments()
+        recipe_objective_arguments(recipe)
         + [
             "--base_model_name_or_path",
             train_hypersteer.SMOLLM2_ALIAS,
@@ -186,12 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise ValueError(f"The bundled concept set lacks the quickstart's concepts {missing}; reinstall the package.")
 
-    hypernet_type = recipe_settings().get("hypernet_type", HyperSteerConfig.hypernet_type)
+    recipe = recipe_settings()
+    hypernet_type = recipe.get("hypernet_type", HyperSteerConfig.hypernet_type)
     print(
         f"[1/4] Training a {hypernet_type} HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
         f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})"
     )
-    metrics = _train(args)
+    metrics = _train(args, recipe)
     train_seconds = time.perf_counter() - start
     model = HyperSteerModel.from_pretrained(args.output_dir)
     tokenizer = model.tokenizer

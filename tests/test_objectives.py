@@ -269,7 +269,7 @@ def test_quickstart_trains_the_recipe_variant_and_objective(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("hypernet_type: in_context\ncontrast_loss_weight: 0.25\nmax_steps: 9\n")
     # The variant and objective come from the recipe; data and budget are the quickstart's own.
-    assert quickstart.recipe_objective_arguments(recipe) == [
+    assert quickstart.recipe_objective_arguments(quickstart.recipe_settings(recipe)) == [
         "--hypernet_type",
         "in_context",
         "--contrast_loss_weight",
