@@ -391,20 +391,8 @@ def test_save_and_load_round_trip(tester, tmp_path):
 
 
 def test_remote_code_loads_where_the_package_is_not_importable(tester, tmp_path):
-    base = build_tiny_base("llama", len(tester.tokenizer))
-    base.save_pretrained(tmp_path / "base")
-    model = HyperSteerModel.from_base_model(
-        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-        tokenizer=tester.tokenizer,
-        steering_layer=2,
-        hypernet_num_layers=2,
-    )
-    with torch.no_grad():
-        model.hypernetwork.output_projection.weight.normal_(0.0, 0.5)
-    model.save_pretrained(tmp_path / "hypersteer")
-    inputs = tester.prompts("left")
-    expected = _greedy(model, inputs, steering_prompt=STEERING_PROMPTS)
-    torch.save({"inputs": dict(inputs), "expected": expected}, tmp_path / "reference.pt")
+    _, expected = _saved_model(tester, tmp_path)
+    torch.save({"inputs": dict(tester.prompts("left")), "expected": expected}, tmp_path / "reference.pt")
     script = textwrap.dedent(
         f"""
         import warnings
