@@ -299,6 +299,32 @@ def test_ablation_reuses_reference_losses_only_for_the_same_rows(tmp_path):
     assert path != quality_ablation.reference_losses_path(Args, "heldin", rows)
 
 
+def test_ablation_summarises_a_variant_over_its_concept_splits():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    def run(seed, heldin, heldout, gain, **settings):
+        config = {"contrast_loss_weight": 0.5, "concept_split_seed": seed, "description": f"seed {seed}", **settings}
+        return {
+            "config": config,
+            "heldin": {"specificity_ratio": heldin, "gain_ratio": gain},
+            "heldout": {"specificity_ratio": heldout, "gain_ratio": gain},
+        }
+
+    runs = {
+        "a42": run(42, 2.0, 0.1, 1.4),
+        "a7": run(7, 1.0, 0.9, 1.2),
+        "a42_again": run(42, 9.0, 9.0, 9.0),  # a rerun on a split already counted
+        "b42": run(42, 3.0, 0.0, 0.6, contrast_loss_weight=1.0),  # other settings, one split only
+    }
+    table = quality_ablation.split_summary(runs)
+    assert len(table) == 3
+    assert table[2] == "| a7, a42 | 7 / 42 | 1.000 / 2.000 | 1.500 | 1.000 | 0.900 / 0.100 | 0.500 | 0.100 | 1.200 |"
+    assert quality_ablation.split_summary({"b42": runs["b42"]}) == []
+
+
 def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer):
     model = _model(tiny_tokenizer, hypernet_type="no_context")
     negatives = [{"input": "Say hi.", "output": "Hello there, friend.", "output_concept": "EEEEE"}] * 2
