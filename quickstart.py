@@ -56,6 +56,7 @@ RECIPE_OBJECTIVE_KEYS = (
     "logits_on_labels_only",
     "shared_steering_offset",
     "center_pooled_features",
+    "standardize_pooled_features",
     "pooled_feature_momentum",
     "hypernet_pooling",
     "steering_prior",

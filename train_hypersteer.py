@@ -122,6 +122,14 @@ class ModelArguments:
             "measured winner); `HyperSteerConfig` keeps it off so older checkpoints load unchanged."
         },
     )
+    standardize_pooled_features: bool = field(
+        default=False,
+        metadata={
+            "help": "With --center_pooled_features, also divide every coordinate of the centred pooled features by "
+            "its running standard deviation, so one coordinate cannot hold all of their variation (which makes "
+            "every concept's vector parallel)."
+        },
+    )
     steering_prior: str = field(
         default="none",
         metadata={
@@ -274,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         hypernet_pooling=model_args.hypernet_pooling,
         shared_steering_offset=model_args.shared_steering_offset,
         center_pooled_features=model_args.center_pooled_features,
+        standardize_pooled_features=model_args.standardize_pooled_features,
         steering_prior=model_args.steering_prior,
         steering_prior_init_norm=model_args.steering_prior_init_norm,
     )

@@ -67,8 +67,13 @@ class HyperSteerConfig(PreTrainedConfig):
             the final norm and output projection. Pooled features of different steering prompts are nearly parallel
             (the shared part dominates); centring leaves what tells concepts apart, which the final norm then brings
             to unit scale.
+        standardize_pooled_features (`bool`, *optional*, defaults to `False`):
+            With `center_pooled_features`, also divide every coordinate of the centred features by its running
+            standard deviation (same buffer rules). Without it one residual coordinate whose spread grows in
+            training can hold nearly all of the features' variation; the final norm then squeezes every other
+            coordinate to nothing and all concepts' vectors become parallel.
         pooled_feature_momentum (`float`, *optional*, defaults to 0.05):
-            Update rate of that running mean (a plain average over the first `1 / momentum` training batches).
+            Update rate of the running statistics (a plain average over the first `1 / momentum` training batches).
         steering_prior (`str`, *optional*, defaults to `"none"`):
             A training-free concept direction `u(s)` (unit norm) added through a learned map `A` that starts at
             `steering_prior_init_norm * I`, so the hypernetwork corrects a direction instead of inventing one:
@@ -117,6 +122,7 @@ class HyperSteerConfig(PreTrainedConfig):
     hypernet_pooling: str = "last"
     shared_steering_offset: bool = False
     center_pooled_features: bool = False
+    standardize_pooled_features: bool = False
     pooled_feature_momentum: float = 0.05
     steering_prior: str = "none"
     steering_prior_init_norm: float = 16.0
@@ -140,6 +146,10 @@ class HyperSteerConfig(PreTrainedConfig):
         _check_choice("steering_positions", self.steering_positions, STEERING_POSITIONS)
         _check_choice("hypernet_pooling", self.hypernet_pooling, HYPERNET_POOLINGS)
         _check_choice("steering_prior", self.steering_prior, STEERING_PRIORS)
+        if self.standardize_pooled_features and not self.center_pooled_features:
+            raise ValueError(
+                "`standardize_pooled_features=True` scales the centred features: set `center_pooled_features=True` too."
+            )
         if not 0 < self.pooled_feature_momentum <= 1:
             raise ValueError(f"`pooled_feature_momentum` must be in (0, 1], got {self.pooled_feature_momentum!r}.")
         if (

@@ -216,17 +216,25 @@ class HyperSteerTokenGate(nn.Module):
 
 
 class HyperSteerRunningCenter(nn.Module):
-    """Subtract a running mean of its inputs: `y = x - m`, with `m <- m + r (mean_batch(x) - m)` in training only, where
-    `r = max(1 / (t + 1), momentum)` after `t` updates (an exact average first, then an exponential one).
+    """Subtract a running mean of its inputs, `y = x - m`, or with `scale=True` also divide every coordinate by its
+    running standard deviation, `y = (x - m) / sqrt(s + eps)`. In training only, `m <- m + r (mean_batch(x) - m)` and
+    `s <- s + r (mean_batch((x - m)^2) - s)`, where `r = max(1 / (t + 1), momentum)` after `t` updates (an exact
+    average first, then an exponential one).
 
-    The mean is a persistent buffer, so a saved model centres exactly as it did at the end of training.
+    The statistics are persistent buffers, so a saved model transforms exactly as it did at the end of training.
     """
 
-    def __init__(self, hidden_size: int, momentum: float):
+    def __init__(self, hidden_size: int, momentum: float, scale: bool = False, eps: float = 1e-6):
         super().__init__()
         self.momentum = momentum
+        self.eps = eps
         self.register_buffer("running_mean", torch.zeros(hidden_size))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # Registered only when used, so checkpoints of centring-only models keep their exact set of tensors.
+        if scale:
+            self.register_buffer("running_variance", torch.ones(hidden_size))
+        else:
+            self.running_variance = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """
@@ -240,10 +248,16 @@ class HyperSteerRunningCenter(nn.Module):
             with torch.no_grad():
                 # Computed on the buffer's device: reading the count on the host would sync every training step.
                 rate = (1.0 / (self.num_updates + 1).float()).clamp(min=self.momentum)
-                batch_mean = features.detach().float().mean(dim=0)
-                self.running_mean.add_(rate * (batch_mean - self.running_mean))
+                batch = features.detach().float()
+                self.running_mean.add_(rate * (batch.mean(dim=0) - self.running_mean))
+                if self.running_variance is not None:
+                    batch_variance = (batch - self.running_mean).pow(2).mean(dim=0)
+                    self.running_variance.add_(rate * (batch_variance - self.running_variance))
                 self.num_updates.add_(1)
-        return features - self.running_mean.to(features.dtype)
+        centred = features - self.running_mean.to(features.dtype)
+        if self.running_variance is None:
+            return centred
+        return centred * torch.rsqrt(self.running_variance + self.eps).to(features.dtype)
 
 
 class HyperSteerHypernetwork(nn.Module):
@@ -252,7 +266,8 @@ class HyperSteerHypernetwork(nn.Module):
 
         v = W_o norm(pool(blocks(s, x)) [- m])  [+ b]  [+ A u(s)]
 
-    `m` is a running mean of the pooled features (`center_pooled_features`), `b` a learned concept-free offset
+    `m` is a running mean of the pooled features (`center_pooled_features`; with `standardize_pooled_features` every
+    coordinate is also divided by its running standard deviation), `b` a learned concept-free offset
     (`shared_steering_offset`) and `A u(s)` the prior term (`steering_prior`): `u(s)` is a unit-norm, training-free
     concept direction read from the frozen base by the caller, and `A` a learned map starting at
     `steering_prior_init_norm * I`.
@@ -275,7 +290,12 @@ class HyperSteerHypernetwork(nn.Module):
         self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
         self.pooling = config.hypernet_pooling
         if config.center_pooled_features:
-            self.feature_center = HyperSteerRunningCenter(config.hidden_size, config.pooled_feature_momentum)
+            self.feature_center = HyperSteerRunningCenter(
+                config.hidden_size,
+                config.pooled_feature_momentum,
+                scale=config.standardize_pooled_features,
+                eps=config.rms_norm_eps,
+            )
         else:
             self.feature_center = None
         self.steering_offset = nn.Parameter(torch.zeros(config.hidden_size)) if config.shared_steering_offset else None

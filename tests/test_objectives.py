@@ -6,7 +6,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT, build_tiny_base
 
-from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer.baselines import (
     diffmean_vectors,
     load_concept_vectors,
@@ -389,6 +389,42 @@ def test_running_center_tracks_training_batches_and_is_frozen_in_eval(tiny_token
     model.save_pretrained(tmp_path)
     reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model)
     torch.testing.assert_close(reloaded(**batch).steering_vectors, after)
+
+
+def test_standardized_features_have_unit_spread_per_coordinate_after_the_first_batch(tiny_tokenizer, tmp_path):
+    model = _model(
+        tiny_tokenizer,
+        hypernet_type="no_context",
+        center_pooled_features=True,
+        standardize_pooled_features=True,
+        pooled_feature_momentum=0.5,
+    )
+    _perturb(model)
+    batch = _batch(tiny_tokenizer, ROWS)
+    model.train()
+    model(**batch)
+    captured = {}
+    model.hypernetwork.norm.register_forward_hook(lambda module, inputs, output: captured.update(features=inputs[0]))
+    model.eval()
+    vectors = model(**batch).steering_vectors
+    # The first update is the exact batch mean and variance: every coordinate of this batch is now standardized.
+    features = captured["features"]
+    torch.testing.assert_close(features.mean(dim=0), torch.zeros(features.shape[-1]), atol=1e-4, rtol=0)
+    variance = model.hypernetwork.feature_center.running_variance
+    spread = variance / (variance + model.hypernetwork.feature_center.eps)  # 1 up to the epsilon
+    assert spread.min() > 0.9
+    torch.testing.assert_close(features.pow(2).mean(dim=0), spread, atol=1e-4, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model)
+    torch.testing.assert_close(reloaded(**batch).steering_vectors, vectors)
+    # Centring alone keeps its checkpoint's exact tensors (no variance buffer).
+    centring_only = _model(tiny_tokenizer, hypernet_type="no_context", center_pooled_features=True)
+    assert not any("running_variance" in name for name in centring_only.state_dict())
+
+
+def test_standardizing_needs_centring():
+    with pytest.raises(ValueError, match="center_pooled_features=True"):
+        HyperSteerConfig(standardize_pooled_features=True)
 
 
 def test_residual_prior_reads_the_unsteered_base_at_the_steering_layer(tiny_tokenizer):
