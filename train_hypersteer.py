@@ -123,11 +123,12 @@ class ModelArguments:
         },
     )
     standardize_pooled_features: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "With --center_pooled_features, also divide every coordinate of the centred pooled features by "
             "its running standard deviation, so one coordinate cannot hold all of their variation (which makes "
-            "every concept's vector parallel)."
+            "every concept's vector parallel). On by default here (the measured winner); `HyperSteerConfig` keeps "
+            "it off so older checkpoints load unchanged. Needs --center_pooled_features."
         },
     )
     steering_prior: str = field(
@@ -167,6 +168,11 @@ class ModelArguments:
             )
         if self.steering_prior not in STEERING_PRIORS:
             raise ValueError(f"--steering_prior must be one of {list(STEERING_PRIORS)}, got {self.steering_prior!r}.")
+        if self.standardize_pooled_features and not self.center_pooled_features:
+            raise ValueError(
+                "--standardize_pooled_features (on by default) scales the centred pooled features: with "
+                "--center_pooled_features False, also pass --standardize_pooled_features False."
+            )
         if self.base_dtype not in DTYPE_CHOICES:
             raise ValueError(f"--base_dtype must be one of {list(DTYPE_CHOICES)}, got {self.base_dtype!r}.")
 

@@ -423,8 +423,25 @@ def test_standardized_features_have_unit_spread_per_coordinate_after_the_first_b
 
 
 def test_standardizing_needs_centring():
+    import train_hypersteer
+
     with pytest.raises(ValueError, match="center_pooled_features=True"):
         HyperSteerConfig(standardize_pooled_features=True)
+    # The CLI standardizes by default, so turning centring off there names the second flag to turn off.
+    required = [
+        "--base_model_name_or_path",
+        "smollm2",
+        "--dataset_name_or_path",
+        "data",
+        "--output_dir",
+        "/tmp/unused",
+    ]
+    with pytest.raises(ValueError, match="also pass --standardize_pooled_features False"):
+        train_hypersteer.parse_arguments([*required, "--center_pooled_features", "False"])
+    model_args, _, _ = train_hypersteer.parse_arguments(
+        [*required, "--center_pooled_features", "False", "--standardize_pooled_features", "False"]
+    )
+    assert not model_args.standardize_pooled_features
 
 
 def test_residual_prior_reads_the_unsteered_base_at_the_steering_layer(tiny_tokenizer):
