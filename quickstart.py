@@ -27,7 +27,7 @@ import yaml
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import train_hypersteer
-from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
+from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.cli import parse_arguments
 from modeling_hypersteer.data import ConceptSplit, build_splits, format_prompt, load_concept_data
 from modeling_hypersteer.evaluation import offline_steering_metric, side_by_side
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"The bundled concept set lacks the quickstart's concepts {missing}; reinstall the package.")
 
     recipe = recipe_settings()
-    hypernet_type = recipe.get("hypernet_type", HyperSteerConfig.hypernet_type)
+    # Without the key, training takes train_hypersteer.py's own default, so the banner must name that one.
+    hypernet_type = recipe.get("hypernet_type", train_hypersteer.ModelArguments.hypernet_type)
     print(
         f"[1/4] Training a {hypernet_type} HyperSteer on SmolLM2-135M-Instruct, layer {args.steering_layer}, "
         f"{args.max_steps} steps (held-out concepts: {', '.join(HELDOUT_CONCEPTS)})"

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.trainer import cross_concept_cosine  # noqa: E402
 
 
 def spread(features: torch.Tensor) -> dict[str, float]:
@@ -37,36 +38,25 @@ def spread(features: torch.Tensor) -> dict[str, float]:
 
 
 def mean_cross_cosine(vectors: torch.Tensor) -> float | None:
-    """Mean cosine between different rows of `vectors`, or `None` when they are all zero (an untrained model)."""
+    """Mean cosine between different rows (each row its own concept), or `None` when all rows are zero (an untrained
+    model steers by exactly zero)."""
     if not vectors.abs().sum():
         return None
-    unit = torch.nn.functional.normalize(vectors.double(), dim=-1)
-    cosine = unit @ unit.T
-    count = len(vectors)
-    return ((cosine.sum() - cosine.diagonal().sum()) / (count * count - count)).item()
+    return cross_concept_cosine(vectors.double(), torch.arange(len(vectors))).item()
 
 
 def describe(model: HyperSteerModel, concepts: list[str]) -> dict:
     hypernetwork = model.hypernetwork
-    if hypernetwork.feature_center is not None:
-        captured = hypernetwork.feature_center.register_forward_hook(
-            lambda module, inputs, output: setattr(module, "_captured", inputs[0].detach())
-        )
-        source = hypernetwork.feature_center
-    else:
-        captured = hypernetwork.norm.register_forward_hook(
-            lambda module, inputs, output: setattr(module, "_captured", inputs[0].detach())
-        )
-        source = hypernetwork.norm
+    # The pooled feature before any centring: the input of the running centre, or of the final norm without one.
+    source = hypernetwork.feature_center if hypernetwork.feature_center is not None else hypernetwork.norm
+    captured = {}
+    hook = source.register_forward_hook(lambda module, inputs, output: captured.update(features=inputs[0].detach()))
     with torch.no_grad():
         vectors = model.compute_steering_vectors(steering_prompt=concepts).float()
-    captured.remove()
+    hook.remove()
     if hypernetwork.steering_offset is not None:
         vectors = vectors - hypernetwork.steering_offset.detach().float()
-    result = spread(source._captured)
-    del source._captured
-    result["vector_cross_cosine"] = mean_cross_cosine(vectors)
-    return result
+    return {**spread(captured["features"]), "vector_cross_cosine": mean_cross_cosine(vectors)}
 
 
 def main() -> None:
