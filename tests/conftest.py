@@ -3,6 +3,7 @@
 Everything here is built in-process from configs or from files on local disk; nothing touches a model hub.
 """
 
+import os
 import string
 from pathlib import Path
 
@@ -154,6 +155,15 @@ def axbench_dir() -> Path:
     if not AXBENCH_DIR.is_dir():
         pytest.fail(f"Real AxBench data not found at {AXBENCH_DIR}; the repository expects ../shared beside it.")
     return AXBENCH_DIR
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path) -> Path:
+    """Where a test leaves files worth keeping (screenshots, measured errors): `$HYPERSTEER_ARTIFACTS_DIR` (CI sets
+    it) or the test's own tmp dir."""
+    directory = Path(os.environ.get("HYPERSTEER_ARTIFACTS_DIR", tmp_path / "artifacts"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,8 @@ Chromium comes from Debian's package (`apt-get install -y chromium`, done by `.c
 download is not used. The screenshot is written to `$HYPERSTEER_ARTIFACTS_DIR` (CI sets it) or the test's tmp dir.
 """
 
-import os
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,13 +89,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def artifacts_dir(tmp_path) -> Path:
-    directory = Path(os.environ.get("HYPERSTEER_ARTIFACTS_DIR", tmp_path / "artifacts"))
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (`apt-get install -y chromium`; .ci/run does it)")

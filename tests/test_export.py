@@ -232,3 +232,189 @@ def test_cli_exports_several_concepts_from_a_saved_model(tmp_path, tiny_tokenize
 
     with pytest.raises(ValueError, match="2 steering factors for 1 steering prompts"):
         main([str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--factor", "1", "2", "--output", str(output)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct
+# ---------------------------------------------------------------------------------------------------------------
+
+SMOLLM2_LAYER = 15
+GREEDY_TOKENS = 16
+PROMPTS = ["Describe a city.", "Explain how sorting algorithms work.", "Write a short note to a friend."]
+
+
+class _LlamaCpp:
+    """Greedy decoding and prefill logits in llama.cpp, with a control vector applied the way llama.cpp's own
+    `common_control_vector_load` + `llama_set_adapter_cvec` do (read from the file by `gguf`, not by our reader)."""
+
+    def __init__(self, llama_cpp, model_path):
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=256,
+            n_batch=256,
+            n_threads=1,
+            n_threads_batch=1,
+            logits_all=True,
+            verbose=False,
+        )
+        self.n_embd = llama_cpp.llama_model_n_embd(self.llm.model)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.llm.model)
+
+    def set_control_vector(self, path) -> None:
+        """Apply `path` (or clear with `None`): `direction.N` goes to `data[(N-1)*n_embd : N*n_embd]`, layer 1 first."""
+        import numpy as np
+
+        if path is None:
+            result = self.llama_cpp.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            reader = gguf.GGUFReader(str(path))
+            layers = {int(tensor.name.split(".")[1]): tensor.data for tensor in reader.tensors}
+            data = np.zeros(self.n_embd * max(layers), dtype=np.float32)
+            for layer, direction in layers.items():
+                data[(layer - 1) * self.n_embd : layer * self.n_embd] += direction
+            pointer = data.ctypes.data_as(self.llama_cpp.ctypes.POINTER(self.llama_cpp.ctypes.c_float))
+            result = self.llama_cpp.llama_set_adapter_cvec(
+                self.llm.ctx, pointer, data.size, self.n_embd, 1, self.n_layer
+            )
+        assert result == 0, f"llama_set_adapter_cvec failed ({result})"
+
+    def run(self, token_ids: list[int], eos_ids: set[int]) -> tuple[torch.Tensor, list[int]]:
+        """Last-position logits after the prompt `(vocab_size,)` and up to `GREEDY_TOKENS` greedy tokens."""
+        self.llm.reset()
+        self.llm.eval(token_ids)
+        prefill_logits = torch.tensor(self.llm.scores[self.llm.n_tokens - 1].copy())
+        tokens = []
+        for _ in range(GREEDY_TOKENS):
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+            tokens.append(token)
+            if token in eos_ids:
+                break
+            self.llm.eval([token])
+        return prefill_logits, tokens
+
+
+def _hf_run(model, token_ids, eos_ids, **steering) -> tuple[torch.Tensor, list[int]]:
+    input_ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **steering).logits[0, -1]
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            **steering,
+        )
+    tokens = output[0, len(token_ids) :].tolist()
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            tokens = tokens[: index + 1]
+            break
+    return logits.float(), tokens
+
+
+def _agreement(first: list[int], second: list[int]) -> int:
+    """Length of the common greedy prefix."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+@pytest.fixture(scope="module")
+def smollm2_hypersteer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = HyperSteerModel.from_base_model(
+        base, tokenizer=tokenizer, hypernet_type="no_context", steering_layer=SMOLLM2_LAYER, hypernet_num_layers=1
+    ).eval()
+    # An untrained hypernetwork outputs v = 0; a seeded random last projection, scaled so that |v| is half the median
+    # residual norm at the steering layer (about 170 here), changes the logits clearly.
+    _randomize_output_projection(model, seed=0, scale=1.0)
+    with torch.no_grad():
+        vector = model.compute_steering_vectors(steering_prompt="references to oceans, tides and marine life")[0]
+        model.hypernetwork.output_projection.weight.mul_(85.0 / vector.norm())
+    return model
+
+
+@pytest.mark.slow
+def test_round_trips_through_the_real_llama_cpp(smollm2_hypersteer, tmp_path, artifacts_dir):
+    """Export -> llama.cpp, and a llama.cpp control vector -> `generate`, on SmolLM2-135M-Instruct (Q4_1 GGUF).
+
+    The HF model holds the GGUF's weights dequantised, so unsteered HF and llama.cpp differ by llama.cpp's quantised
+    arithmetic only. Steered, they must differ by about as much (not by the steering effect), while a vector exported
+    to the neighbouring layers or with the opposite sign must differ clearly more.
+    """
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is built from its sdist once and installed by `make install`"
+    )
+    from modeling_hypersteer.smollm2 import gguf_file_path
+
+    model, tokenizer = smollm2_hypersteer, smollm2_hypersteer.tokenizer
+    concept = "references to oceans, tides and marine life"
+    eos_ids = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+        for text in PROMPTS
+    ]
+    llama = _LlamaCpp(llama_cpp, gguf_file_path())
+    assert (llama.n_embd, llama.n_layer) == (576, 30)
+
+    exported = export_control_vector(model, tmp_path / "oceans.gguf", concept, 1.0)
+    vector = read_control_vector(exported).directions[SMOLLM2_LAYER]
+    generator = torch.Generator().manual_seed(7)
+    random_direction = torch.randn(576, generator=generator)
+    imported_file = _repeng_style_file(tmp_path / "random.gguf", {SMOLLM2_LAYER: 85.0 * random_direction / random_direction.norm()})
+    wrong = {
+        f"layer {SMOLLM2_LAYER - 1}": write_control_vector(tmp_path / "below.gguf", ControlVector({SMOLLM2_LAYER - 1: vector})),
+        f"layer {SMOLLM2_LAYER + 1}": write_control_vector(tmp_path / "above.gguf", ControlVector({SMOLLM2_LAYER + 1: vector})),
+        "opposite sign": write_control_vector(tmp_path / "negated.gguf", ControlVector({SMOLLM2_LAYER: -vector})),
+    }
+
+    def max_error(first, second):
+        return (first - second).abs().max().item()
+
+    results = {"unsteered": [], "exported": [], "imported": [], **{name: [] for name in wrong}}
+    effects, agreements = {"exported": [], "imported": []}, {"unsteered": [], "exported": [], "imported": []}
+    imported = load_control_vector(imported_file, model)
+    for token_ids in prompts:
+        hf_plain = _hf_run(model, token_ids, eos_ids, steering_vectors=imported, steering_factor=0.0)
+        hf_exported = _hf_run(model, token_ids, eos_ids, steering_prompt=concept, steering_factor=1.0)
+        hf_imported = _hf_run(model, token_ids, eos_ids, steering_vectors=imported, steering_factor=1.0)
+        for name, path, hf in [("unsteered", None, hf_plain), ("exported", exported, hf_exported), ("imported", imported_file, hf_imported)]:
+            llama.set_control_vector(path)
+            logits, tokens = llama.run(token_ids, eos_ids)
+            results[name].append(max_error(logits, hf[0]))
+            agreements[name].append((_agreement(tokens, hf[1]), len(hf[1])))
+            if name != "unsteered":
+                effects[name].append(max_error(hf[0], hf_plain[0]))
+        for name, path in wrong.items():
+            llama.set_control_vector(path)
+            results[name].append(max_error(llama.run(token_ids, eos_ids)[0], hf_exported[0]))
+    llama.set_control_vector(None)
+
+    summary = {
+        "max_abs_logit_error": {name: max(values) for name, values in results.items()},
+        "steering_effect_max_abs_logit_change": {name: min(values) for name, values in effects.items()},
+        "greedy_prefix_agreement": agreements,
+        "llama_cpp_python": llama_cpp.__version__,
+    }
+    import json
+
+    (artifacts_dir / "llama_cpp_round_trip.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+    error = summary["max_abs_logit_error"]
+    for name in ("exported", "imported"):
+        effect = summary["steering_effect_max_abs_logit_change"][name]
+        # Steered llama.cpp vs steered HF is quantisation noise, like unsteered, and far below the steering effect.
+        assert error[name] < 2.0 * error["unsteered"] + 0.05, (name, error)
+        assert error[name] < 0.2 * effect, (name, error[name], effect)
+    for name in wrong:
+        assert error[name] > 5.0 * error["exported"], (name, error)
