@@ -298,9 +298,7 @@ class DemoArguments:
     port: int = field(default=7860, metadata={"help": "Port to listen on."})
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per answer."})
     max_steering_factor: float = field(default=10.0, metadata={"help": "Largest |factor| the page accepts."})
-    dtype: str = field(
-        default="auto", metadata={"help": "Dtype of the base model.", "choices": list(DTYPE_CHOICES)}
-    )
+    dtype: str = field(default="auto", metadata={"help": "Dtype of the base model.", "choices": list(DTYPE_CHOICES)})
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

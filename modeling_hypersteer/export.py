@@ -348,7 +348,9 @@ def read_control_vector(path: str | Path) -> ControlVector:
     for tensor in reader.tensors:
         match = DIRECTION_NAME.match(tensor.name)
         if match is None:
-            raise ValueError(f"{path} holds a tensor {tensor.name!r}; control vectors hold only `direction.N` tensors.")
+            raise ValueError(
+                f"{path} holds a tensor {tensor.name!r}; control vectors hold only `direction.N` tensors."
+            )
         layer = int(match.group(1))
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
             raise ValueError(
@@ -376,9 +378,7 @@ def _field_value(reader_field):
         return None
 
 
-def load_control_vector(
-    path: str | Path, model: HyperSteerModel, strength: float = 1.0
-) -> torch.FloatTensor:
+def load_control_vector(path: str | Path, model: HyperSteerModel, strength: float = 1.0) -> torch.FloatTensor:
     """Read a llama.cpp / repeng control vector as `steering_vectors` for `model.generate`.
 
     llama.cpp adds `strength * direction.N` to the output of block `N`; so does `model.generate(...,

@@ -123,7 +123,9 @@ def test_export_for_a_context_or_the_mean_over_a_prompt_set(tmp_path, tiny_token
     with pytest.raises(ValueError, match="depends on the user's prompt"):
         export_control_vector(model, tmp_path / "none.gguf", CONCEPTS[0])
 
-    per_prompt = model.compute_steering_vectors(**_chat(tiny_tokenizer, contexts), steering_prompt=CONCEPTS[0]).detach()
+    per_prompt = model.compute_steering_vectors(
+        **_chat(tiny_tokenizer, contexts), steering_prompt=CONCEPTS[0]
+    ).detach()
     assert (per_prompt[0] - per_prompt[1]).norm() > 1e-3  # the vector depends on the user's prompt
 
     single = read_control_vector(export_control_vector(model, tmp_path / "one.gguf", CONCEPTS[0], 1.0, contexts[:1]))
@@ -226,12 +228,25 @@ def test_cli_exports_several_concepts_from_a_saved_model(tmp_path, tiny_tokenize
     output = tmp_path / "out" / "mix.gguf"
     argv = [str(tmp_path / "hypersteer"), "--steering_prompt", *CONCEPTS, "--factor", "1.0", "0.5"]
     assert main([*argv, "--output", str(output)]) == output
-    reloaded = HyperSteerModel.from_pretrained(tmp_path / "hypersteer", base_model=AutoModelForCausalLM.from_pretrained(base_dir))
+    reloaded = HyperSteerModel.from_pretrained(
+        tmp_path / "hypersteer", base_model=AutoModelForCausalLM.from_pretrained(base_dir)
+    )
     expected = reloaded.compute_steering_vectors(steering_prompt=[CONCEPTS], steering_factor=[[1.0, 0.5]])[0]
     torch.testing.assert_close(read_control_vector(output).directions[STEERING_LAYER], expected.detach())
 
     with pytest.raises(ValueError, match="2 steering factors for 1 steering prompts"):
-        main([str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--factor", "1", "2", "--output", str(output)])
+        main(
+            [
+                str(tmp_path / "hypersteer"),
+                "--steering_prompt",
+                CONCEPTS[0],
+                "--factor",
+                "1",
+                "2",
+                "--output",
+                str(output),
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +296,9 @@ class _LlamaCpp:
             )
         assert result == 0, f"llama_set_adapter_cvec failed ({result})"
 
-    def run(self, token_ids: list[int], eos_ids: set[int], max_tokens: int = GREEDY_TOKENS) -> tuple[torch.Tensor, list[int]]:
+    def run(
+        self, token_ids: list[int], eos_ids: set[int], max_tokens: int = GREEDY_TOKENS
+    ) -> tuple[torch.Tensor, list[int]]:
         """Last-position logits after the prompt `(vocab_size,)` and up to `max_tokens` greedy tokens."""
         self.llm.reset()
         self.llm.eval(token_ids)
@@ -325,7 +342,9 @@ def _greedy_agreement(hf_tokens, hf_step_logits, llama_tokens, noise: float) -> 
     for step, (hf_token, llama_token) in enumerate(zip(hf_tokens, llama_tokens)):
         if hf_token != llama_token:
             margin = (hf_step_logits[step, hf_token] - hf_step_logits[step, llama_token]).item()
-            assert margin < noise, f"greedy step {step}: HF prefers {hf_token} over llama.cpp's {llama_token} by {margin:.3f}"
+            assert margin < noise, (
+                f"greedy step {step}: HF prefers {hf_token} over llama.cpp's {llama_token} by {margin:.3f}"
+            )
             return step
     assert len(hf_tokens) == len(llama_tokens), (hf_tokens, llama_tokens)
     return len(hf_tokens)
@@ -364,11 +383,15 @@ def test_round_trips_through_the_real_llama_cpp(smollm2_hypersteer, tmp_path, ar
 
     model, tokenizer = smollm2_hypersteer, smollm2_hypersteer.tokenizer
     concept = "references to oceans, tides and marine life"
-    eos_ids = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    generation_eos = model.generation_config.eos_token_id
+    eos_ids = {
+        tokenizer.eos_token_id,
+        *([generation_eos] if isinstance(generation_eos, int) else generation_eos or []),
+    }
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)[
-            "input_ids"
-        ]
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
         for text in PROMPTS
     ]
     llama = _LlamaCpp(llama_cpp, gguf_file_path())
@@ -378,10 +401,16 @@ def test_round_trips_through_the_real_llama_cpp(smollm2_hypersteer, tmp_path, ar
     vector = read_control_vector(exported).directions[SMOLLM2_LAYER]
     generator = torch.Generator().manual_seed(7)
     random_direction = torch.randn(576, generator=generator)
-    imported_file = _repeng_style_file(tmp_path / "random.gguf", {SMOLLM2_LAYER: 85.0 * random_direction / random_direction.norm()})
+    imported_file = _repeng_style_file(
+        tmp_path / "random.gguf", {SMOLLM2_LAYER: 85.0 * random_direction / random_direction.norm()}
+    )
     wrong = {
-        f"layer {SMOLLM2_LAYER - 1}": write_control_vector(tmp_path / "below.gguf", ControlVector({SMOLLM2_LAYER - 1: vector})),
-        f"layer {SMOLLM2_LAYER + 1}": write_control_vector(tmp_path / "above.gguf", ControlVector({SMOLLM2_LAYER + 1: vector})),
+        f"layer {SMOLLM2_LAYER - 1}": write_control_vector(
+            tmp_path / "below.gguf", ControlVector({SMOLLM2_LAYER - 1: vector})
+        ),
+        f"layer {SMOLLM2_LAYER + 1}": write_control_vector(
+            tmp_path / "above.gguf", ControlVector({SMOLLM2_LAYER + 1: vector})
+        ),
         "opposite sign": write_control_vector(tmp_path / "negated.gguf", ControlVector({SMOLLM2_LAYER: -vector})),
     }
 
@@ -410,9 +439,7 @@ def test_round_trips_through_the_real_llama_cpp(smollm2_hypersteer, tmp_path, ar
             results[name].append(max_error(llama.run(token_ids, eos_ids, max_tokens=0)[0], hf["exported"][0]))
     llama.set_control_vector(None)
     noise = 2.0 * max(results["unsteered"])
-    agreements = {
-        name: [_greedy_agreement(*run, noise=noise) for run in runs] for name, runs in greedy.items()
-    }
+    agreements = {name: [_greedy_agreement(*run, noise=noise) for run in runs] for name, runs in greedy.items()}
 
     summary = {
         "max_abs_logit_error": {name: max(values) for name, values in results.items()},
