@@ -212,7 +212,7 @@ class SteeringDemo:
         contexts = None
         if self.model.config.hypernet_type != "no_context":
             contexts = [self._check_prompt(user_prompt)]
-        slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in name)[:24] for name, _ in concepts)[:80]
+        slug = "-".join("".join(ch if ch.isalnum() else "_" for ch in name)[:40] for name, _ in concepts)[:80]
         path = self.export_dir / f"{slug or 'concept'}.gguf"
         with self.lock:
             return export_control_vector(
