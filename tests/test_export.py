@@ -132,6 +132,11 @@ def test_export_for_a_context_or_the_mean_over_a_prompt_set(tmp_path, tiny_token
     torch.testing.assert_close(single.directions[STEERING_LAYER], per_prompt[0], rtol=1e-4, atol=1e-5)
     assert single.metadata["hypersteer.context"] == "prompt"
     assert single.metadata["hypersteer.context_prompts"] == contexts[:1]
+    # For its own prompt, the exported vector steers exactly as the model does (v is computed at the prefill).
+    inputs = _chat(tiny_tokenizer, contexts[:1])
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    from_file = model.generate(**inputs, steering_vectors=load_control_vector(tmp_path / "one.gguf", model), **greedy)
+    assert torch.equal(from_file, model.generate(**inputs, steering_prompt=CONCEPTS[0], **greedy))
 
     # batch_size=1 also checks that the mean is taken over every batch, not the last one.
     mean = read_control_vector(
