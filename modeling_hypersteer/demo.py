@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
@@ -112,6 +112,16 @@ class _RowStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Stops every row of a `generate` call once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class DemoSettings:
     """What the page allows and how it generates."""
@@ -161,6 +171,9 @@ class SteeringDemo:
         inputs = inputs.to(self.model.get_input_embeddings().weight.device)
         streamer = _RowStreamer()
         failure = []
+        # A page that stops reading (a new click, a closed tab) closes this generator: the running `generate` is then
+        # stopped at its next step and joined before the model is released, so two calls never share its hooks.
+        cancelled = threading.Event()
 
         def run():
             try:
@@ -173,6 +186,7 @@ class SteeringDemo:
                         max_new_tokens=self.settings.max_new_tokens,
                         do_sample=False,
                         streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancelled)]),
                     )
             except Exception as error:  # reported to the page's caller below, never lost in the thread
                 failure.append(error)
@@ -184,17 +198,20 @@ class SteeringDemo:
         with self.lock:
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
-            while (step := streamer.queue.get()) is not None:
-                for row in range(3):
-                    for token in step[row].tolist():
-                        if finished[row]:
-                            break
-                        if token in eos:
-                            finished[row] = True
-                        else:
-                            tokens[row].append(token)
-                yield tuple(self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens)
-            thread.join()
+            try:
+                while (step := streamer.queue.get()) is not None:
+                    for row in range(3):
+                        for token in step[row].tolist():
+                            if finished[row]:
+                                break
+                            if token in eos:
+                                finished[row] = True
+                            else:
+                                tokens[row].append(token)
+                    yield tuple(self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens)
+            finally:
+                cancelled.set()
+                thread.join()
         if failure:
             raise failure[0]
         yield tuple(self.tokenizer.decode(row, skip_special_tokens=True) for row in tokens)
@@ -310,7 +327,12 @@ class DemoArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(DemoArguments, prog="hypersteer-demo", description=__doc__.split("\n\n")[0])
+    return HfArgumentParser(
+        DemoArguments,
+        prog="hypersteer-demo",
+        usage="hypersteer-demo MODEL [--host 127.0.0.1] [--port 7860] [--max_new_tokens 128] [--max_steering_factor 10]",
+        description=__doc__.split("\n\n")[0],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

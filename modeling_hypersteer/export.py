@@ -476,7 +476,13 @@ class ExportArguments:
 
 
 def make_parser() -> HfArgumentParser:
-    return HfArgumentParser(ExportArguments, prog="hypersteer-export", description=__doc__.split("\n\n")[0])
+    return HfArgumentParser(
+        ExportArguments,
+        prog="hypersteer-export",
+        usage="hypersteer-export MODEL --steering_prompt P [P ...] [--factor F [F ...]] --output FILE.gguf "
+        "[--context TEXT [TEXT ...] | --context_file FILE]",
+        description=__doc__.split("\n\n")[0],
+    )
 
 
 def _positional_model(argv: list[str]) -> list[str]:

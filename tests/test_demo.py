@@ -87,6 +87,20 @@ def test_streamed_answers_are_the_unsteered_prompt_steered_and_hypersteer_rows(t
     assert steered != unsteered
 
 
+def test_a_stream_closed_early_stops_its_generation_and_releases_the_model(tiny_tokenizer):
+    model = _tiny_model(tiny_tokenizer)
+    layer = model.language_model.model.layers[STEERING_LAYER]
+    hooks_before = len(layer._forward_hooks)
+    demo = SteeringDemo(model, DemoSettings(max_new_tokens=400))
+    stream = demo.stream_answers("legal terms", 1.0, "Explain sorting.")
+    next(stream)
+    assert len(layer._forward_hooks) > hooks_before  # generating, steered
+    stream.close()  # what Gradio does when the page stops listening
+    assert not demo.lock.locked()
+    assert len(layer._forward_hooks) == hooks_before  # the generate call has ended and removed its hook
+    assert all(answer for answer in list(demo.stream_answers("legal terms", 1.0, "Explain sorting."))[-1])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
