@@ -254,6 +254,32 @@ def test_cli_exports_several_concepts_from_a_saved_model(tmp_path, tiny_tokenize
         )
 
 
+def test_cli_exports_the_mean_over_a_context_file(tmp_path, tiny_tokenizer):
+    base_dir = tmp_path / "base"
+    build_tiny_base("llama", len(tiny_tokenizer)).save_pretrained(base_dir)
+    tiny_tokenizer.save_pretrained(base_dir)
+    model = _tiny_hypersteer(tiny_tokenizer, hypernet_type="cross_attention", base_dir=base_dir)
+    model.save_pretrained(tmp_path / "hypersteer")
+    contexts = ["Explain sorting.", "Write a poem about the sea and tidal currents."]
+    (tmp_path / "prompts.txt").write_text("\n".join(contexts) + "\n")
+
+    output = tmp_path / "mean.gguf"
+    argv = [str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--output", str(output)]
+    main([*argv, "--context_file", str(tmp_path / "prompts.txt"), "--batch_size", "1"])
+    per_prompt = model.compute_steering_vectors(**_chat(tiny_tokenizer, contexts), steering_prompt=CONCEPTS[0])
+    control_vector = read_control_vector(output)
+    torch.testing.assert_close(
+        control_vector.directions[STEERING_LAYER], per_prompt.mean(0).detach(), rtol=1e-4, atol=1e-5
+    )
+    assert control_vector.metadata["hypersteer.context"] == "mean"
+    assert control_vector.metadata["hypersteer.context_prompts"] == contexts
+
+    with pytest.raises(ValueError, match="depends on the user's prompt"):
+        main(argv)
+    with pytest.raises(ValueError, match="either `--context` or `--context_file`"):
+        main([*argv, "--context", "Hi.", "--context_file", str(tmp_path / "prompts.txt")])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real llama.cpp (llama-cpp-python) on SmolLM2-135M-Instruct
 # ---------------------------------------------------------------------------------------------------------------
