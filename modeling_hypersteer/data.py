@@ -1057,6 +1057,11 @@ def tokenize_distillation_dataset(
     )
     if len(tokenized) == 0:
         raise ValueError(f"Every distillation row's prompt fills max_length={max_length} tokens; raise `max_length`.")
+    if len(tokenized) < len(dataset):
+        logger.warning(
+            f"Dropped {len(dataset) - len(tokenized)} of {len(dataset)} distillation rows whose longest (teacher) prompt "
+            f"fills max_length={max_length} tokens. Raise `max_length` to keep them."
+        )
     return tokenized
 
 
