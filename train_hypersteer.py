@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
+from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
@@ -54,12 +55,17 @@ from modeling_hypersteer.configuration_hypersteer import (
 )
 from modeling_hypersteer.data import (
     HyperSteerDataCollator,
+    build_distillation_rows,
     build_splits,
     load_concept_data,
+    load_concept_descriptions,
     parse_heldout_concepts,
     split_concepts,
     tokenize_dataset,
+    tokenize_distillation_dataset,
+    with_empty_distillation_columns,
 )
+from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 from modeling_hypersteer.smollm2 import smollm2_path
 from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
@@ -202,10 +208,36 @@ class DataArguments:
         },
     )
     use_negatives: bool = field(default=False, metadata={"help": "Also train on negative (concept-free) rows."})
+    distillation_descriptions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Concept descriptions without responses for the teacher-free distillation term (with "
+            "--distillation_loss_weight > 0): .jsonl files with a 'description' or 'concept' key per line (e.g. "
+            "../shared/data/axbench_more/concept16k/descriptions.jsonl), .txt files (one per line) or AxBench data. "
+            "Repeat the flag or separate with commas. Held-out concepts are never used."
+        },
+    )
+    distillation_rows: int = field(
+        default=1000,
+        metadata={
+            "help": "Distillation rows added to the training set; each pairs a training text with two descriptions, "
+            "so they cover up to 2x this many concepts."
+        },
+    )
+    max_distillation_concepts: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N descriptions (the dial of the concept-scaling curve)."},
+    )
     max_length: int = field(default=512, metadata={"help": "Maximum prompt + response tokens per row."})
 
     def __post_init__(self):
         self.dataset_name_or_path = split_sources(self.dataset_name_or_path)
+        if self.distillation_descriptions is not None:
+            self.distillation_descriptions = split_sources(self.distillation_descriptions)
+        if self.distillation_rows < 1:
+            raise ValueError(f"--distillation_rows must be >= 1, got {self.distillation_rows}.")
+        if self.max_distillation_concepts is not None and self.max_distillation_concepts < 2:
+            raise ValueError(f"--max_distillation_concepts must be >= 2, got {self.max_distillation_concepts}.")
 
 
 def make_parser() -> HfArgumentParser:
@@ -246,6 +278,37 @@ def hypernetwork_fingerprints(trainer: HyperSteerTrainer) -> list[list[float]]:
     return [[round(value, 9) for value in row] for row in gathered.cpu().tolist()]
 
 
+def add_distillation_rows(train_features, train_rows, concept_split, tokenizer, data_args, model_args):
+    """The training features plus teacher-free distillation rows (see `HyperSteerTrainingArguments`), and a summary.
+
+    Distillation rows read the texts of positive training rows (never a held-out concept's responses) and
+    descriptions from `--distillation_descriptions` other than the held-out concepts.
+    """
+    descriptions = load_concept_descriptions(data_args.distillation_descriptions)
+    if data_args.max_distillation_concepts is not None:
+        descriptions = descriptions[: data_args.max_distillation_concepts]
+    texts = [row for row in train_rows if not row["is_negative"]]
+    rows = build_distillation_rows(
+        descriptions,
+        texts,
+        num_rows=data_args.distillation_rows,
+        seed=data_args.concept_split_seed,
+        exclude=concept_split.heldout_concepts,
+    )
+    features = tokenize_distillation_dataset(
+        rows,
+        tokenizer,
+        teacher_system_prompt=prompt_steering_system_prompt,
+        max_length=data_args.max_length,
+        max_steering_prompt_length=model_args.max_steering_prompt_length,
+    )
+    concepts = len(set(rows["output_concept"]) | set(rows["contrast_concept"]))
+    logger.info(f"Added {len(features)} distillation rows covering {concepts} concept descriptions.")
+    summary = {"sources": data_args.distillation_descriptions, "rows": len(features), "concepts": concepts}
+    merged = concatenate_datasets([with_empty_distillation_columns(train_features), features])
+    return merged, summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
 
@@ -269,6 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
         # Pinned memory only speeds up copies to an accelerator; on CPU, torch warns at every dataloader that it is
         # ignored, a warning no flag of a CPU run can act on.
         training_args.dataloader_pin_memory = False
+
+    if (training_args.distillation_loss_weight > 0) != bool(data_args.distillation_descriptions):
+        raise ValueError(
+            "--distillation_loss_weight > 0 and --distillation_descriptions go together: got weight "
+            f"{training_args.distillation_loss_weight} and descriptions {data_args.distillation_descriptions!r}."
+        )
 
     set_seed(training_args.seed)
 
@@ -320,6 +389,11 @@ def main(argv: list[str] | None = None) -> dict:
             for name, split in splits.items()
             if len(split) > 0
         }
+        distillation_summary = None
+        if "train" in tokenized and training_args.distillation_loss_weight > 0:
+            tokenized["train"], distillation_summary = add_distillation_rows(
+                tokenized["train"], splits["train"], concept_split, tokenizer, data_args, model_args
+            )
     if "train" not in tokenized:
         raise ValueError(
             f"No training rows left after the concept split of {data_args.dataset_name_or_path}; hold out fewer concepts."
@@ -377,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "concept_split": CONCEPT_SPLIT_FILE,
                     "sources": data_args.dataset_name_or_path,
                     "world_size": training_args.world_size,
+                    "distillation": distillation_summary,
                     "rank_fingerprints": rank_fingerprints,
                     # Evaluation rebuilds the splits with exactly these settings, so held-in evaluation rows are
                     # never rows the model was trained on.

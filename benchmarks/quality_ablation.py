@@ -49,6 +49,8 @@ PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps
 # Keys of an experiment file that describe it rather than set a training flag.
 META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of")
 SPLIT_KEY = "concept_split_seed"
+# Held-in concepts on unseen prompts; the split's held-out concepts; concepts of another data set (`--heldback_data`).
+EVALUATION_SETS = ("heldin", "heldout", "heldback")
 
 
 def load_experiment(name: str) -> dict:
@@ -77,6 +79,21 @@ def training_argv(config: dict, output_dir: Path) -> list[str]:
         else ["--save_strategy", "no"]
     )
     return argv + saving + ["--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output_dir)]
+
+
+def heldback_rows(source: str, num_concepts: int, rows_per_concept: int) -> list[dict]:
+    """Rows of concepts from another data set that no experiment trains on (by default AxBench's concept_llama
+    concepts, whose long descriptions differ in style from the training concepts'): the first `num_concepts` concepts in
+    sorted order, `rows_per_concept` positive rows each, in file order."""
+    data = load_concept_data(str((REPO_ROOT / source).resolve()) if source.startswith("..") else source)
+    chosen, counts = [], {}
+    concepts = set(sorted({row["output_concept"] for row in data if not row["is_negative"]})[:num_concepts])
+    for row in data:
+        concept = row["output_concept"]
+        if not row["is_negative"] and concept in concepts and counts.get(concept, 0) < rows_per_concept:
+            counts[concept] = counts.get(concept, 0) + 1
+            chosen.append({key: row[key] for key in ("input", "output", "output_concept")})
+    return chosen
 
 
 def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, list[dict]]:
@@ -174,7 +191,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
         "train_minutes": round(timing["minutes"], 2),
         "train_loss": timing["train_loss"],
         "command": "python train_hypersteer.py " + " ".join(argv),
-        **score(model, model.tokenizer, rows, args),
+        **score(model, model.tokenizer, rows, args, splits=tuple(name for name in EVALUATION_SETS if rows.get(name))),
     }
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     if checkpoints:
@@ -380,6 +397,13 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--reuse_trained", action="store_true", help="Score an already trained run of the same arguments again."
     )
+    parser.add_argument(
+        "--heldback_data",
+        default="../shared/data/axbench_more/concept_llama",
+        help="Concept data no experiment trains on, scored as the 'heldback' set ('' to skip).",
+    )
+    parser.add_argument("--heldback_concepts", type=int, default=24)
+    parser.add_argument("--heldback_rows_per_concept", type=int, default=2)
     parser.add_argument("--steering_factor", type=float, default=1.0)
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--eval_max_length", type=int, default=320)
@@ -389,6 +413,10 @@ def main(argv=None) -> None:
     for name in [part for part in args.experiments.split(",") if part]:
         config = load_experiment(name)
         rows = evaluation_rows(config, args.heldout_rows_per_concept)
+        if args.heldback_data:
+            rows["heldback"] = heldback_rows(
+                args.heldback_data, args.heldback_concepts, args.heldback_rows_per_concept
+            )
         runner = run_baseline if config.get("method") in ("diffmean", "vector") else run_hypersteer
         result = runner(name, config, rows, args)
         save_result(name, config, result)
@@ -396,6 +424,12 @@ def main(argv=None) -> None:
             f"{name}: held-in specificity {_ratio(result['heldin']['specificity_ratio'])} gain "
             f"{_ratio(result['heldin']['gain_ratio'])}; held-out specificity "
             f"{_ratio(result['heldout']['specificity_ratio'])} gain {_ratio(result['heldout']['gain_ratio'])}"
+            + (
+                f"; held-back specificity {_ratio(result['heldback']['specificity_ratio'])} gain "
+                f"{_ratio(result['heldback']['gain_ratio'])}"
+                if "heldback" in result
+                else ""
+            )
         )
     if RESULTS_PATH.is_file():
         print(report())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import IntervalStrategy, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .data import DISTILLATION_COLUMNS
 from .model_card import DEFAULT_LICENSE, write_model_card
 from .modeling_hypersteer import per_row_causal_lm_loss
 from .utils import pyplot
@@ -23,6 +24,7 @@ logger = logging.get_logger(__name__)
 
 # Evaluations per run when `eval_strategy="steps"` and `eval_steps` is not given.
 DEFAULT_EVALUATIONS_PER_RUN = 5
+DISTILLATION_REFERENCES = ("prompted", "plain")
 
 
 @dataclass
@@ -57,6 +59,18 @@ class HyperSteerTrainingArguments(TrainingArguments):
     hypernetwork makes from the other row's steering prompt *on row `i`'s own context* (only the layers above the
     steering layer run again), and `b` the shared offset when the model has one.
 
+    Teacher-free distillation (`distillation_loss_weight > 0`, needs distillation rows from
+    [`~modeling_hypersteer.data.tokenize_distillation_dataset`] in the training set). Such a row is a real text steered
+    by two concept descriptions `d` and `d'` that need no response of their own; the teacher is the frozen base with
+    the description in its prompt (`l_d`, `l_d'`: its logits on the response tokens), and the target for the vector
+    of `d` is
+
+        t_d = l_ref + distillation_guidance * (l_d - l_d'),   l_ref = l_d ("prompted") or the unprompted base ("plain")
+
+    (and symmetrically for `d'`, whose student logits come from the contrast pass). The term is
+    `KL(softmax(t_d) || student)` averaged over response tokens; the guidance part is what tells `d` from `d'`, the
+    reference part what any description in the prompt does. Distillation rows never enter the LM or contrast terms.
+
     Args:
         plot_loss_curve (`bool`, *optional*, defaults to `True`):
             Write `loss_curve.png` (train, held-in and held-out eval loss) into `output_dir` after training.
@@ -68,6 +82,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
             Sharpness of the contrast's log-sigmoid on the per-row loss gap (nats).
         diversity_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the mean cosine similarity between steering vectors of different concepts in a batch.
+        distillation_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the teacher-free distillation term on distillation rows (0 turns it off).
+        distillation_guidance (`float`, *optional*, defaults to 4.0):
+            `γ` of the distillation target: how much the difference between two descriptions' teachers is amplified.
+        distillation_reference (`str`, *optional*, defaults to `"prompted"`):
+            `l_ref` of the distillation target: `"prompted"` (the teacher with the row's own description) or `"plain"`
+            (the unprompted base; one more frozen forward per distillation row).
         logits_on_labels_only (`bool`, *optional*, defaults to `False`):
             Compute the LM head in training only from the position before the first label on (the loss is the
             same); saves the head's cost on prompt tokens. Evaluation keeps full logits for `compute_metrics`.
@@ -101,6 +122,26 @@ class HyperSteerTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={"help": "Weight of the mean cosine similarity between steering vectors of different concepts."},
     )
+    distillation_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the teacher-free distillation term: on rows built from concept descriptions alone, the "
+            "steered model matches the frozen base prompted with the description (guided by a second description). "
+            "0 turns it off."
+        },
+    )
+    distillation_guidance: float = field(
+        default=4.0,
+        metadata={"help": "Guidance scale of the distillation target l_ref + g * (l_d - l_d')."},
+    )
+    distillation_reference: str = field(
+        default="prompted",
+        metadata={
+            "help": "Reference logits of the distillation target: 'prompted' (the base with the description in its "
+            "prompt) or 'plain' (the unprompted base).",
+            "choices": ["prompted", "plain"],
+        },
+    )
     logits_on_labels_only: bool = field(
         default=False,
         metadata={
@@ -120,7 +161,14 @@ class HyperSteerTrainingArguments(TrainingArguments):
         ):
             self.eval_steps = 1 / DEFAULT_EVALUATIONS_PER_RUN
         super().__post_init__()
-        for name in ("contrast_loss_weight", "diversity_loss_weight"):
+        if self.distillation_reference not in DISTILLATION_REFERENCES:
+            raise ValueError(
+                f"`distillation_reference` must be one of {list(DISTILLATION_REFERENCES)}, got "
+                f"{self.distillation_reference!r}."
+            )
+        if not -float("inf") < self.distillation_guidance < float("inf"):
+            raise ValueError(f"`distillation_guidance` must be a finite number, got {self.distillation_guidance!r}.")
+        for name in ("contrast_loss_weight", "diversity_loss_weight", "distillation_loss_weight"):
             value = getattr(self, name)
             if not 0.0 <= value < float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
@@ -143,21 +191,50 @@ class HyperSteerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # Overwritten: distillation rows carry their own contrast prompt and teacher inputs, which `forward` does not
+        # take by those names; `compute_loss` consumes them.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [name for name in DISTILLATION_COLUMNS if name not in self._signature_columns]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         args = self.args
         inputs = dict(inputs)
+        distillation = {name: inputs.pop(name) for name in DISTILLATION_COLUMNS if name in inputs}
+        # Rows built from descriptions alone (their teacher inputs are non-empty); real rows carry the columns empty.
+        distilled = (
+            distillation["teacher_attention_mask"].bool().any(dim=-1)
+            if distillation and distillation["teacher_attention_mask"].shape[1] > 0
+            else None
+        )
+        if distilled is not None and not distilled.any():
+            distilled = None
+        if distilled is not None and args.distillation_loss_weight <= 0:
+            raise ValueError(
+                "The batch holds distillation rows but `distillation_loss_weight` is 0: set it > 0, or train without "
+                "distillation rows."
+            )
         other_row = None
-        if args.contrast_loss_weight > 0 or args.diversity_loss_weight > 0:
+        if args.contrast_loss_weight > 0 or args.diversity_loss_weight > 0 or distilled is not None:
             concept_ids = steering_prompt_groups(inputs["steering_input_ids"], inputs.get("steering_attention_mask"))
             other_row = other_concept_rows(concept_ids)
         # Evaluation reports the LM loss; the contrast and diversity terms are logged there as diagnostics only.
         use_contrast = args.contrast_loss_weight > 0 and other_row is not None and bool((other_row >= 0).any())
-        if use_contrast:
+        if use_contrast or distilled is not None:
             partner = other_row.clamp(min=0)
-            inputs["contrast_steering_input_ids"] = inputs["steering_input_ids"][partner]
-            if "steering_attention_mask" in inputs:
-                inputs["contrast_steering_attention_mask"] = inputs["steering_attention_mask"][partner]
+            contrast_ids = inputs["steering_input_ids"][partner]
+            contrast_mask = inputs.get("steering_attention_mask", torch.ones_like(contrast_ids))[partner]
+            if distilled is not None:
+                # A distillation row's contrast pass is steered by its own second description.
+                contrast_ids, contrast_mask = _rows_from(
+                    distilled,
+                    (distillation["contrast_steering_input_ids"], distillation["contrast_steering_attention_mask"]),
+                    (contrast_ids, contrast_mask),
+                    pad_values=(self.processing_class.pad_token_id, 0),
+                )
+            inputs["contrast_steering_input_ids"] = contrast_ids
+            inputs["contrast_steering_attention_mask"] = contrast_mask
         if model.training and args.logits_on_labels_only and "labels" in inputs:
             inputs["logits_to_keep"] = logits_to_keep_for_labels(inputs["labels"])
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -166,6 +243,20 @@ class HyperSteerTrainer(Trainer):
         aux_scale = 1.0
         if model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             aux_scale = 1.0 / self.current_gradient_accumulation_steps
+        if distilled is not None:
+            # The model's loss covered every labelled row; distillation rows' texts are not their concepts' responses.
+            real = ~distilled
+            token_losses = _token_losses(outputs.logits, inputs["labels"])
+            real_labels = inputs["labels"][:, 1:].ne(-100) & real[:, None]
+            real_labels = real_labels[:, real_labels.shape[1] - token_losses.shape[1] :]
+            loss = (token_losses * real_labels).sum() / real_labels.sum().clamp(min=1)
+            distill = self._distillation_term(model, outputs, inputs, distillation, distilled)
+            if model.training:
+                loss = loss + aux_scale * args.distillation_loss_weight * distill
+            self._metrics[mode]["distillation_loss"].append(distill.detach())
+            if other_row is not None:
+                other_row = torch.where(real, other_row, -1)
+            use_contrast = args.contrast_loss_weight > 0 and bool((other_row >= 0).any())
         if use_contrast:
             valid = other_row >= 0
             right = per_row_causal_lm_loss(outputs.logits, inputs["labels"])
@@ -196,6 +287,65 @@ class HyperSteerTrainer(Trainer):
             )
         return (loss, outputs) if return_outputs else loss
 
+    def _distillation_term(self, model, outputs, inputs, distillation, distilled) -> torch.Tensor:
+        """Mean KL between the guided teacher distribution and the steered model over distillation rows' responses.
+
+        The student's logits under the first description are `outputs.logits`, under the second
+        `outputs.contrast_logits`; the teachers are the frozen base without steering, run in one batched forward.
+
+        Returns:
+            `torch.FloatTensor` scalar.
+        """
+        args = self.args
+        rows = distilled.nonzero().squeeze(-1)
+        teachers = [
+            tuple(distillation[f"{prefix}{name}"][rows] for name in ("input_ids", "attention_mask", "labels"))
+            for prefix in ("teacher_", "teacher_contrast_")
+        ]
+        if args.distillation_reference == "plain":
+            teachers.append(tuple(inputs[name][rows] for name in ("input_ids", "attention_mask", "labels")))
+        width = max(ids.shape[1] for ids, _, _ in teachers)
+        pad_token_id = self.processing_class.pad_token_id
+        stacked = [
+            torch.cat([_pad_right(tensors[index], width, value) for tensors in teachers])
+            for index, value in enumerate((pad_token_id, 0, -100))
+        ]
+        language_model = self.accelerator.unwrap_model(model).language_model
+        with torch.no_grad():
+            teacher_logits = language_model(
+                input_ids=stacked[0],
+                attention_mask=stacked[1],
+                logits_to_keep=logits_to_keep_for_labels(stacked[2]),
+                use_cache=False,
+            ).logits
+        per_teacher = [
+            response_logits(chunk, labels).float()
+            for chunk, labels in zip(teacher_logits.split(len(rows)), stacked[2].split(len(rows)))
+        ]
+        first, second = per_teacher[:2]
+        students = [
+            response_logits(outputs.logits[rows], inputs["labels"][rows]).float(),
+            response_logits(outputs.contrast_logits[rows], inputs["labels"][rows]).float(),
+        ]
+        if any(student.shape != first.shape for student in students):
+            raise ValueError(
+                f"Distillation rows' student and teacher responses differ in length ({students[0].shape[0]} vs "
+                f"{first.shape[0]} tokens); tokenize them with `tokenize_distillation_dataset`."
+            )
+        guidance = args.distillation_guidance
+        if args.distillation_reference == "plain":
+            references = (per_teacher[2], per_teacher[2])
+        else:
+            references = (first, second)
+        targets = (references[0] + guidance * (first - second), references[1] + guidance * (second - first))
+        terms = [
+            F.kl_div(
+                F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1), log_target=True, reduction="batchmean"
+            )
+            for student, target in zip(students, targets)
+        ]
+        return (terms[0] + terms[1]) / 2
+
     def _metric_names(self) -> list[str]:
         """The diagnostics this run logs, decided by its arguments and model alone (identical on every process)."""
         names = ["steering_vector_norm"]
@@ -205,6 +355,8 @@ class HyperSteerTrainer(Trainer):
             names += ["contrast_gap", "contrast_loss"]
         if self.args.diversity_loss_weight > 0:
             names.append("cross_concept_cosine")
+        if self.args.distillation_loss_weight > 0:
+            names.append("distillation_loss")
         return names
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -313,6 +465,40 @@ def logits_to_keep_for_labels(labels: torch.Tensor) -> int:
         return 0
     first_label = int(has_label.float().argmax(dim=-1)[has_label.any(dim=-1)].min())
     return labels.shape[1] - max(first_label - 1, 0)
+
+
+def response_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits that predict label tokens, row by row in order.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`): all positions or a
+            `logits_to_keep` window.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): -100 where there is no label.
+
+    Returns:
+        `torch.FloatTensor` of shape `(num_label_tokens, vocab_size)`.
+    """
+    labels = labels[:, labels.shape[1] - logits.shape[1] :].to(logits.device)
+    return logits[:, :-1][labels[:, 1:].ne(-100)]
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position, `(batch_size, kept_length - 1)`, 0 where there is no label."""
+    labels = labels[:, labels.shape[1] - logits.shape[1] :].to(logits.device)
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def _rows_from(chosen: torch.Tensor, first: tuple, second: tuple, pad_values: tuple) -> list[torch.Tensor]:
+    """Row `i` of each tensor from `first` where `chosen[i]`, else from `second`, padded on the right to one width."""
+    merged = []
+    for a, b, value in zip(first, second, pad_values):
+        width = max(a.shape[1], b.shape[1])
+        merged.append(torch.where(chosen[:, None], _pad_right(a, width, value), _pad_right(b, width, value)))
+    return merged
 
 
 def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:
