@@ -348,8 +348,27 @@ BAD_REQUESTS = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"temperature": -1}, "temperature"),
-    ({"n": 2}, "n"),
-    ({"seed": 3}, "seed"),
+    # `n` and `seed` were refused before issue 17; now only values that cannot be honoured are.
+    ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
+    ({"seed": 1.5}, "seed"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0]",
+    ),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "messages[0].role"),
+    ({"frobnicate": 1}, "frobnicate"),
 ]
 
 
