@@ -1215,12 +1215,14 @@ def build_app(engine: BatchingEngine):
                 engine.context_limit,
                 engine.vocab_size,
             )
+            job.loop = asyncio.get_running_loop()
+            job.events = asyncio.Queue()
+            engine.submit(job)
         except BaseException:
+            # Refused (or failed) before reaching the queue: its place is free again. Once queued, the model
+            # thread frees it when a batch takes the job.
             engine.release()
             raise
-        job.loop = asyncio.get_running_loop()
-        job.events = asyncio.Queue()
-        engine.submit(job)
         if job.stream:
             return StreamingResponse(
                 stream_events(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

@@ -128,12 +128,12 @@ class Reference:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
-    def tokens(self, text, steering=None, max_tokens=12):
+    def tokens(self, text, steering=None, max_tokens=12, messages=None, **generate_kwargs):
         """Greedy completion tokens (without EOS) and the finish reason, for one request's `steering` field."""
         inputs = self.tokenizer.apply_chat_template(
-            _messages(text), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages or _messages(text), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        kwargs = {"max_new_tokens": max_tokens, "do_sample": False}
+        kwargs = {"max_new_tokens": max_tokens, "do_sample": False, **generate_kwargs}
         if steering is None:
             output = self.model.language_model.generate(**inputs, **kwargs)
         elif isinstance(steering, dict):
@@ -153,8 +153,8 @@ class Reference:
                 return tokens[:index], "stop"
         return tokens, "length"
 
-    def expect(self, text, steering=None, max_tokens=12):
-        tokens, finish_reason = self.tokens(text, steering, max_tokens)
+    def expect(self, text, steering=None, max_tokens=12, **kwargs):
+        tokens, finish_reason = self.tokens(text, steering, max_tokens, **kwargs)
         return self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish_reason
 
 
@@ -307,26 +307,43 @@ def test_concurrent_requests_share_one_batch_and_each_equals_generate_alone(tiny
         _assert_matches(completion, want)
 
 
-def test_sampling_and_greedy_requests_go_to_separate_batches(tiny_cross_attention):
+def test_sampled_and_greedy_requests_share_a_batch_and_a_seed_reproduces_the_text(tiny_cross_attention):
+    # Before issue 17, sampled and greedy requests ran in separate batches and `seed` was refused. Now every row has
+    # its own sampling settings and generator, so they share one batch; the greedy row still equals `generate`.
     server, reference = tiny_cross_attention
     greedy_expected = reference.expect("Hi", {"prompt": LEGAL, "factor": 1.0})
 
-    def sampled():
-        return server.client.chat.completions.create(
+    def sampled(seed, raw=False):
+        create = (
+            server.client.chat.completions.with_raw_response.create if raw else server.client.chat.completions.create
+        )
+        return create(
             model=server.model_id,
             messages=_messages("Hi"),
-            max_tokens=8,
-            temperature=0.9,
-            top_p=0.8,
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
             extra_body={"steering": {"prompt": CODE, "factor": 1.0}},
         )
 
+    alone = sampled(7).choices[0].message.content
+    assert sampled(7).choices[0].message.content == alone
+    assert sampled(8).choices[0].message.content != alone
     with ThreadPoolExecutor(2) as pool:
-        sampled_future = pool.submit(sampled)
-        greedy = _create(server, "Hi", {"prompt": LEGAL, "factor": 1.0})
+        sampled_future = pool.submit(sampled, 7, True)
+        time.sleep(0.05)
+        greedy = server.client.chat.completions.with_raw_response.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=12,
+            temperature=0,
+            extra_body={"steering": {"prompt": LEGAL, "factor": 1.0}},
+        )
         sample = sampled_future.result()
-    _assert_matches(greedy, greedy_expected)
-    assert 1 <= sample.usage.completion_tokens <= 8
+    assert int(greedy.headers["x-hypersteer-batch-rows"]) == int(sample.headers["x-hypersteer-batch-rows"]) == 2
+    _assert_matches(greedy.parse(), greedy_expected)
+    assert sample.parse().choices[0].message.content == alone
 
 
 BAD_REQUESTS = [
@@ -430,6 +447,369 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_cross_attentio
     _assert_matches(
         _create(server, "Hi", {"prompt": CODE, "factor": 1.0}), reference.expect("Hi", {"prompt": CODE, "factor": 1.0})
     )
+
+
+def _stop_inside(text):
+    """A 3-character stop string whose first occurrence is inside `text`, not at its start: `(start, stop)`."""
+    start = next(index for index in range(2, len(text) - 3) if text.find(text[index : index + 3]) == index)
+    return start, text[start : start + 3]
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    text = reference.expect("Explain sorting.", max_tokens=16)[0]
+    start, stop = _stop_inside(text)
+    for value in (stop, ["never in the text", stop]):
+        completion = _create(server, "Explain sorting.", max_tokens=16, stop=value)
+        assert completion.choices[0].message.content == text[:start]
+        assert completion.choices[0].finish_reason == "stop"
+        chunks = list(
+            server.client.chat.completions.create(
+                model=server.model_id,
+                messages=_messages("Explain sorting."),
+                max_tokens=16,
+                temperature=0,
+                stop=value,
+                stream=True,
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:start]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # A stop string that never occurs changes nothing.
+    _assert_matches(
+        _create(server, "Explain sorting.", max_tokens=16, stop=["zzzz"]),
+        reference.expect("Explain sorting.", max_tokens=16),
+    )
+
+
+def test_n_choices_are_all_steered_and_seeded_choices_differ(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    steering = {"prompt": LEGAL, "factor": 2.0}
+    greedy = _create(server, "Explain sorting.", steering, n=2)
+    assert [choice.index for choice in greedy.choices] == [0, 1]
+    text, num_tokens, finish_reason = reference.expect("Explain sorting.", steering)
+    assert [(choice.message.content, choice.finish_reason) for choice in greedy.choices] == [(text, finish_reason)] * 2
+    assert greedy.usage.completion_tokens == 2 * num_tokens
+    sampled = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=_messages("Hi"),
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=11,
+        extra_body={"steering": steering},
+    )
+    texts = [choice.message.content for choice in sampled.choices]
+    assert [choice.index for choice in sampled.choices] == [0, 1, 2] and len(set(texts)) == 3
+    again = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=_messages("Hi"),
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=11,
+        extra_body={"steering": steering},
+    )
+    assert [choice.message.content for choice in again.choices] == texts
+    # Streaming n > 1: every chunk names its choice, and each choice's deltas add up to its text.
+    chunks = list(
+        server.client.chat.completions.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=12,
+            temperature=1.0,
+            n=3,
+            seed=11,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"steering": steering},
+        )
+    )
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts and chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+
+
+def test_penalties_and_logit_bias_follow_openai_definitions(tiny_cross_attention):
+    from transformers import LogitsProcessorList
+
+    from modeling_hypersteer.serve import PresenceFrequencyPenaltyLogitsProcessor
+
+    server, reference = tiny_cross_attention
+    steering = {"prompt": MATH, "factor": 1.0}
+    plain = reference.expect("Explain sorting.", steering, max_tokens=16)
+    prompt_length = len(
+        reference.tokenizer.apply_chat_template(
+            _messages("Explain sorting."), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
+    penalty = PresenceFrequencyPenaltyLogitsProcessor(torch.tensor([0.5]), torch.tensor([1.5]), prompt_length)
+    penalized = reference.expect(
+        "Explain sorting.", steering, max_tokens=16, logits_processor=LogitsProcessorList([penalty])
+    )
+    assert penalized[0] != plain[0]  # the penalties matter for this prompt
+    _assert_matches(
+        _create(server, "Explain sorting.", steering, max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5),
+        penalized,
+    )
+    # logit_bias: +100 on one token makes greedy decoding repeat it; -100 on the first greedy token bans it.
+    tokens, _ = reference.tokens("Explain sorting.", steering, max_tokens=16)
+    forced = _create(server, "Explain sorting.", steering, max_tokens=5, logit_bias={str(tokens[2]): 100})
+    assert forced.choices[0].message.content == reference.tokenizer.decode([tokens[2]] * 5, skip_special_tokens=True)
+    banned = _create(server, "Explain sorting.", steering, max_tokens=5, logit_bias={str(tokens[0]): -100})
+    assert not banned.choices[0].message.content.startswith(reference.tokenizer.decode(tokens[:1]))
+
+
+def test_penalty_processor_counts_generated_tokens_only():
+    from modeling_hypersteer.serve import PresenceFrequencyPenaltyLogitsProcessor
+
+    processor = PresenceFrequencyPenaltyLogitsProcessor(torch.tensor([0.5, 0.0]), torch.tensor([1.0, -1.0]), 2)
+    input_ids = torch.tensor([[4, 4, 3, 3, 1], [0, 2, 2, 0, 0]])  # prompts [4, 4] and [0, 2]
+    scores = processor(input_ids, torch.zeros(2, 5))
+    assert scores.tolist() == [[0.0, -1.5, 0.0, -2.5, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0]]
+
+
+def test_content_parts_assistant_null_and_client_defaults_are_accepted(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "Explain "}, {"type": "text", "text": "sorting."}]},
+    ]
+    expected_messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Explain sorting."},
+    ]
+    completion = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=conversation,
+        max_completion_tokens=10,
+        temperature=0,
+        user="someone",
+        stop=None,
+        seed=None,
+        response_format={"type": "text"},
+        logprobs=False,
+        parallel_tool_calls=True,
+        tool_choice="none",
+    )
+    _assert_matches(completion, reference.expect(None, max_tokens=10, messages=expected_messages))
+
+
+def test_get_model_by_id(tiny_cross_attention):
+    server, _ = tiny_cross_attention
+    assert server.client.models.retrieve(server.model_id).id == server.model_id
+    with pytest.raises(openai.NotFoundError) as error:
+        server.client.models.retrieve("gpt-4o")
+    assert error.value.body["code"] == "model_not_found"
+
+
+def test_async_client_streams_concurrently_with_usage(tiny_cross_attention):
+    import asyncio
+
+    server, reference = tiny_cross_attention
+    requests = [("Hi", {"prompt": CODE, "factor": 2.0}), ("Explain sorting.", None), ("What is 2 + 2?", None)]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(text, steering):
+            stream = await client.chat.completions.create(
+                model=server.model_id,
+                messages=_messages(text),
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"steering": steering},
+            )
+            return [chunk async for chunk in stream]
+
+        plain = await client.chat.completions.create(
+            model=server.model_id, messages=_messages("Hi"), max_tokens=10, temperature=0
+        )
+        results = await asyncio.gather(*(one(text, steering) for text, steering in requests))
+        await client.close()
+        return plain, results
+
+    plain, results = asyncio.run(run())
+    _assert_matches(plain, reference.expect("Hi", max_tokens=10))
+    for (text, steering), chunks in zip(requests, results):
+        expected_text, num_tokens, finish_reason = reference.expect(text, steering, max_tokens=10)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == num_tokens
+
+
+def test_langchain_chat_openai_invoke_stream_and_stop(tiny_cross_attention):
+    from langchain_openai import ChatOpenAI
+
+    server, reference = tiny_cross_attention
+    chat = ChatOpenAI(
+        model=server.model_id,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        temperature=0,
+        max_tokens=12,
+        max_retries=0,
+        extra_body={"steering": {"prompt": CODE, "factor": 1.0}},
+    )
+    expected_text, num_tokens, _ = reference.expect("Explain sorting.", {"prompt": CODE, "factor": 1.0})
+    assert len(set(expected_text)) > 3  # varied enough to hold a stop string inside
+    message = chat.invoke("Explain sorting.")
+    assert message.content == expected_text and message.usage_metadata["output_tokens"] == num_tokens
+    assert "".join(chunk.content for chunk in chat.stream("Explain sorting.")) == expected_text
+    start, stop = _stop_inside(expected_text)
+    assert chat.invoke("Explain sorting.", stop=[stop]).content == expected_text[:start]
+
+
+def test_a_short_request_is_answered_when_its_own_row_ends(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    eos = reference.tokenizer.eos_token_id
+
+    def send(max_tokens):
+        started = time.monotonic()
+        raw = server.client.chat.completions.with_raw_response.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=max_tokens,
+            temperature=0,
+            logit_bias={str(eos): -100},  # no early EOS: each row runs to its own budget
+            extra_body={"steering": {"prompt": LEGAL, "factor": 1.0}},
+        )
+        return time.monotonic() - started, int(raw.headers["x-hypersteer-batch-rows"]), raw.parse()
+
+    with ThreadPoolExecutor(2) as pool:
+        long_future = pool.submit(send, 490)
+        time.sleep(0.05)
+        short_latency, short_rows, short = send(16)
+        long_latency, long_rows, long = long_future.result()
+    assert short_rows == long_rows == 2  # they shared one batch
+    assert (short.usage.completion_tokens, long.usage.completion_tokens) == (16, 490)
+    assert short_latency < 0.5 * long_latency, (short_latency, long_latency)
+
+
+def test_concurrent_long_prompts_are_tokenized_while_a_batch_runs(tiny_cross_attention):
+    # The model thread tokenizes steering prompts (with truncation) at every prefill while requests are being
+    # tokenized (without); on one shared fast tokenizer this failed with "Already borrowed".
+    server, reference = tiny_cross_attention
+    long_text = "Explain sorting algorithms in simple words, with pointers and semicolons. " * 4
+    requests = [
+        (f"{index} {long_text}", {"prompt": [LEGAL, CODE, MATH][index % 3] + f" {index}", "factor": 1.0})
+        for index in range(12)
+    ]
+    expected = [reference.expect(text, steering, max_tokens=3) for text, steering in requests]
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        background = pool.submit(
+            _stream, server, "Write a short poem about the sea.", {"prompt": LEGAL, "factor": 1.0}, 200
+        )
+        results = list(pool.map(lambda request: _create(server, *request, max_tokens=3), requests))
+        background.result()
+    for completion, want in zip(results, expected):
+        _assert_matches(completion, want)
+
+
+def test_incremental_detokenizer_never_drops_split_characters():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_hypersteer.serve import IncrementalDetokenizer
+
+    # Byte-level BPE trained on ASCII only: accented letters and emoji are split into single-byte tokens.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "the café 🌊 waves — naïve 日本 fox"
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(tokens) > len(text.split())  # multi-byte characters really are split
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.add(token) for token in tokens]
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(tokens) == text
+
+
+def _in_process_app(tiny_tokenizer, **settings):
+    from fastapi.testclient import TestClient
+
+    from modeling_hypersteer.serve import BatchingEngine, ServeSettings, build_app
+
+    torch.manual_seed(0)
+    model = HyperSteerModel.from_base_model(
+        build_tiny_base("llama", len(tiny_tokenizer)),
+        tokenizer=tiny_tokenizer,
+        hypernet_type="no_context",
+        steering_layer=2,
+        hypernet_num_layers=1,
+    )
+    engine = BatchingEngine(model, ServeSettings(model_id="tiny", **settings))
+    return engine, TestClient(build_app(engine), raise_server_exceptions=False)
+
+
+def _assert_openai_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def test_limits_api_key_and_unexpected_errors_answer_in_openai_shape(tiny_tokenizer):
+    engine, client = _in_process_app(
+        tiny_tokenizer, api_key="s3cret", max_request_bytes=2000, max_tokens_limit=64, max_queued_requests=1
+    )
+    good = {"model": "tiny", "messages": _messages("Hi"), "max_tokens": 4}
+    auth = {"Authorization": "Bearer s3cret"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        error = _assert_openai_error(client.post("/v1/chat/completions", json=good, headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
+    _assert_openai_error(client.get("/v1/models"), 401)
+    assert client.get("/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+    assert client.get("/health").status_code == 200  # for load balancers, without the key
+    # Body size, before reading it all.
+    big = {**good, "messages": _messages("x" * 3000)}
+    assert _assert_openai_error(client.post("/v1/chat/completions", json=big, headers=auth), 413)["code"] == (
+        "request_too_large"
+    )
+    # The `max_tokens` ceiling, under either name.
+    error = _assert_openai_error(
+        client.post("/v1/chat/completions", json={**good, "max_tokens": 65}, headers=auth), 400, "max_tokens"
+    )
+    assert "--max_tokens_limit" in error["message"]
+    _assert_openai_error(
+        client.post(
+            "/v1/chat/completions", json={**good, "max_tokens": None, "max_completion_tokens": 100}, headers=auth
+        ),
+        400,
+        "max_completion_tokens",
+    )
+    # A full queue (the engine is not started, so an admitted request stays queued): 429 with Retry-After.
+    engine.admit()
+    response = client.post("/v1/chat/completions", json=good, headers=auth)
+    assert _assert_openai_error(response, 429)["code"] == "rate_limit_exceeded" and response.headers["retry-after"]
+    assert client.get("/health").json()["queued"] == 1
+    engine.release()
+    # Wrong method and unknown route.
+    _assert_openai_error(client.get("/v1/chat/completions", headers=auth), 405)
+    _assert_openai_error(client.get("/v1/nothing", headers=auth), 404)
+
+    # An unexpected exception reaches the client as OpenAI JSON, never as plain text.
+    def broken_submit(job):
+        raise RuntimeError("a bug")
+
+    engine.submit = broken_submit
+    error = _assert_openai_error(client.post("/v1/chat/completions", json=good, headers=auth), 500)
+    assert error["type"] == "server_error" and "a bug" in error["message"]
+    assert engine.queued == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
