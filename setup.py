@@ -29,7 +29,17 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "gguf>=0.10", "pandas>=2", "pyarrow>=14", "fastapi>=0.110", "uvicorn>=0.29"],
+        "dev": [
+            "pytest>=8",
+            "gguf>=0.10",
+            "pandas>=2",
+            "pyarrow>=14",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            # tests/test_serve.py: a third-party OpenAI client, and FastAPI's TestClient (which needs httpx)
+            "langchain-openai>=1.0",
+            "httpx>=0.27",
+        ],
         "gguf": ["gguf>=0.10"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
