@@ -5,6 +5,7 @@ Every server completion under greedy decoding is compared token for token with `
 steering prompts and factors, run in this process on the very same saved model.
 """
 
+import copy
 import http.client
 import json
 import os
@@ -725,7 +726,7 @@ def test_concurrent_long_prompts_are_tokenized_while_batches_run(tiny_cross_atte
     assert flooded and set(flooded) == {(400, "messages")}
 
 
-def test_requests_are_tokenized_off_the_event_loop_with_their_own_tokenizer(tiny_tokenizer):
+def test_requests_are_tokenized_off_the_event_loop_with_their_own_tokenizer(tiny_tokenizer, monkeypatch):
     engine, client = _in_process_app(tiny_tokenizer)
     assert engine.request_tokenizer.backend_tokenizer is not engine.tokenizer.backend_tokenizer
     threads = []
@@ -735,8 +736,9 @@ def test_requests_are_tokenized_off_the_event_loop_with_their_own_tokenizer(tiny
         threads.append(threading.current_thread().name)
         return render(*args, **kwargs)
 
-    engine.request_tokenizer.apply_chat_template = recording_render
-    engine.tokenizer.apply_chat_template = None  # the model thread's tokenizer must not render requests
+    monkeypatch.setattr(engine.request_tokenizer, "apply_chat_template", recording_render)
+    # The model thread's tokenizer must not render requests.
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", None)
     # Over the context, so it is refused right after tokenization (the engine is not started).
     response = client.post("/v1/chat/completions", json={"messages": _messages("Hi " * 400)})
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
@@ -775,7 +777,7 @@ def _in_process_app(tiny_tokenizer, **settings):
     torch.manual_seed(0)
     model = HyperSteerModel.from_base_model(
         build_tiny_base("llama", len(tiny_tokenizer)),
-        tokenizer=tiny_tokenizer,
+        tokenizer=copy.deepcopy(tiny_tokenizer),  # the session's tokenizer stays untouched by these tests
         hypernet_type="no_context",
         steering_layer=2,
         hypernet_num_layers=1,
