@@ -40,13 +40,17 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m modeling_hypersteer.serve MODEL ...` as a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir, log_path, **flags):
+    def __init__(self, model_dir, log_path, api_key=None, **flags):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "modeling_hypersteer.serve", str(model_dir), "--port", str(self.port)]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # The key, if any, through the environment variable (as on a real deployment), never one inherited.
+        env.pop("HYPERSTEER_API_KEY", None)
+        if api_key is not None:
+            env["HYPERSTEER_API_KEY"] = api_key
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -63,7 +67,7 @@ class ServerProcess:
                         f"The server did not start in {STARTUP_TIMEOUT_S} s:\n{open(log_path).read()}"
                     ) from None
                 time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=0, timeout=120)
         self.model_id = self.client.models.list().data[0].id
 
     def get(self, path):
@@ -852,8 +856,15 @@ def test_limits_api_key_and_unexpected_errors_answer_in_openai_shape(tiny_tokeni
 def test_no_context_server_caches_vectors_and_equals_generate(tmp_path, tiny_tokenizer):
     model_dir = _save_tiny_hypersteer(tmp_path, tiny_tokenizer, "no_context")
     reference = Reference(model_dir)
-    server = ServerProcess(model_dir, tmp_path / "server.log", batch_window_ms=400, vector_cache_size=2)
+    # This server also requires an API key (from HYPERSTEER_API_KEY); its client sends it.
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", api_key="s3cret", batch_window_ms=400, vector_cache_size=2
+    )
     try:
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as error:
+            wrong.chat.completions.create(model=server.model_id, messages=_messages("Hi"), max_tokens=2)
+        assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
         requests = [
             ("Explain sorting.", {"prompt": LEGAL, "factor": 2.0}),
             ("Hi", [{"prompt": LEGAL, "factor": 1.0}, {"prompt": CODE, "factor": -1.0}]),
