@@ -1139,6 +1139,11 @@ def build_app(engine: BatchingEngine):
             if job.include_usage:
                 yield chunk(job, [], with_usage=True)
             yield "data: [DONE]\n\n"
+        except Exception as error:
+            # The status line has been sent, so the error travels as an event in OpenAI's shape, as the SDK expects.
+            logger.error(f"Unexpected error while streaming {job.request_id}: {error!r}")
+            failure = ServeError(f"Internal server error: {type(error).__name__}: {error}", error_type="server_error")
+            yield f"data: {json.dumps(failure.to_dict())}\n\n"
         finally:
             # A client that disconnects mid-stream ends up here: its rows stop at the next decoding step.
             if not job.done:

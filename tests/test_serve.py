@@ -772,6 +772,21 @@ def test_incremental_detokenizer_never_drops_split_characters():
     assert not any("\ufffd" in delta for delta in deltas)
     assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(tokens) == text
 
+    # Each step decodes a few tokens, not the whole text so far.
+    class CountingTokenizer:
+        longest = 0
+
+        def decode(self, token_ids, **kwargs):
+            CountingTokenizer.longest = max(CountingTokenizer.longest, len(token_ids))
+            return tokenizer.decode(token_ids, **kwargs)
+
+    long_tokens = tokenizer("the quick brown fox jumps over the lazy dog " * 20, add_special_tokens=False).input_ids
+    detokenizer = IncrementalDetokenizer(CountingTokenizer())
+    assert "".join(detokenizer.add(token) for token in long_tokens) + detokenizer.flush() == tokenizer.decode(
+        long_tokens
+    )
+    assert len(long_tokens) > 100 and CountingTokenizer.longest <= 3
+
 
 def _in_process_app(tiny_tokenizer, **settings):
     from fastapi.testclient import TestClient
