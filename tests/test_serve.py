@@ -186,7 +186,7 @@ def _assert_matches(completion, expected):
     )
 
 
-def _stream(server, text, steering=None, max_tokens=12):
+def _stream(server, text, steering=None, max_tokens=12, **kwargs):
     stream = server.client.chat.completions.create(
         model=server.model_id,
         messages=_messages(text),
@@ -195,6 +195,7 @@ def _stream(server, text, steering=None, max_tokens=12):
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"steering": steering} if steering is not None else None,
+        **kwargs,
     )
     return list(stream)
 
@@ -481,11 +482,17 @@ def test_stop_strings_cut_the_text_streamed_or_not(tiny_cross_attention):
         )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:start]
         assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
-    # A stop string that never occurs changes nothing.
-    _assert_matches(
-        _create(server, "Explain sorting.", max_tokens=16, stop=["zzzz"]),
-        reference.expect("Explain sorting.", max_tokens=16),
-    )
+    # A stop string that never occurs changes nothing, even one that starts like the end of the text (held back while
+    # it might complete, then released when the row ends).
+    unfinished_stop = text[-2:] + "\u00e9\u00e9"
+    assert unfinished_stop not in text
+    for value in (["zzzz"], unfinished_stop):
+        _assert_matches(
+            _create(server, "Explain sorting.", max_tokens=16, stop=value),
+            reference.expect("Explain sorting.", max_tokens=16),
+        )
+        streamed = _stream(server, "Explain sorting.", max_tokens=16, stop=value)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
 
 
 def test_n_choices_are_all_steered_and_seeded_choices_differ(tiny_cross_attention):
