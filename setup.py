@@ -40,6 +40,9 @@ setup(
             "uvicorn>=0.29",
             "gradio>=5",
             "playwright>=1.40",
+            # tests/test_serve.py: a third-party OpenAI client, and FastAPI's TestClient (which needs httpx)
+            "langchain-openai>=1.0",
+            "httpx>=0.27",
         ],
         "gguf": ["gguf>=0.10"],
         "demo": ["gradio>=5", "gguf>=0.10"],

@@ -112,7 +112,9 @@ class Server:
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         self.log = open(log_path, "w")
-        self.process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        # The clients send no key, so a key set in this shell for a real deployment must not reach the server.
+        env = {name: value for name, value in os.environ.items() if name != "HYPERSTEER_API_KEY"}
+        self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0, timeout=300
         )

@@ -5,12 +5,14 @@ Every server completion under greedy decoding is compared token for token with `
 steering prompts and factors, run in this process on the very same saved model.
 """
 
+import copy
 import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,13 +40,17 @@ def _free_port() -> int:
 class ServerProcess:
     """`python -m modeling_hypersteer.serve MODEL ...` as a subprocess on a free loopback port."""
 
-    def __init__(self, model_dir, log_path, **flags):
+    def __init__(self, model_dir, log_path, api_key=None, **flags):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "modeling_hypersteer.serve", str(model_dir), "--port", str(self.port)]
         for key, value in flags.items():
             argv += [f"--{key}", str(value)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # The key, if any, through the environment variable (as on a real deployment), never one inherited.
+        env.pop("HYPERSTEER_API_KEY", None)
+        if api_key is not None:
+            env["HYPERSTEER_API_KEY"] = api_key
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -61,7 +67,7 @@ class ServerProcess:
                         f"The server did not start in {STARTUP_TIMEOUT_S} s:\n{open(log_path).read()}"
                     ) from None
                 time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=0, timeout=120)
         self.model_id = self.client.models.list().data[0].id
 
     def get(self, path):
@@ -128,12 +134,12 @@ class Reference:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
 
-    def tokens(self, text, steering=None, max_tokens=12):
+    def tokens(self, text, steering=None, max_tokens=12, messages=None, **generate_kwargs):
         """Greedy completion tokens (without EOS) and the finish reason, for one request's `steering` field."""
         inputs = self.tokenizer.apply_chat_template(
-            _messages(text), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages or _messages(text), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        kwargs = {"max_new_tokens": max_tokens, "do_sample": False}
+        kwargs = {"max_new_tokens": max_tokens, "do_sample": False, **generate_kwargs}
         if steering is None:
             output = self.model.language_model.generate(**inputs, **kwargs)
         elif isinstance(steering, dict):
@@ -153,8 +159,8 @@ class Reference:
                 return tokens[:index], "stop"
         return tokens, "length"
 
-    def expect(self, text, steering=None, max_tokens=12):
-        tokens, finish_reason = self.tokens(text, steering, max_tokens)
+    def expect(self, text, steering=None, max_tokens=12, **kwargs):
+        tokens, finish_reason = self.tokens(text, steering, max_tokens, **kwargs)
         return self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), finish_reason
 
 
@@ -180,7 +186,7 @@ def _assert_matches(completion, expected):
     )
 
 
-def _stream(server, text, steering=None, max_tokens=12):
+def _stream(server, text, steering=None, max_tokens=12, **kwargs):
     stream = server.client.chat.completions.create(
         model=server.model_id,
         messages=_messages(text),
@@ -189,6 +195,7 @@ def _stream(server, text, steering=None, max_tokens=12):
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"steering": steering} if steering is not None else None,
+        **kwargs,
     )
     return list(stream)
 
@@ -307,26 +314,43 @@ def test_concurrent_requests_share_one_batch_and_each_equals_generate_alone(tiny
         _assert_matches(completion, want)
 
 
-def test_sampling_and_greedy_requests_go_to_separate_batches(tiny_cross_attention):
+def test_sampled_and_greedy_requests_share_a_batch_and_a_seed_reproduces_the_text(tiny_cross_attention):
+    # Before issue 17, sampled and greedy requests ran in separate batches and `seed` was refused. Now every row has
+    # its own sampling settings and generator, so they share one batch; the greedy row still equals `generate`.
     server, reference = tiny_cross_attention
     greedy_expected = reference.expect("Hi", {"prompt": LEGAL, "factor": 1.0})
 
-    def sampled():
-        return server.client.chat.completions.create(
+    def sampled(seed, raw=False):
+        create = (
+            server.client.chat.completions.with_raw_response.create if raw else server.client.chat.completions.create
+        )
+        return create(
             model=server.model_id,
             messages=_messages("Hi"),
-            max_tokens=8,
-            temperature=0.9,
-            top_p=0.8,
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
             extra_body={"steering": {"prompt": CODE, "factor": 1.0}},
         )
 
+    alone = sampled(7).choices[0].message.content
+    assert sampled(7).choices[0].message.content == alone
+    assert sampled(8).choices[0].message.content != alone
     with ThreadPoolExecutor(2) as pool:
-        sampled_future = pool.submit(sampled)
-        greedy = _create(server, "Hi", {"prompt": LEGAL, "factor": 1.0})
+        sampled_future = pool.submit(sampled, 7, True)
+        time.sleep(0.05)
+        greedy = server.client.chat.completions.with_raw_response.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=12,
+            temperature=0,
+            extra_body={"steering": {"prompt": LEGAL, "factor": 1.0}},
+        )
         sample = sampled_future.result()
-    _assert_matches(greedy, greedy_expected)
-    assert 1 <= sample.usage.completion_tokens <= 8
+    assert int(greedy.headers["x-hypersteer-batch-rows"]) == int(sample.headers["x-hypersteer-batch-rows"]) == 2
+    _assert_matches(greedy.parse(), greedy_expected)
+    assert sample.parse().choices[0].message.content == alone
 
 
 BAD_REQUESTS = [
@@ -348,8 +372,27 @@ BAD_REQUESTS = [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     ({"temperature": -1}, "temperature"),
-    ({"n": 2}, "n"),
-    ({"seed": 3}, "seed"),
+    # `n` and `seed` were refused before issue 17; now only values that cannot be honoured are.
+    ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
+    ({"seed": 1.5}, "seed"),
+    ({"stop": ""}, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"logit_bias": {"hello": 1}}, "logit_bias"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0]",
+    ),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "messages[0].role"),
+    ({"frobnicate": 1}, "frobnicate"),
 ]
 
 
@@ -413,6 +456,420 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_cross_attentio
     )
 
 
+def _stop_inside(text):
+    """A 3-character stop string whose first occurrence is inside `text`, not at its start: `(start, stop)`."""
+    start = next(index for index in range(2, len(text) - 3) if text.find(text[index : index + 3]) == index)
+    return start, text[start : start + 3]
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    text = reference.expect("Explain sorting.", max_tokens=16)[0]
+    start, stop = _stop_inside(text)
+    for value in (stop, ["never in the text", stop]):
+        completion = _create(server, "Explain sorting.", max_tokens=16, stop=value)
+        assert completion.choices[0].message.content == text[:start]
+        assert completion.choices[0].finish_reason == "stop"
+        chunks = list(
+            server.client.chat.completions.create(
+                model=server.model_id,
+                messages=_messages("Explain sorting."),
+                max_tokens=16,
+                temperature=0,
+                stop=value,
+                stream=True,
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:start]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # A stop string that never occurs changes nothing, even one that starts like the end of the text (held back while
+    # it might complete, then released when the row ends).
+    unfinished_stop = text[-2:] + "\u00e9\u00e9"
+    assert unfinished_stop not in text
+    for value in (["zzzz"], unfinished_stop):
+        _assert_matches(
+            _create(server, "Explain sorting.", max_tokens=16, stop=value),
+            reference.expect("Explain sorting.", max_tokens=16),
+        )
+        streamed = _stream(server, "Explain sorting.", max_tokens=16, stop=value)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_n_choices_are_all_steered_and_seeded_choices_differ(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    steering = {"prompt": LEGAL, "factor": 2.0}
+    greedy = _create(server, "Explain sorting.", steering, n=2)
+    assert [choice.index for choice in greedy.choices] == [0, 1]
+    text, num_tokens, finish_reason = reference.expect("Explain sorting.", steering)
+    assert [(choice.message.content, choice.finish_reason) for choice in greedy.choices] == [(text, finish_reason)] * 2
+    assert greedy.usage.completion_tokens == 2 * num_tokens
+    sampled = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=_messages("Hi"),
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=11,
+        extra_body={"steering": steering},
+    )
+    texts = [choice.message.content for choice in sampled.choices]
+    assert [choice.index for choice in sampled.choices] == [0, 1, 2] and len(set(texts)) == 3
+    again = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=_messages("Hi"),
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=11,
+        extra_body={"steering": steering},
+    )
+    assert [choice.message.content for choice in again.choices] == texts
+    # Streaming n > 1: every chunk names its choice, and each choice's deltas add up to its text.
+    chunks = list(
+        server.client.chat.completions.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=12,
+            temperature=1.0,
+            n=3,
+            seed=11,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"steering": steering},
+        )
+    )
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts and chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+
+
+def test_penalties_and_logit_bias_follow_openai_definitions(tiny_cross_attention):
+    from transformers import LogitsProcessorList
+
+    from modeling_hypersteer.serve import PresenceFrequencyPenaltyLogitsProcessor
+
+    server, reference = tiny_cross_attention
+    steering = {"prompt": MATH, "factor": 1.0}
+    plain = reference.expect("Explain sorting.", steering, max_tokens=16)
+    prompt_length = len(
+        reference.tokenizer.apply_chat_template(
+            _messages("Explain sorting."), add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
+    penalty = PresenceFrequencyPenaltyLogitsProcessor(torch.tensor([0.5]), torch.tensor([1.5]), prompt_length)
+    penalized = reference.expect(
+        "Explain sorting.", steering, max_tokens=16, logits_processor=LogitsProcessorList([penalty])
+    )
+    assert penalized[0] != plain[0]  # the penalties matter for this prompt
+    _assert_matches(
+        _create(server, "Explain sorting.", steering, max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5),
+        penalized,
+    )
+    # logit_bias: +100 on one token makes greedy decoding repeat it; -100 on the first greedy token bans it.
+    tokens, _ = reference.tokens("Explain sorting.", steering, max_tokens=16)
+    forced = _create(server, "Explain sorting.", steering, max_tokens=5, logit_bias={str(tokens[2]): 100})
+    assert forced.choices[0].message.content == reference.tokenizer.decode([tokens[2]] * 5, skip_special_tokens=True)
+    banned = _create(server, "Explain sorting.", steering, max_tokens=5, logit_bias={str(tokens[0]): -100})
+    assert not banned.choices[0].message.content.startswith(reference.tokenizer.decode(tokens[:1]))
+
+
+def test_penalty_processor_counts_generated_tokens_only():
+    from modeling_hypersteer.serve import PresenceFrequencyPenaltyLogitsProcessor
+
+    processor = PresenceFrequencyPenaltyLogitsProcessor(torch.tensor([0.5, 0.0]), torch.tensor([1.0, -1.0]), 2)
+    input_ids = torch.tensor([[4, 4, 3, 3, 1], [0, 2, 2, 0, 0]])  # prompts [4, 4] and [0, 2]
+    scores = processor(input_ids, torch.zeros(2, 5))
+    assert scores.tolist() == [[0.0, -1.5, 0.0, -2.5, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0]]
+
+
+def test_content_parts_assistant_null_and_client_defaults_are_accepted(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "Explain "}, {"type": "text", "text": "sorting."}]},
+    ]
+    expected_messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Explain sorting."},
+    ]
+    completion = server.client.chat.completions.create(
+        model=server.model_id,
+        messages=conversation,
+        max_completion_tokens=10,
+        temperature=0,
+        user="someone",
+        stop=None,
+        seed=None,
+        response_format={"type": "text"},
+        logprobs=False,
+        parallel_tool_calls=True,
+        tool_choice="none",
+    )
+    _assert_matches(completion, reference.expect(None, max_tokens=10, messages=expected_messages))
+
+
+def test_get_model_by_id(tiny_cross_attention):
+    server, _ = tiny_cross_attention
+    assert server.client.models.retrieve(server.model_id).id == server.model_id
+    with pytest.raises(openai.NotFoundError) as error:
+        server.client.models.retrieve("gpt-4o")
+    assert error.value.body["code"] == "model_not_found"
+
+
+def test_async_client_streams_concurrently_with_usage(tiny_cross_attention):
+    import asyncio
+
+    server, reference = tiny_cross_attention
+    requests = [("Hi", {"prompt": CODE, "factor": 2.0}), ("Explain sorting.", None), ("What is 2 + 2?", None)]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(text, steering):
+            stream = await client.chat.completions.create(
+                model=server.model_id,
+                messages=_messages(text),
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"steering": steering},
+            )
+            return [chunk async for chunk in stream]
+
+        plain = await client.chat.completions.create(
+            model=server.model_id, messages=_messages("Hi"), max_tokens=10, temperature=0
+        )
+        results = await asyncio.gather(*(one(text, steering) for text, steering in requests))
+        await client.close()
+        return plain, results
+
+    plain, results = asyncio.run(run())
+    _assert_matches(plain, reference.expect("Hi", max_tokens=10))
+    for (text, steering), chunks in zip(requests, results):
+        expected_text, num_tokens, finish_reason = reference.expect(text, steering, max_tokens=10)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == num_tokens
+
+
+def test_langchain_chat_openai_invoke_stream_and_stop(tiny_cross_attention):
+    from langchain_openai import ChatOpenAI
+
+    server, reference = tiny_cross_attention
+    chat = ChatOpenAI(
+        model=server.model_id,
+        base_url=f"{server.url}/v1",
+        api_key="unused",
+        temperature=0,
+        max_tokens=12,
+        max_retries=0,
+        extra_body={"steering": {"prompt": CODE, "factor": 1.0}},
+    )
+    expected_text, num_tokens, _ = reference.expect("Explain sorting.", {"prompt": CODE, "factor": 1.0})
+    assert len(set(expected_text)) > 3  # varied enough to hold a stop string inside
+    message = chat.invoke("Explain sorting.")
+    assert message.content == expected_text and message.usage_metadata["output_tokens"] == num_tokens
+    assert "".join(chunk.content for chunk in chat.stream("Explain sorting.")) == expected_text
+    start, stop = _stop_inside(expected_text)
+    assert chat.invoke("Explain sorting.", stop=[stop]).content == expected_text[:start]
+
+
+def test_a_short_request_is_answered_when_its_own_row_ends(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    eos = reference.tokenizer.eos_token_id
+
+    def send(max_tokens):
+        started = time.monotonic()
+        raw = server.client.chat.completions.with_raw_response.create(
+            model=server.model_id,
+            messages=_messages("Hi"),
+            max_tokens=max_tokens,
+            temperature=0,
+            logit_bias={str(eos): -100},  # no early EOS: each row runs to its own budget
+            extra_body={"steering": {"prompt": LEGAL, "factor": 1.0}},
+        )
+        return time.monotonic() - started, int(raw.headers["x-hypersteer-batch-rows"]), raw.parse()
+
+    with ThreadPoolExecutor(2) as pool:
+        long_future = pool.submit(send, 490)
+        time.sleep(0.05)
+        short_latency, short_rows, short = send(16)
+        long_latency, long_rows, long = long_future.result()
+    assert short_rows == long_rows == 2  # they shared one batch
+    assert (short.usage.completion_tokens, long.usage.completion_tokens) == (16, 490)
+    assert short_latency < 0.5 * long_latency, (short_latency, long_latency)
+
+
+def test_concurrent_long_prompts_are_tokenized_while_batches_run(tiny_cross_attention):
+    # The model thread tokenizes steering prompts (with truncation) at every batch's prefill while requests are being
+    # tokenized (without). On one shared fast tokenizer, switching truncation while the other thread is inside a long
+    # encode can fail with "Already borrowed" (a 500 for a whole batch). tokenizers 0.23 did not reproduce it here even
+    # with one shared tokenizer, so `test_requests_are_tokenized_off_the_event_loop_with_their_own_tokenizer` checks
+    # the fix's structure; this one checks the outcome under that load.
+    server, reference = tiny_cross_attention
+    huge = "Explain sorting algorithms in simple words, with pointers and semicolons. " * 1000  # over the context
+    steered = [("Hi", {"prompt": [LEGAL, CODE, MATH][index % 3] + f" {index}", "factor": 1.0}) for index in range(10)]
+    expected = [reference.expect(text, steering, max_tokens=2) for text, steering in steered]
+    stop = threading.Event()
+
+    def flood():
+        statuses = []
+        while not stop.is_set():
+            status, body = server.post({"model": server.model_id, "messages": _messages(huge), "temperature": 0})
+            statuses.append((status, body["error"]["param"]))
+        return statuses
+
+    with ThreadPoolExecutor(4) as pool:
+        floods = [pool.submit(flood) for _ in range(2)]
+        try:
+            results = list(pool.map(lambda request: _create(server, *request, max_tokens=2), steered))
+        finally:
+            stop.set()
+        flooded = [status for future in floods for status in future.result()]
+    for completion, want in zip(results, expected):
+        _assert_matches(completion, want)
+    assert flooded and set(flooded) == {(400, "messages")}
+
+
+def test_requests_are_tokenized_off_the_event_loop_with_their_own_tokenizer(tiny_tokenizer, monkeypatch):
+    engine, client = _in_process_app(tiny_tokenizer)
+    assert engine.request_tokenizer.backend_tokenizer is not engine.tokenizer.backend_tokenizer
+    threads = []
+    render = engine.request_tokenizer.apply_chat_template
+
+    def recording_render(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(engine.request_tokenizer, "apply_chat_template", recording_render)
+    # The model thread's tokenizer must not render requests.
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", None)
+    # Over the context, so it is refused right after tokenization (the engine is not started).
+    response = client.post("/v1/chat/completions", json={"messages": _messages("Hi " * 400)})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert len(threads) == 1 and threads[0].startswith("hypersteer-tokenizer")
+
+
+def test_incremental_detokenizer_never_drops_split_characters():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from modeling_hypersteer.serve import IncrementalDetokenizer
+
+    # Byte-level BPE trained on ASCII only: accented letters and emoji are split into single-byte tokens.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "the café 🌊 waves — naïve 日本 fox"
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(tokens) > len(text.split())  # multi-byte characters really are split
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.add(token) for token in tokens]
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert "".join(deltas) + detokenizer.flush() == tokenizer.decode(tokens) == text
+
+    # Each step decodes a few tokens, not the whole text so far.
+    class CountingTokenizer:
+        longest = 0
+
+        def decode(self, token_ids, **kwargs):
+            CountingTokenizer.longest = max(CountingTokenizer.longest, len(token_ids))
+            return tokenizer.decode(token_ids, **kwargs)
+
+    long_tokens = tokenizer("the quick brown fox jumps over the lazy dog " * 20, add_special_tokens=False).input_ids
+    detokenizer = IncrementalDetokenizer(CountingTokenizer())
+    assert "".join(detokenizer.add(token) for token in long_tokens) + detokenizer.flush() == tokenizer.decode(
+        long_tokens
+    )
+    assert len(long_tokens) > 100 and CountingTokenizer.longest <= 3
+
+
+def _in_process_app(tiny_tokenizer, **settings):
+    from fastapi.testclient import TestClient
+
+    from modeling_hypersteer.serve import BatchingEngine, ServeSettings, build_app
+
+    torch.manual_seed(0)
+    model = HyperSteerModel.from_base_model(
+        build_tiny_base("llama", len(tiny_tokenizer)),
+        tokenizer=copy.deepcopy(tiny_tokenizer),  # the session's tokenizer stays untouched by these tests
+        hypernet_type="no_context",
+        steering_layer=2,
+        hypernet_num_layers=1,
+    )
+    engine = BatchingEngine(model, ServeSettings(model_id="tiny", **settings))
+    return engine, TestClient(build_app(engine), raise_server_exceptions=False)
+
+
+def _assert_openai_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def test_limits_api_key_and_unexpected_errors_answer_in_openai_shape(tiny_tokenizer):
+    engine, client = _in_process_app(
+        tiny_tokenizer, api_key="s3cret", max_request_bytes=2000, max_tokens_limit=64, max_queued_requests=1
+    )
+    good = {"model": "tiny", "messages": _messages("Hi"), "max_tokens": 4}
+    auth = {"Authorization": "Bearer s3cret"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        error = _assert_openai_error(client.post("/v1/chat/completions", json=good, headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
+    _assert_openai_error(client.get("/v1/models"), 401)
+    assert client.get("/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+    assert client.get("/health").status_code == 200  # for load balancers, without the key
+    # Body size, before reading it all.
+    big = {**good, "messages": _messages("x" * 3000)}
+    assert _assert_openai_error(client.post("/v1/chat/completions", json=big, headers=auth), 413)["code"] == (
+        "request_too_large"
+    )
+    # The `max_tokens` ceiling, under either name.
+    error = _assert_openai_error(
+        client.post("/v1/chat/completions", json={**good, "max_tokens": 65}, headers=auth), 400, "max_tokens"
+    )
+    assert "--max_tokens_limit" in error["message"]
+    _assert_openai_error(
+        client.post(
+            "/v1/chat/completions", json={**good, "max_tokens": None, "max_completion_tokens": 100}, headers=auth
+        ),
+        400,
+        "max_completion_tokens",
+    )
+    # A full queue (the engine is not started, so an admitted request stays queued): 429 with Retry-After.
+    engine.admit()
+    response = client.post("/v1/chat/completions", json=good, headers=auth)
+    assert _assert_openai_error(response, 429)["code"] == "rate_limit_exceeded" and response.headers["retry-after"]
+    assert client.get("/health").json()["queued"] == 1
+    engine.release()
+    # Wrong method and unknown route.
+    _assert_openai_error(client.get("/v1/chat/completions", headers=auth), 405)
+    _assert_openai_error(client.get("/v1/nothing", headers=auth), 404)
+
+    # An unexpected exception reaches the client as OpenAI JSON, never as plain text.
+    def broken_submit(job):
+        raise RuntimeError("a bug")
+
+    engine.submit = broken_submit
+    error = _assert_openai_error(client.post("/v1/chat/completions", json=good, headers=auth), 500)
+    assert error["type"] == "server_error" and "a bug" in error["message"]
+    assert engine.queued == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny no-context model: cached vectors
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,8 +878,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(tiny_cross_attentio
 def test_no_context_server_caches_vectors_and_equals_generate(tmp_path, tiny_tokenizer):
     model_dir = _save_tiny_hypersteer(tmp_path, tiny_tokenizer, "no_context")
     reference = Reference(model_dir)
-    server = ServerProcess(model_dir, tmp_path / "server.log", batch_window_ms=400, vector_cache_size=2)
+    # This server also requires an API key (from HYPERSTEER_API_KEY); its client sends it.
+    server = ServerProcess(
+        model_dir, tmp_path / "server.log", api_key="s3cret", batch_window_ms=400, vector_cache_size=2
+    )
     try:
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as error:
+            wrong.chat.completions.create(model=server.model_id, messages=_messages("Hi"), max_tokens=2)
+        assert error.value.status_code == 401 and error.value.body["code"] == "invalid_api_key"
         requests = [
             ("Explain sorting.", {"prompt": LEGAL, "factor": 2.0}),
             ("Hi", [{"prompt": LEGAL, "factor": 1.0}, {"prompt": CODE, "factor": -1.0}]),
