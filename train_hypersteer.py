@@ -271,9 +271,10 @@ def load_base_model(model_args: ModelArguments):
 
 
 def hypernetwork_fingerprints(trainer: HyperSteerTrainer) -> list[list[float]]:
-    """(sum, sum of squares) of the hypernetwork weights on every process, to confirm DDP kept ranks in sync."""
-    parameters = [parameter.detach().double() for parameter in trainer.model.hypernetwork.parameters()]
-    local = torch.stack([sum(p.sum() for p in parameters), sum(p.pow(2).sum() for p in parameters)])
+    """(sum, sum of squares) of everything the checkpoint saves of the hypernetwork, weights and buffers (the running
+    feature statistics), on every process, to confirm DDP kept ranks in sync."""
+    tensors = [tensor.detach().double() for tensor in trainer.model.hypernetwork.state_dict().values()]
+    local = torch.stack([sum(t.sum() for t in tensors), sum(t.pow(2).sum() for t in tensors)])
     gathered = trainer.accelerator.gather(local.to(trainer.args.device)[None])
     return [[round(value, 9) for value in row] for row in gathered.cpu().tolist()]
 
@@ -400,7 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     eval_sets = {name[len("eval_") :]: split for name, split in tokenized.items() if name.startswith("eval_")}
     if not eval_sets and training_args.eval_strategy != "no":
-        logger.warning("No evaluation rows: turning evaluation off.")
+        if not training_args.eval_strategy_is_default:
+            logger.warning(
+                f"No evaluation rows: turning evaluation off (--eval_strategy {training_args.eval_strategy})."
+            )
         training_args.eval_strategy = "no"
 
     if training_args.should_save:
@@ -467,6 +471,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="Train HyperSteer")
+    # Under `accelerate launch`, every process leaves together and tears the process group down before the
+    # interpreter exits: the main process writes files long after the others finish, and a gloo process whose peer
+    # exits (closing its sockets) while it still holds the group, or mid-collective, can abort with SIGABRT.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return metrics
 
 

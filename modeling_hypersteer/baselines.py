@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, tokenize_example
 from .modeling_hypersteer import HyperSteerModel, _decoder_layers_of, _positions_from_mask
+from .utils import evaluation_mode, restored_training_modes
 
 
 logger = logging.get_logger(__name__)
@@ -63,25 +64,26 @@ def mean_response_residual(
         recorded["hidden"] = output[0] if isinstance(output, tuple) else output
         raise _StopForward()
 
-    for start in range(0, len(features), batch_size):
-        batch = collator(features[start : start + batch_size])
-        batch = {key: value.to(device) for key, value in batch.items()}
-        handle = layer.register_forward_hook(record)
-        try:
-            model.language_model.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=_positions_from_mask(batch["attention_mask"]),
-                use_cache=False,
-            )
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        response = batch["labels"].ne(-100)
-        hidden = recorded.pop("hidden").float()[response]
-        total = hidden.sum(0) if total is None else total + hidden.sum(0)
-        count += hidden.shape[0]
+    with evaluation_mode(model):
+        for start in range(0, len(features), batch_size):
+            batch = collator(features[start : start + batch_size])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            handle = layer.register_forward_hook(record)
+            try:
+                model.language_model.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=_positions_from_mask(batch["attention_mask"]),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            response = batch["labels"].ne(-100)
+            hidden = recorded.pop("hidden").float()[response]
+            total = hidden.sum(0) if total is None else total + hidden.sum(0)
+            count += hidden.shape[0]
     return total / count
 
 
@@ -103,16 +105,17 @@ def mean_steering_vector_norm(model: HyperSteerModel, tokenizer, rows: Sequence[
     collator = HyperSteerDataCollator(tokenizer=tokenizer)
     device = model.get_input_embeddings().weight.device
     norms = []
-    for start in range(0, len(features), batch_size):
-        batch = {key: value.to(device) for key, value in collator(features[start : start + batch_size]).items()}
-        vectors = model.compute_steering_vectors(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            steering_input_ids=batch["steering_input_ids"],
-            steering_attention_mask=batch["steering_attention_mask"],
-        )
-        norms.append(vectors.float().norm(dim=-1))
+    with evaluation_mode(model):
+        for start in range(0, len(features), batch_size):
+            batch = {key: value.to(device) for key, value in collator(features[start : start + batch_size]).items()}
+            vectors = model.compute_steering_vectors(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                steering_input_ids=batch["steering_input_ids"],
+                steering_attention_mask=batch["steering_attention_mask"],
+            )
+            norms.append(vectors.float().norm(dim=-1))
     return torch.cat(norms).mean().item()
 
 
@@ -219,7 +222,10 @@ def train_concept_vectors(
         train_dataset=features,
         data_collator=_ConceptIndexCollator(tokenizer=tokenizer),
     )
-    trainer.train()
+    # `Trainer.train()` leaves `model` in training mode, in which its later measurements would differ (dropout, and
+    # HyperSteer's running statistics would follow every training-mode pass).
+    with restored_training_modes(model):
+        trainer.train()
     return vector_model.as_dict()
 
 

@@ -63,8 +63,9 @@ class HyperSteerConfig(PreTrainedConfig):
             outputs rewards a shift toward the teacher's style whatever the concept; `b` holds that shift once, so
             `H` does not have to repeat it in every concept's vector.
         center_pooled_features (`bool`, *optional*, defaults to `False`):
-            Subtract a running mean of the pooled features (kept in the checkpoint, updated only in training) before
-            the final norm and output projection. Pooled features of different steering prompts are nearly parallel
+            Subtract a running mean of the pooled features (a float32 buffer kept in the checkpoint, updated once per
+            training step from the steered rows, summed over processes under DDP, and skipped for a batch whose rows
+            share one steering prompt) before the final norm and output projection. Pooled features of different steering prompts are nearly parallel
             (the shared part dominates); centring leaves what tells concepts apart, which the final norm then brings
             to unit scale.
         standardize_pooled_features (`bool`, *optional*, defaults to `False`):
@@ -73,7 +74,8 @@ class HyperSteerConfig(PreTrainedConfig):
             training can hold nearly all of the features' variation; the final norm then squeezes every other
             coordinate to nothing and all concepts' vectors become parallel.
         pooled_feature_momentum (`float`, *optional*, defaults to 0.05):
-            Update rate of the running statistics (a plain average over the first `1 / momentum` training batches).
+            Update rate of the running statistics (a plain average over the first `1 / momentum` training batches
+            that update them).
         steering_prior (`str`, *optional*, defaults to `"none"`):
             A training-free concept direction `u(s)` (unit norm) added through a learned map `A` that starts at
             `steering_prior_init_norm * I`, so the hypernetwork corrects a direction instead of inventing one:

@@ -38,7 +38,7 @@ from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, format_prompt, tokenize_example
 from .modeling_hypersteer import HyperSteerModel, _positions_from_mask, per_row_causal_lm_loss
-from .utils import JsonlAppender, pyplot, read_jsonl
+from .utils import JsonlAppender, evaluation_mode, pyplot, read_jsonl
 
 
 logger = logging.get_logger(__name__)
@@ -234,7 +234,8 @@ def offline_steering_metric(
             )
         row_losses[condition] = list(losses)
     pending = {name: value for name, value in conditions.items() if name not in row_losses}
-    with tqdm(total=len(rows) * len(pending), desc=desc, unit="row") as progress:
+    # In eval mode whatever mode the caller left the model in: a measurement never moves the running statistics.
+    with evaluation_mode(model), tqdm(total=len(rows) * len(pending), desc=desc, unit="row") as progress:
         for condition, (features, steered) in pending.items():
             vectors = None
             if concept_vectors is not None and condition.startswith("hypersteer"):
@@ -435,7 +436,7 @@ def generate_samples(
     device = model.get_input_embeddings().weight.device
     handle = JsonlAppender(generations_path) if generations_path else None
     try:
-        with tqdm(total=len(jobs), desc="Generating", unit="generation") as progress:
+        with evaluation_mode(model), tqdm(total=len(jobs), desc="Generating", unit="generation") as progress:
             groups = defaultdict(list)
             for job in jobs:
                 groups[(job["method"], job["factor"])].append(job)

@@ -60,6 +60,7 @@ def _cache_name(parameters) -> str:
 
 # Resolved once at import: the keyword of the mask builders and the base's forward, and the cache field of outputs.
 _CACHE_KWARG = _cache_name(inspect.signature(create_causal_mask).parameters)
+_CACHE_NAMES = ("cache", "past_key_values")
 _CACHE_FIELD = _cache_name(CausalLMOutputWithPast.__dataclass_fields__)
 
 
@@ -217,9 +218,22 @@ class HyperSteerTokenGate(nn.Module):
 
 class HyperSteerRunningCenter(nn.Module):
     """Subtract a running mean of its inputs, `y = x - m`, or with `scale=True` also divide every coordinate by its
-    running standard deviation, `y = (x - m) / sqrt(s + eps)`. In training only, `m <- m + r (mean_batch(x) - m)` and
-    `s <- s + r (mean_batch((x - m)^2) - s)`, where `r = max(1 / (t + 1), momentum)` after `t` updates (an exact
-    average first, then an exponential one).
+    running standard deviation, `y = (x - m) / sqrt(s + eps)`. At every training step,
+    `m <- m + r (mean_batch(x) - m)` and `s <- s + r (mean_batch((x - m)^2) - s)`, where
+    `r = max(1 / (t + 1), momentum)` after `t` updates (an exact average first, then an exponential one).
+
+    Rules that keep the statistics a property of the checkpoint rather than of how it was used:
+
+    - Only a training step updates them: training mode *and* gradients enabled. Evaluation, generation, `no_grad`
+      metrics and a model left in training mode by some other `Trainer` read them without moving them.
+    - They are float32 buffers whatever the module's dtype (casting the module leaves them float32), and they are
+      applied in float32: in half precision an update of rate `1 / t` would round away.
+    - Under `torch.distributed`, the batch moments (sum, sum of squares, count) are summed over processes before the
+      update, as `SyncBatchNorm` does, so every process holds the same statistics, those of the global batch. Every
+      process must then run the training step, as DDP requires anyway.
+    - `statistics_mask` selects the rows that count (e.g. not the contrast rows of a joint call). A batch whose rows
+      share one concept shows nothing about how concepts differ, and the caller masks it out: its batch variance is
+      zero, and an exact first average would divide by it.
 
     The statistics are persistent buffers, so a saved model transforms exactly as it did at the end of training.
     """
@@ -236,28 +250,57 @@ class HyperSteerRunningCenter(nn.Module):
         else:
             self.running_variance = None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()` and `.bfloat16()` cast every floating buffer; these stay float32 (moved only).
+        statistics = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, before in statistics.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def forward(self, features: torch.Tensor, statistics_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`).
+            statistics_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the rows a training step
+                updates the statistics from (all rows by default; none skips the update).
 
         Returns:
-            `torch.FloatTensor` of the same shape.
+            `torch.FloatTensor` of the shape and dtype of `features`.
         """
-        if self.training:
-            with torch.no_grad():
-                # Computed on the buffer's device: reading the count on the host would sync every training step.
-                rate = (1.0 / (self.num_updates + 1).float()).clamp(min=self.momentum)
-                batch = features.detach().float()
-                self.running_mean.add_(rate * (batch.mean(dim=0) - self.running_mean))
-                if self.running_variance is not None:
-                    batch_variance = (batch - self.running_mean).pow(2).mean(dim=0)
-                    self.running_variance.add_(rate * (batch_variance - self.running_variance))
-                self.num_updates.add_(1)
-        centred = features - self.running_mean.to(features.dtype)
-        if self.running_variance is None:
-            return centred
-        return centred * torch.rsqrt(self.running_variance + self.eps).to(features.dtype)
+        if self.training and torch.is_grad_enabled():
+            self._update(features.detach(), statistics_mask)
+        centred = features.float() - self.running_mean
+        if self.running_variance is not None:
+            centred = centred * torch.rsqrt(self.running_variance + self.eps)
+        return centred.to(features.dtype)
+
+    @torch.no_grad()
+    def _update(self, features: torch.Tensor, statistics_mask: torch.Tensor | None) -> None:
+        # Moments in float64: the variance is recovered from sums of squares, which float32 would cancel away.
+        batch = features.double()
+        weights = batch.new_ones(batch.shape[0]) if statistics_mask is None else statistics_mask.to(batch)
+        moments = torch.cat([weights @ batch, weights @ batch.pow(2), weights.sum()[None]])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(moments)
+        hidden_size = self.running_mean.shape[0]
+        total, total_of_squares, count = moments.split([hidden_size, hidden_size, 1])
+        # Computed on the buffer's device, with no branch on the count: reading it on the host would sync every step.
+        counted = count > 0
+        batch_mean = total / count.clamp(min=1)
+        rate = (1.0 / (self.num_updates + 1).double()).clamp(min=self.momentum) * counted
+        mean = self.running_mean.double()
+        mean = mean + rate * (batch_mean - mean)
+        self.running_mean.copy_(mean)
+        if self.running_variance is not None:
+            # mean_batch((x - m)^2) about the updated mean m.
+            batch_variance = (total_of_squares / count.clamp(min=1) - 2 * mean * batch_mean + mean.pow(2)).clamp(min=0)
+            variance = self.running_variance.double()
+            self.running_variance.copy_(variance + rate * (batch_variance - variance))
+        self.num_updates.add_(counted.long().squeeze(0))
 
 
 class HyperSteerHypernetwork(nn.Module):
@@ -318,6 +361,7 @@ class HyperSteerHypernetwork(nn.Module):
         context_states: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         prior_directions: torch.Tensor | None = None,
+        statistics_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -333,6 +377,8 @@ class HyperSteerHypernetwork(nn.Module):
             prior_directions (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
                 The training-free concept directions of the prior term (unit norm for `"lexical"`; the uncentred mean
                 residual for `"residual"`, centred and normalised here); required when the term exists.
+            statistics_mask (`torch.BoolTensor` of shape `(batch_size,)`, *optional*): the rows a training step
+                updates the running statistics from (see [`HyperSteerRunningCenter`]); all rows by default.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)`: the steering vectors `v`.
@@ -357,16 +403,17 @@ class HyperSteerHypernetwork(nn.Module):
             last_index = attention_mask.sum(dim=-1) - 1
             pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
         if self.feature_center is not None:
-            pooled = self.feature_center(pooled)
+            pooled = self.feature_center(pooled, statistics_mask)
         vectors = self.output_projection(self.norm(pooled))
         if self.steering_offset is not None:
             vectors = vectors + self.steering_offset
         if self.prior_projection is not None:
             if prior_directions is None:
                 raise ValueError("This hypernetwork has a prior term: pass `prior_directions`.")
-            prior_directions = prior_directions.to(vectors.dtype)
             if self.prior_center is not None:
-                prior_directions = F.normalize(self.prior_center(prior_directions), dim=-1)
+                # Centred in float32, before the cast to the hypernetwork's dtype.
+                prior_directions = F.normalize(self.prior_center(prior_directions.float(), statistics_mask), dim=-1)
+            prior_directions = prior_directions.to(vectors.dtype)
             vectors = vectors + self.prior_projection(prior_directions)
         return vectors
 
@@ -836,8 +883,10 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 LM head only where labels are.
             contrast_steering_input_ids (`torch.LongTensor` of shape `(batch_size, contrast_sequence_length)`,
                 *optional*): other steering prompts (e.g. a wrong concept per row). Their vectors are made on each
-                row's own context and applied to the same residual at the steering layer; only the layers above it
-                run again, and `contrast_logits` holds the result.
+                row's own context, in the same hypernetwork call as the steering prompts' (a training step updates
+                the running statistics once, from the steering prompts' rows), and applied to the same residual at
+                the steering layer; only the layers above it run again, without the cache, and `contrast_logits`
+                holds the result.
             contrast_steering_attention_mask (`torch.Tensor` of shape `(batch_size, contrast_sequence_length)`,
                 *optional*).
 
@@ -1326,30 +1375,43 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         rows = request.concept_rows
         if rows is not None:
             rows = rows.to(hidden_states.device)
+        contrast = first_pass and request.contrast_steering_input_ids is not None
         if request.steering_vectors is None:
             context_states = hidden_states if self.config.hypernet_type == "cross_attention" else None
             if context_states is not None and rows is not None:
                 # Composition: every concept reads its own row's context.
                 context_states = context_states.index_select(0, rows)
-            request.steering_vectors = self._run_hypernetwork(
+            hypernetwork_inputs = (
                 request.steering_input_ids,
                 request.steering_attention_mask,
                 context_states,
                 request.context_mask,
                 request.context_input_ids,
             )
+            num_rows = request.steering_input_ids.shape[0]
+            if contrast:
+                # The right and the contrast prompts go through one hypernetwork call, each on its row's context: a
+                # training step then updates the running statistics once, from the right rows only (those the
+                # model is steered by, as without contrast), and both halves are normalised by the same statistics.
+                hypernetwork_inputs = _concatenate_rows(
+                    hypernetwork_inputs,
+                    (
+                        request.contrast_steering_input_ids,
+                        request.contrast_steering_attention_mask,
+                        context_states,
+                        request.context_mask,
+                        request.context_input_ids,
+                    ),
+                )
+            vectors = self._run_hypernetwork(*hypernetwork_inputs, num_statistics_rows=num_rows)
+            request.steering_vectors = vectors[:num_rows]
+            if contrast:
+                request.contrast_vectors = vectors[num_rows:]
             if request.is_generation:
                 _check_finite(request.steering_vectors)
         if request.stop_after_vectors:
             raise _StopAtSteeringLayer()
-        if first_pass and request.contrast_steering_input_ids is not None:
-            request.contrast_vectors = self._run_hypernetwork(
-                request.contrast_steering_input_ids,
-                request.contrast_steering_attention_mask,
-                hidden_states if self.config.hypernet_type == "cross_attention" else None,
-                request.context_mask,
-                request.context_input_ids,
-            )
+        if contrast:
             request.contrast_residual = hidden_states
             request.contrast_position_ids = position_ids
         steered, gates = self._add_steering(
@@ -1404,6 +1466,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         decoder_layers = _decoder_layers_of(self.language_model)
         for index in range(self.config.steering_layer + 1, len(decoder_layers)):
             args, kwargs = request.upper_layer_inputs[index]
+            # The base's own pass already wrote these layers' keys and values into the cache it returns; the contrast
+            # pass must neither append to it nor attend to it (a contrast forward starts from an empty cache).
+            kwargs = {**kwargs, "use_cache": False, **{name: None for name in _CACHE_NAMES if name in kwargs}}
             output = decoder_layers[index](hidden_states, *args, **kwargs)
             hidden_states = output[0] if isinstance(output, tuple) else output
         hidden_states = self.language_model.model.norm(hidden_states)
@@ -1441,9 +1506,19 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         return generated if mode == "generated" else ~generated
 
     def _run_hypernetwork(
-        self, steering_input_ids, steering_attention_mask, context_states, context_mask, context_input_ids
+        self,
+        steering_input_ids,
+        steering_attention_mask,
+        context_states,
+        context_mask,
+        context_input_ids,
+        num_statistics_rows: int | None = None,
     ) -> torch.Tensor:
         """Embed the hypernetwork's input with the frozen base embeddings and run it.
+
+        A training step updates the running statistics (if any) from the first `num_statistics_rows` rows (all by
+        default), and only when they hold at least two different steering prompts: rows of a single concept show
+        nothing about how concepts differ, and their features' batch variance is (near) zero.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)` in the hypernetwork's dtype.
@@ -1473,6 +1548,10 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             prior_directions = self._lexical_directions(steering_input_ids, steering_attention_mask)
         elif self.config.steering_prior == "residual":
             prior_directions = self._residual_directions(steering_input_ids, steering_attention_mask)
+        statistics_mask = None
+        if self.hypernetwork.training and torch.is_grad_enabled():
+            statistics_mask = _statistics_mask(steering_input_ids, steering_attention_mask, num_statistics_rows)
+            statistics_mask = statistics_mask.to(parameter.device)
         return self.hypernetwork(
             inputs_embeds,
             token_mask,
@@ -1482,6 +1561,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             context_states=context_states,
             context_mask=context_mask,
             prior_directions=prior_directions,
+            statistics_mask=statistics_mask,
         )
 
     def _prior_token_mask(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
@@ -1686,6 +1766,38 @@ def _remove_copied_hooks(layer: nn.Module) -> None:
 
 def _module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _concatenate_rows(first: Sequence, second: Sequence) -> tuple:
+    """Concatenate two tuples of per-row tensors (or `None`s) along the batch, padding 2-D tensors on the right to a
+    common length (with zeros: a pad id under a zero mask, or a masked-out mask entry)."""
+    joined = []
+    for a, b in zip(first, second):
+        if a is None:
+            joined.append(None)
+            continue
+        if a.dim() == 2 and a.shape[1] != b.shape[1]:
+            length = max(a.shape[1], b.shape[1])
+            a, b = (F.pad(value, (0, length - value.shape[1])) for value in (a, b))
+        joined.append(torch.cat([a, b.to(a.device)], dim=0))
+    return tuple(joined)
+
+
+def _statistics_mask(
+    steering_input_ids: torch.LongTensor, steering_attention_mask: torch.Tensor, num_rows: int | None
+) -> torch.BoolTensor:
+    """The rows a training step updates the running statistics from: the first `num_rows` (all by default), and none
+    when those share one steering prompt. Computed on the device (no host sync).
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch_size,)`.
+    """
+    batch_size = steering_input_ids.shape[0]
+    num_rows = batch_size if num_rows is None else num_rows
+    prompts = steering_input_ids[:num_rows].masked_fill(~steering_attention_mask[:num_rows].bool(), -1)
+    several_concepts = (prompts != prompts[:1]).any()
+    rows = torch.arange(batch_size, device=steering_input_ids.device) < num_rows
+    return rows & several_concepts
 
 
 def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:

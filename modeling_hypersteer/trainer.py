@@ -5,6 +5,7 @@ accumulation, DDP/FSDP/DeepSpeed through `accelerate`, checkpointing and exact r
 Checkpoints are hypernetwork-sized because `HyperSteerModel.save_pretrained` writes the hypernetwork only.
 """
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,11 @@ class HyperSteerTrainingArguments(TrainingArguments):
     >   path through the frozen base, whose inputs do not require grad.
     > - `ddp_find_unused_parameters`: `False`; every hypernetwork weight is used at every step, so DDP's extra graph
     >   traversal would only cost time.
-    > - `eval_strategy`: `"steps"` when an evaluation set exists, so the loss curve shows held-in and held-out loss.
+    > - `eval_strategy`: by default `"steps"` when the trainer is given an `eval_dataset`, so the loss curve shows
+    >   held-in and held-out loss, and `"no"` when it is not (where the parent's `"no"` default applies). The arguments
+    >   cannot know which: they resolve the default to `"steps"`, and [`HyperSteerTrainer`] turns it into `"no"` on its
+    >   own copy of the arguments when it has no evaluation set. An explicit value is always kept (and
+    >   `eval_strategy="steps"` without an evaluation set raises, as in [`Trainer`]).
     > - `contrast_loss_weight`: `0.5` (a HyperSteer field, listed here because it changes the default objective from the
     >   LM loss alone; see below).
     > - `eval_steps`: with `eval_strategy="steps"` and no `eval_steps` given, `1 / DEFAULT_EVALUATIONS_PER_RUN`
@@ -96,7 +101,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
 
     learning_rate: float = field(default=8e-5, metadata={"help": "Initial AdamW learning rate (paper: 8e-5)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (int) or ratio of steps."})
-    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    eval_strategy: str | None = field(
+        default=None,
+        metadata={
+            "help": "When to evaluate: 'no', 'steps' or 'epoch'. Default: 'steps' when there is an evaluation set, "
+            "else 'no'."
+        },
+    )
     activation_checkpointing_kwargs: dict | str | None = field(
         default_factory=lambda: {"use_reentrant": False},
         metadata={"help": "Keyword arguments for `torch.utils.checkpoint.checkpoint` when checkpointing is on."},
@@ -151,6 +162,11 @@ class HyperSteerTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Whether evaluation was left to the default, which only the trainer can resolve (see the [!NOTE]); not a field,
+        # so it is neither a flag nor serialised.
+        self.eval_strategy_is_default = self.eval_strategy is None
+        if self.eval_strategy_is_default:
+            self.eval_strategy = IntervalStrategy.STEPS
         # The parent falls back to `logging_steps` (every 10 steps here), which makes evaluation dominate short runs
         # and floods long ones. A ratio is resolved against the run's total steps by the Trainer. With
         # `load_best_model_at_end`, `save_steps` must be a multiple of `eval_steps`, so the parent's rule stays.
@@ -184,11 +200,27 @@ class HyperSteerTrainer(Trainer):
     vectors and, with `token_gate=True`, the mean gate value over real tokens — for training and for every evaluation
     set (pass `eval_dataset={"heldin": ..., "heldout": ...}` to get `eval_heldin_loss` and `eval_heldout_loss`).
     The model returns its own loss and saves its own (hypernetwork-only) weights; the only other override writes the
-    HyperSteer model card instead of Trainer's generic one when pushing to the Hub.
+    HyperSteer model card instead of Trainer's generic one when pushing to the Hub. Without `eval_dataset`, the default
+    `eval_strategy` of [`HyperSteerTrainingArguments`] resolves to `"no"`, and without `args` the trainer uses
+    [`HyperSteerTrainingArguments`] (not the parent's), so `HyperSteerTrainer(model=..., train_dataset=...)` trains.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, *more, **kwargs
+    ):
+        if args is None:
+            # The parent would build plain `TrainingArguments`, without this trainer's objective fields.
+            args = HyperSteerTrainingArguments(output_dir="tmp_trainer")
+        if (
+            getattr(args, "eval_strategy_is_default", False)
+            and args.eval_strategy != IntervalStrategy.NO
+            and eval_dataset is None
+        ):
+            # The default evaluates only what exists; a copy, so arguments shared with another trainer keep theirs.
+            args = copy.copy(args)
+            args.eval_strategy = IntervalStrategy.NO
+            args.do_eval = False
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, *more, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -364,11 +396,12 @@ class HyperSteerTrainer(Trainer):
         mode, prefix = ("eval", eval_loss_key[: -len("loss")]) if eval_loss_key else ("train", "")
         # Every process gathers the same metrics in the same order (a gather per name is a collective call); a
         # metric a process could not measure in its batches (e.g. no two concepts met) is NaN there and left out
-        # of the mean.
+        # of the mean. One value per process: `gather`, not `gather_for_metrics`, which at the end of a dataloader
+        # cuts what it gathers to the last batch's number of samples and would drop other processes' values.
         for name in self._metric_names():
             values = self._metrics[mode].get(name)
             mean = torch.stack(values).nanmean() if values else torch.tensor(float("nan"), device=self.args.device)
-            gathered = self.accelerator.gather_for_metrics(mean.to(self.args.device)[None]).nanmean()
+            gathered = self.accelerator.gather(mean.to(self.args.device)[None]).nanmean()
             if not torch.isnan(gathered):
                 logs[f"{prefix}{name}"] = gathered.item()
         self._metrics[mode].clear()

@@ -1,12 +1,13 @@
 """Small helpers shared by the training, evaluation and data-generation code: the names of the files a run leaves
-behind, data-source lists, JSONL reading and crash-safe appending, and a headless matplotlib.
+behind, data-source lists, JSONL reading and crash-safe appending, a headless matplotlib and module-mode scopes.
 
 Library code: it logs through `transformers.utils.logging` and never prints.
 """
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,38 @@ def pyplot():
     return plt
 
 
+@contextmanager
+def restored_training_modes(model) -> Iterator[None]:
+    """Put every submodule of `model` back in the training mode it had on entry, also on error (e.g. around a
+    `Trainer.train()`, which leaves the whole model in training mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def evaluation_mode(model) -> Iterator[None]:
+    """Run the block with `model` in eval mode and restore its modes after.
+
+    Measurements must not depend on the mode a caller left the model in: in training mode dropout is active, and a
+    HyperSteer model with running feature statistics updates them at every training step.
+    """
+    with restored_training_modes(model):
+        model.eval()
+        yield
+
+
 __all__ = [
     "CONCEPT_SPLIT_FILE",
     "EVALUATION_SUMMARY_FILE",
     "TRAINING_SUMMARY_FILE",
     "JsonlAppender",
+    "evaluation_mode",
     "pyplot",
     "read_jsonl",
+    "restored_training_modes",
     "split_sources",
 ]

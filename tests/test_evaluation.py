@@ -537,3 +537,38 @@ def test_baselines_are_built_from_training_rows_and_scored_offline(trained_dir, 
     stamp = (output_dir / "baselines" / "vector" / "concept_vectors.safetensors").stat().st_mtime_ns
     evaluate_steering.main(argv)
     assert (output_dir / "baselines" / "vector" / "concept_vectors.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_offline_numbers_depend_neither_on_the_methods_nor_on_resuming(trained_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    saved = load_file(trained_dir / "model.safetensors")
+    # The CLI's default model standardizes its pooled features: it carries running statistics.
+    assert any("running_variance" in key for key in saved)
+    loaded = []
+    load = HyperSteerModel.from_pretrained
+
+    def recording_load(*args, **kwargs):
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(evaluate_steering.HyperSteerModel, "from_pretrained", recording_load)
+    common = ("--concepts", "heldin", "--vector_baseline_steps", "3", "--save_summary_to_model", "false")
+    alone = evaluate_steering.main(_offline_argv(trained_dir, tmp_path / "alone", "--methods", "hypersteer", *common))
+    # The per-concept vectors are trained first (a Trainer, which leaves the model in training mode) ...
+    after_vectors = evaluate_steering.main(
+        _offline_argv(trained_dir, tmp_path / "vector", "--methods", "vector,hypersteer", *common)
+    )
+    # ... and reused from disk when the run is resumed.
+    resumed = evaluate_steering.main(
+        _offline_argv(trained_dir, tmp_path / "vector", "--methods", "vector,hypersteer", *common)
+    )
+    assert alone["offline"]["heldin"]["losses"]["hypersteer"] != alone["offline"]["heldin"]["losses"]["none"]
+    assert after_vectors["offline"] == alone["offline"] and resumed["offline"] == alone["offline"]
+    assert after_vectors["offline_baselines"] == resumed["offline_baselines"]
+    assert len(loaded) == 3
+    for model in loaded:
+        assert not model.training
+        state = {f"hypernetwork.{key}": value for key, value in model.hypernetwork.state_dict().items()}
+        assert set(state) == set(saved)
+        for key, value in saved.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key

@@ -1,12 +1,15 @@
 """Concept-specificity levers: the contrast and diversity terms, the label-only LM head, mean pooling, the shared
 offset, the lexical path, the recipe file and the per-concept baselines."""
 
+import copy
+
 import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT, build_tiny_base
+from safetensors.torch import load_file, save_file
 
-from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
+from modeling_hypersteer import HyperSteerConfig, HyperSteerModel, tokenize_steering_prompts
 from modeling_hypersteer.baselines import (
     diffmean_vectors,
     load_concept_vectors,
@@ -14,6 +17,7 @@ from modeling_hypersteer.baselines import (
     train_concept_vectors,
 )
 from modeling_hypersteer.data import HyperSteerDataCollator, tokenize_example
+from modeling_hypersteer.modeling_hypersteer import _CACHE_FIELD, HyperSteerRunningCenter
 from modeling_hypersteer.trainer import (
     HyperSteerTrainer,
     HyperSteerTrainingArguments,
@@ -468,3 +472,164 @@ def test_residual_prior_reads_the_unsteered_base_at_the_steering_layer(tiny_toke
         ),
         vectors,
     )
+
+
+def _running_centers(model):
+    return [center for center in (model.hypernetwork.feature_center, model.hypernetwork.prior_center) if center]
+
+
+@pytest.mark.parametrize("hypernet_type, prior", [("no_context", "none"), ("cross_attention", "residual")])
+def test_contrast_shares_the_hypernetwork_call_and_updates_the_statistics_once(tiny_tokenizer, hypernet_type, prior):
+    model = _model(
+        tiny_tokenizer,
+        hypernet_type=hypernet_type,
+        steering_prior=prior,
+        center_pooled_features=True,
+        standardize_pooled_features=True,
+    )
+    _perturb(model)
+    batch = _batch(tiny_tokenizer, ROWS)
+    # Contrast prompts that are not a permutation of the batch's own (other concepts, other lengths): normalised
+    # with statistics of their own, they would not match a separate pass.
+    contrast = tokenize_steering_prompts(
+        tiny_tokenizer, ["pirate speech", "weather reports and forecasts in the north", "pirate speech", "jazz"], 16
+    )
+    without_contrast = copy.deepcopy(model)
+    model.train()
+    outputs = model(
+        **batch,
+        contrast_steering_input_ids=contrast["steering_input_ids"],
+        contrast_steering_attention_mask=contrast["steering_attention_mask"],
+    )
+    without_contrast.train()
+    without_contrast(**batch)
+    # One update per training step, from the right prompts only: the statistics of the same step without contrast.
+    for center, reference in zip(_running_centers(model), _running_centers(without_contrast), strict=True):
+        assert center.num_updates.item() == 1
+        for name, buffer in center.named_buffers():
+            torch.testing.assert_close(buffer, reference.get_buffer(name), rtol=1e-6, atol=1e-6)
+    # Right and wrong vectors were normalised with the same statistics: each equals its own pass on them.
+    model.eval()
+    separate = model(**{**batch, **contrast})
+    torch.testing.assert_close(outputs.contrast_logits, separate.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs.logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_contrast_pass_leaves_the_returned_cache_as_without_it(tiny_tokenizer, architecture):
+    model = _model(tiny_tokenizer, architecture, hypernet_type="cross_attention")
+    _perturb(model)
+    model.eval()
+    batch = _batch(tiny_tokenizer, ROWS)
+    contrast = {
+        "contrast_steering_input_ids": batch["steering_input_ids"].flip(0),
+        "contrast_steering_attention_mask": batch["steering_attention_mask"].flip(0),
+    }
+    with torch.no_grad():
+        plain = model(**batch, use_cache=True)
+        with_contrast = model(**batch, use_cache=True, **contrast)
+    plain_cache, contrast_cache = (getattr(output, _CACHE_FIELD) for output in (plain, with_contrast))
+    assert len(contrast_cache.layers) == len(plain_cache.layers) == 4
+    for plain_layer, contrast_layer in zip(plain_cache.layers, contrast_cache.layers):
+        torch.testing.assert_close(contrast_layer.keys, plain_layer.keys)
+        torch.testing.assert_close(contrast_layer.values, plain_layer.values)
+    torch.testing.assert_close(with_contrast.logits, plain.logits)
+
+
+def _gradient_norm(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.hypernetwork.parameters() if p.grad is not None]).norm()
+
+
+@pytest.mark.parametrize("hypernet_type", ["no_context", "cross_attention"])
+def test_a_first_batch_of_one_concept_does_not_divide_by_its_zero_variance(tiny_tokenizer, hypernet_type):
+    model = _model(
+        tiny_tokenizer, hypernet_type=hypernet_type, center_pooled_features=True, standardize_pooled_features=True
+    )
+    _perturb(model)
+    model.train()
+    one_concept = _batch(tiny_tokenizer, [{**row, "output_concept": CONCEPT_A} for row in ROWS])
+    center = model.hypernetwork.feature_center
+    gradient_norm = _gradient_norm(model, one_concept)
+    # The batch shows no spread between concepts: the statistics stay as they were (the identity transform here).
+    assert center.num_updates.item() == 0
+    assert (center.running_variance == 1).all() and (center.running_mean == 0).all()
+    model.hypernetwork.feature_center = None
+    plain_gradient_norm = _gradient_norm(model, one_concept)
+    model.hypernetwork.feature_center = center
+    # With the batch's own (zero) variance the gradient was ~1e6 times larger (1 / sqrt(eps), then the norm).
+    assert torch.isfinite(gradient_norm) and gradient_norm <= 2 * plain_gradient_norm
+    _gradient_norm(model, _batch(tiny_tokenizer, ROWS))
+    assert center.num_updates.item() == 1
+
+
+def test_statistics_are_kept_and_applied_in_float32_in_a_bfloat16_hypernetwork(tiny_tokenizer, tmp_path):
+    center = HyperSteerRunningCenter(8, momentum=0.5, scale=True).to(torch.bfloat16)
+    assert center.running_mean.dtype == center.running_variance.dtype == torch.float32
+    # Features far from zero with a small spread, as residual coordinates often are.
+    features = (100 + torch.randn(4, 8)).to(torch.bfloat16)
+    center.train()
+    output = center(features)
+    torch.testing.assert_close(center.running_mean, features.double().mean(0).float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        center.running_variance, features.double().var(0, unbiased=False).float(), rtol=1e-5, atol=1e-6
+    )
+    expected = (features.float() - center.running_mean) * torch.rsqrt(center.running_variance + center.eps)
+    assert output.dtype == torch.bfloat16
+    assert torch.equal(output, expected.to(torch.bfloat16))
+
+    model = _model(
+        tiny_tokenizer,
+        hypernet_type="no_context",
+        center_pooled_features=True,
+        standardize_pooled_features=True,
+        hypernet_dtype=torch.bfloat16,
+    )
+    assert model.hypernetwork.output_projection.weight.dtype == torch.bfloat16
+    model.train()
+    model(**_batch(tiny_tokenizer, ROWS))
+    model.to(torch.bfloat16)
+    center = model.hypernetwork.feature_center
+    assert center.num_updates.item() == 1
+    assert center.running_mean.dtype == center.running_variance.dtype == torch.float32
+    # Saved and reloaded into a bfloat16 hypernetwork, the statistics stay float32 and exact.
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(
+        tmp_path, base_model=model.language_model, hypernet_dtype=torch.bfloat16
+    )
+    assert torch.equal(reloaded.hypernetwork.feature_center.running_variance, center.running_variance)
+
+
+def _synchronised_statistics_worker(rank, init_file, features, masks, result_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        center = HyperSteerRunningCenter(features.shape[-1], momentum=0.5, scale=True).train()
+        for step in range(features.shape[0]):
+            center(features[step, rank], masks[step, rank])
+        save_file(dict(center.state_dict()), f"{result_dir}/rank{rank}.safetensors")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_statistics_are_reduced_over_processes(tmp_path):
+    # Three steps on two processes, 3 rows each; at the second step rank 1's rows do not count (one concept).
+    features = torch.randn(3, 2, 3, 6) * 4 + 10
+    masks = torch.ones(3, 2, 3, dtype=torch.bool)
+    masks[1, 1] = False
+    torch.multiprocessing.spawn(
+        _synchronised_statistics_worker,
+        args=(str(tmp_path / "init"), features, masks, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in range(2)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # Equal to one process seeing the global batch.
+    reference = HyperSteerRunningCenter(6, momentum=0.5, scale=True).train()
+    for step in range(3):
+        reference(features[step].reshape(6, 6), masks[step].reshape(6))
+    for name, buffer in reference.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], buffer, rtol=1e-6, atol=1e-6)
+    assert ranks[0]["num_updates"].item() == 3

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import train_hypersteer
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.data import HyperSteerDataCollator, load_concept_data, tokenize_dataset
+from modeling_hypersteer.evaluation import model_fingerprint
 from modeling_hypersteer.trainer import DEFAULT_EVALUATIONS_PER_RUN, HyperSteerTrainer, HyperSteerTrainingArguments
 
 
@@ -142,6 +144,13 @@ def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
 
 
+def _free_port() -> int:
+    # A fixed port collides with another run of the suite on the same machine (another worktree, another user).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_cpu_processes_agree_and_save_a_loadable_model(tiny_base_dir, concept_file, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [
@@ -158,7 +167,7 @@ def test_two_cpu_processes_agree_and_save_a_loadable_model(tiny_base_dir, concep
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        str(_free_port()),
         str(REPO_ROOT / "train_hypersteer.py"),
         "--use_cpu",
         *_arguments(
@@ -177,10 +186,14 @@ def test_two_cpu_processes_agree_and_save_a_loadable_model(tiny_base_dir, concep
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((output_dir / "training_summary.json").read_text())
     assert summary["world_size"] == 2
+    # The fingerprints cover the running feature statistics (the CLI's default model standardizes its features),
+    # which every process must hold identically too.
     fingerprints = summary["rank_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     model = HyperSteerModel.from_pretrained(output_dir)
-    total = sum(p.double().sum().item() for p in model.hypernetwork.parameters())
+    state = model.hypernetwork.state_dict()
+    assert state["feature_center.num_updates"] > 0
+    total = sum(tensor.double().sum().item() for tensor in state.values())
     assert total == pytest.approx(fingerprints[0][0], rel=1e-9)
 
 
@@ -272,3 +285,81 @@ def test_evaluation_runs_a_bounded_number_of_times_by_default(tiny_base_dir, con
     history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
     evaluated_at = [entry["step"] for entry in history if "eval_heldout_loss" in entry]
     assert evaluated_at == [2, 4, 6, 8, 10]
+
+
+def _small_model(tokenizer, **config):
+    base = build_tiny_base("llama", len(tokenizer))
+    return HyperSteerModel.from_base_model(
+        base, tokenizer=tokenizer, steering_layer=2, hypernet_num_layers=1, **config
+    )
+
+
+def test_default_arguments_train_without_an_evaluation_set(tiny_tokenizer, concept_file, tmp_path, monkeypatch):
+    model = _small_model(tiny_tokenizer)
+    dataset = tokenize_dataset(load_concept_data(concept_file).select(range(8)), tiny_tokenizer, max_length=192)
+    collator = HyperSteerDataCollator(tokenizer=tiny_tokenizer)
+    args = HyperSteerTrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to="none")
+    trainer = HyperSteerTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    assert trainer.args.eval_strategy == "no"
+    trainer.train()
+    assert trainer.state.global_step == 2
+    # The caller's arguments keep their default, which evaluates when there is an evaluation set.
+    assert args.eval_strategy == "steps"
+    with_eval = HyperSteerTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=dataset, data_collator=collator
+    )
+    assert with_eval.args.eval_strategy == "steps" and with_eval.args.eval_steps == pytest.approx(0.2)
+    # An explicit strategy is the user's: without an evaluation set it fails as in Trainer.
+    explicit = HyperSteerTrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", report_to="none")
+    with pytest.raises(ValueError, match="eval_dataset"):
+        HyperSteerTrainer(model=model, args=explicit, train_dataset=dataset, data_collator=collator)
+    # No arguments at all: this trainer's own, whose objective fields compute_loss reads.
+    monkeypatch.chdir(tmp_path)
+    bare = HyperSteerTrainer(model=model, train_dataset=dataset, data_collator=collator)
+    assert isinstance(bare.args, HyperSteerTrainingArguments) and bare.args.eval_strategy == "no"
+
+
+def test_metrics_of_every_process_are_logged_at_the_end_of_an_epoch(
+    tiny_tokenizer, concept_file, tmp_path, monkeypatch
+):
+    model = _small_model(tiny_tokenizer)
+    # 5 rows in batches of 2: the third step ends the epoch on a last batch of 1 row.
+    dataset = tokenize_dataset(load_concept_data(concept_file).select(range(5)), tiny_tokenizer, max_length=192)
+    args = HyperSteerTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        eval_strategy="no",
+        report_to="none",
+    )
+    trainer = HyperSteerTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer)
+    )
+    gather = trainer.accelerator.gather
+
+    def gather_with_a_second_process(tensor):
+        # A second process whose every scalar metric was 1000.
+        gathered = gather(tensor)
+        if tensor.is_floating_point() and tensor.shape == (1,):
+            gathered = torch.cat([gathered, torch.full_like(gathered, 1000.0)])
+        return gathered
+
+    monkeypatch.setattr(trainer.accelerator, "gather", gather_with_a_second_process)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3]
+    # The mean over both processes at every step (this process's norm is far below 1000), also at the epoch's end.
+    assert all(500 <= entry["steering_vector_norm"] < 1000 for entry in logged), logged
+
+
+def test_fingerprints_cover_the_running_statistics(tiny_tokenizer, tmp_path):
+    model = _small_model(tiny_tokenizer, center_pooled_features=True, standardize_pooled_features=True)
+    args = HyperSteerTrainingArguments(output_dir=str(tmp_path), eval_strategy="no", report_to="none")
+    trainer = HyperSteerTrainer(model=model, args=args)
+    rank_fingerprints = train_hypersteer.hypernetwork_fingerprints(trainer)
+    checkpoint_fingerprint = model_fingerprint(model.config, model.hypernetwork.state_dict())
+    with torch.no_grad():
+        model.hypernetwork.feature_center.running_variance.mul_(2)
+    assert train_hypersteer.hypernetwork_fingerprints(trainer) != rank_fingerprints
+    assert model_fingerprint(model.config, model.hypernetwork.state_dict()) != checkpoint_fingerprint
