@@ -46,6 +46,7 @@ logger = logging.getLogger("quality_ablation")
 QUALITY_DIR = REPO_ROOT / "benchmarks" / "quality"
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "quality.json"
 PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps.png"
+SCALING_PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "concept_scaling.png"
 # Keys of an experiment file that describe it rather than set a training flag.
 META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of")
 SPLIT_KEY = "concept_split_seed"
@@ -188,6 +189,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
         timing_file.write_text(json.dumps(timing))
     model = HyperSteerModel.from_pretrained(output_dir)
     result = {
+        "training_concepts": training_concepts(output_dir),
         "train_minutes": round(timing["minutes"], 2),
         "train_loss": timing["train_loss"],
         "command": "python train_hypersteer.py " + " ".join(argv),
@@ -227,6 +229,71 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
             )
         result["curve"] = curve
     return result
+
+
+def training_concepts(run_dir: Path) -> dict:
+    """How many concepts a finished run trained on: the labelled (held-in) concepts, the descriptions its
+    distillation rows name, and an estimate of those it saw, `min(named, 2 * rows * epochs)` (each row names two)."""
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    labelled = len(json.loads((run_dir / "concept_split.json").read_text())["heldin_concepts"])
+    distillation = summary.get("distillation") or {"rows": 0, "concepts": 0}
+    epochs = summary["metrics"].get("epoch", 0.0)
+    seen = min(distillation["concepts"], round(2 * distillation["rows"] * epochs))
+    return {
+        "labelled": labelled,
+        "descriptions": distillation["concepts"],
+        "descriptions_seen": seen,
+        "total_seen": labelled + seen,
+    }
+
+
+def scaling_report() -> str:
+    """Never-trained specificity and gain against the number of training concepts, for the runs scored on the
+    held-back set: a markdown table and `results/concept_scaling.png`."""
+    results = json.loads(RESULTS_PATH.read_text())
+    runs = {name: run for name, run in results["runs"].items() if "heldback" in run and "training_concepts" in run}
+    if not runs:
+        return "No run scored on the held-back set yet."
+    ordered = sorted(runs.items(), key=lambda item: item[1]["training_concepts"]["total_seen"])
+    lines = [
+        "| run | split | training concepts seen (labelled + descriptions) | held-out spec. | held-out gain "
+        "| held-back spec. | held-back gain | held-in spec. | held-in gain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in ordered:
+        concepts = run["training_concepts"]
+        lines.append(
+            f"| {name} | {run['config'].get(SPLIT_KEY, '—')} | {concepts['total_seen']} ({concepts['labelled']} + "
+            f"{concepts['descriptions_seen']}) | "
+            + " | ".join(
+                _ratio(run[split][key])
+                for split in ("heldout", "heldback", "heldin")
+                for key in ("specificity_ratio", "gain_ratio")
+            )
+            + " |"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for axis, key, title in zip(axes, ("specificity_ratio", "gain_ratio"), ("specificity", "gain")):
+        for split, label in (("heldout", "held-out AxBench concepts"), ("heldback", "held-back concept_llama")):
+            points = [(run["training_concepts"]["total_seen"], run[split][key]) for _, run in ordered]
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="prompting")
+        axis.set_xscale("log")
+        axis.set_xlabel("training concepts seen (log scale)")
+        axis.set_title(f"never-trained concepts: {title} ratio")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(SCALING_PLOT_PATH, dpi=120)
+    plt.close(figure)
+    return "\n".join(lines)
 
 
 def reference_vector_norm(run_dir: Path) -> float:
@@ -392,6 +459,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", default="", help="Comma-separated experiment names.")
     parser.add_argument("--report", action="store_true", help="Only print the table and redraw the plot.")
+    parser.add_argument(
+        "--scaling_report",
+        action="store_true",
+        help="Only print the never-trained scores against the number of training concepts and draw concept_scaling.png.",
+    )
     parser.add_argument("--work_dir", default="/tmp/hypersteer-quality", help="Where trained models go.")
     parser.add_argument("--heldout_rows_per_concept", type=int, default=8)
     parser.add_argument(
@@ -410,6 +482,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    if args.scaling_report:
+        print(scaling_report())
+        return
     for name in [part for part in args.experiments.split(",") if part]:
         config = load_experiment(name)
         rows = evaluation_rows(config, args.heldout_rows_per_concept)
