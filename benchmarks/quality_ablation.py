@@ -247,10 +247,15 @@ def training_concepts(run_dir: Path) -> dict:
     }
 
 
-def scaling_report() -> str:
+def scaling_report(work_dir: str) -> str:
     """Never-trained specificity and gain against the number of training concepts, for the runs scored on the
-    held-back set: a markdown table and `results/concept_scaling.png`."""
+    held-back set: a markdown table and `results/concept_scaling.png`. A run recorded without its concept counts
+    gets them from its folder in `work_dir`, written back into the results."""
     results = json.loads(RESULTS_PATH.read_text())
+    for name, run in results["runs"].items():
+        if "heldback" in run and "training_concepts" not in run and (Path(work_dir) / name).is_dir():
+            run["training_concepts"] = training_concepts(Path(work_dir) / name)
+            RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
     runs = {name: run for name, run in results["runs"].items() if "heldback" in run and "training_concepts" in run}
     if not runs:
         return "No run scored on the held-back set yet."
@@ -483,7 +488,7 @@ def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     if args.scaling_report:
-        print(scaling_report())
+        print(scaling_report(args.work_dir))
         return
     for name in [part for part in args.experiments.split(",") if part]:
         config = load_experiment(name)
