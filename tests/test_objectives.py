@@ -599,6 +599,16 @@ def test_statistics_are_kept_and_applied_in_float32_in_a_bfloat16_hypernetwork(t
         tmp_path, base_model=model.language_model, hypernet_dtype=torch.bfloat16
     )
     assert torch.equal(reloaded.hypernetwork.feature_center.running_variance, center.running_variance)
+    # A checkpoint saved before the statistics were kept in float32 holds them in bfloat16: it loads, as float32.
+    weights = load_file(tmp_path / "model.safetensors")
+    assert weights["hypernetwork.feature_center.running_mean"].dtype == torch.float32
+    save_file(
+        {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in weights.items()},
+        tmp_path / "model.safetensors",
+    )
+    old = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model, hypernet_dtype=torch.bfloat16)
+    assert old.hypernetwork.feature_center.running_mean.dtype == torch.float32
+    torch.testing.assert_close(old.hypernetwork.feature_center.running_mean, center.running_mean, rtol=1e-2, atol=0)
 
 
 def _synchronised_statistics_worker(rank, init_file, features, masks, result_dir):
