@@ -61,6 +61,10 @@ GENERIC_INSTRUCTIONS = (
     "What are the benefits of learning a new language?",
     "Describe a pleasant walk in a park.",
 )
+# Reference responses run to hundreds of words, generations to tens: the detector learns from windows of this many
+# words (see `ConceptDetector.fit`).
+DETECTOR_WINDOW_WORDS = 40
+DETECTOR_WINDOWS_PER_TEXT = 6
 # A detector probability at or above this counts as "concept present".
 DETECTION_THRESHOLD = 0.5
 # Below this distinct-bigram share a generation repeats itself so much that it is counted as degenerate.
@@ -87,6 +91,13 @@ class ConceptDetector:
     one `Pipeline(TfidfVectorizer, LogisticRegression)` per concept with a common vocabulary, at a fraction of the
     cost.
 
+    Every reference text is cut into windows of `window_words` words (at most `DETECTOR_WINDOWS_PER_TEXT` per text),
+    each a training text with the label of its response: the detector then sees texts as short as the generations it
+    scores. Trained on whole responses it is calibrated for long texts and misses the concept in short ones: on the
+    AxBench concept10 + conceptFD data (12 concepts, 36-word excerpts of responses it was not trained on) the
+    true-positive rate was 0.37 with whole responses and 0.62 with 40-word windows (default caps), at false-positive
+    rates of 0.4% and 0.8%.
+
     Build it with [`ConceptDetector.fit`] or [`ConceptDetector.from_rows`].
     """
 
@@ -101,6 +112,7 @@ class ConceptDetector:
         negative_responses: Sequence[str] = (),
         concepts: Sequence[str] | None = None,
         seed: int = 0,
+        window_words: int | None = DETECTOR_WINDOW_WORDS,
     ) -> "ConceptDetector":
         """Fits one classifier per concept of `concepts` (default: every concept of `reference_responses`).
 
@@ -110,6 +122,8 @@ class ConceptDetector:
             negative_responses (`Sequence[str]`, *optional*): concept-free texts, negatives of every concept.
             concepts (`Sequence[str]`, *optional*): the concepts to detect.
             seed (`int`, *optional*, defaults to 0): seed of the classifiers' solver.
+            window_words (`int`, *optional*, defaults to `DETECTOR_WINDOW_WORDS`): words per training window; `None`
+                trains on whole texts.
 
         Raises:
             `ValueError` naming a concept without reference responses, or when a concept has no negatives.
@@ -130,7 +144,8 @@ class ConceptDetector:
                 f"No reference responses for the concept(s) {empty[:5]}: the detector learns a concept from its "
                 "responses in the concept data; pass data with positive rows for them, or leave them out."
             )
-        negatives = [text for text in negative_responses if text and text.strip()]
+        references = {concept: _windows(texts, window_words) for concept, texts in references.items()}
+        negatives = _windows([text for text in negative_responses if text and text.strip()], window_words)
         texts = [text for values in references.values() for text in values] + negatives
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode")
         features = vectorizer.fit_transform(texts)
@@ -189,6 +204,21 @@ class ConceptDetector:
     def detect(self, concept: str, texts: Sequence[str]) -> list[bool]:
         """Whether the concept shows in each text (`predict_proba >= threshold`)."""
         return [probability >= self.threshold for probability in self.predict_proba(concept, texts)]
+
+
+def _windows(texts: Sequence[str], window_words: int | None) -> list[str]:
+    """Each text cut into consecutive windows of `window_words` whitespace-separated words (at most
+    `DETECTOR_WINDOWS_PER_TEXT` per text); the texts themselves when `window_words` is `None`."""
+    if window_words is None:
+        return list(texts)
+    if window_words < 1:
+        raise ValueError(f"`window_words` must be >= 1 (or None for whole texts), got {window_words}.")
+    windows = []
+    for text in texts:
+        words = text.split()
+        starts = range(0, len(words), window_words)
+        windows += [" ".join(words[start : start + window_words]) for start in starts][:DETECTOR_WINDOWS_PER_TEXT]
+    return windows
 
 
 def reference_responses(
