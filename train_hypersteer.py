@@ -179,6 +179,9 @@ class ModelArguments:
         default=2, metadata={"help": "Generic instructions per concept in the calibration (at least 2)."}
     )
     calibration_max_new_tokens: int = field(default=48, metadata={"help": "Greedy tokens per calibration generation."})
+    calibration_batch_size: int = field(
+        default=24, metadata={"help": "Generation and NLL batch size of the calibration."}
+    )
 
     def __post_init__(self):
         if self.hypernet_type not in HYPERNET_TYPES:
@@ -211,16 +214,15 @@ class ModelArguments:
                     f"--calibration_factors must be comma-separated numbers, got {self.calibration_factors!r}."
                 ) from error
             self.calibration_factor_grid = check_factor_grid(factors, "--calibration_factors")
-            if (
-                self.calibration_concepts < 1
-                or self.calibration_instructions < 2
-                or self.calibration_max_new_tokens < 1
-            ):
-                raise ValueError(
-                    "--calibration_concepts must be >= 1, --calibration_instructions >= 2 and "
-                    f"--calibration_max_new_tokens >= 1, got {self.calibration_concepts}, "
-                    f"{self.calibration_instructions} and {self.calibration_max_new_tokens}."
-                )
+            counts = {
+                "--calibration_concepts": (self.calibration_concepts, 1),
+                "--calibration_instructions": (self.calibration_instructions, 2),
+                "--calibration_max_new_tokens": (self.calibration_max_new_tokens, 1),
+                "--calibration_batch_size": (self.calibration_batch_size, 1),
+            }
+            for flag, (value, minimum) in counts.items():
+                if value < minimum:
+                    raise ValueError(f"{flag} must be >= {minimum}, got {value}.")
 
 
 @dataclass
@@ -314,6 +316,7 @@ def calibrate_default_steering_factor(model, tokenizer, raw, concept_split, mode
         num_concepts=model_args.calibration_concepts,
         num_instructions=model_args.calibration_instructions,
         max_new_tokens=model_args.calibration_max_new_tokens,
+        batch_size=model_args.calibration_batch_size,
         seed=concept_split.seed,
     )
     record["seconds"] = round(time.perf_counter() - start, 1)

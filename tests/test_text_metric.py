@@ -248,6 +248,8 @@ def test_calibration_flags_are_checked_before_training(tiny_tokenizer, tmp_path)
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", "1,0"])
     with pytest.raises(ValueError, match="grid is empty"):
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", ","])
+    with pytest.raises(ValueError, match="--calibration_instructions must be >= 2, got 1"):
+        train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_instructions", "1"])
     with pytest.raises(ValueError, match="'1,two'"):
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", "1,two"])
 
