@@ -43,6 +43,7 @@ from transformers.utils import logging
 
 from .data import format_prompt
 from .evaluation import SELECT_SPLIT, TEST_SPLIT, _ratio, generate_samples, generation_tasks
+from .modeling_hypersteer import _positions_from_mask
 from .utils import pyplot
 
 
@@ -295,7 +296,7 @@ def generation_nll(
     Args:
         language_model: the unsteered base causal LM (e.g. `HyperSteerModel.language_model`).
         instructions (`Sequence[str]`), generations (`Sequence[str]`): one of each per row.
-        batch_size (`int`, *optional*, defaults to 8): rows per forward pass (right-padded).
+        batch_size (`int`, *optional*, defaults to 8): rows per forward pass (left-padded).
 
     Returns:
         `list[float]`: one NLL per row; `nan` for an empty generation (no token to score).
@@ -314,20 +315,29 @@ def generation_nll(
     for start in tqdm(range(0, len(scored), batch_size), desc=desc, unit="batch", disable=len(scored) <= batch_size):
         indices = scored[start : start + batch_size]
         length = max(len(encoded[i][0]) + len(encoded[i][1]) for i in indices)
-        # (batch_size, sequence_length), right-padded; labels are -100 on the prompt and the padding.
+        generated_length = max(len(encoded[i][1]) for i in indices)
+        # (batch_size, sequence_length), left-padded so every generation ends at the last position; labels are -100
+        # on the prompt and the padding.
         input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
         labels = torch.full((len(indices), length), -100, dtype=torch.long)
         for row, index in enumerate(indices):
             prompt_ids, generated_ids = encoded[index]
             ids = prompt_ids + generated_ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, len(prompt_ids) : len(ids)] = torch.tensor(generated_ids)
-        logits = language_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        # Position t predicts token t + 1: (batch_size, sequence_length - 1, vocab_size) against the shifted labels.
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, length - len(ids) :] = 1
+            labels[row, length - len(generated_ids) :] = torch.tensor(generated_ids)
+        # Only the last `generated_length + 1` positions predict generated tokens: the LM head (a vocabulary-sized
+        # projection) runs on those alone. Logits: (batch_size, generated_length + 1, vocab_size).
+        logits = language_model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=_positions_from_mask(attention_mask).to(device),
+            logits_to_keep=generated_length + 1,
+        ).logits
+        # Position t predicts token t + 1: (batch_size, generated_length, vocab_size) against the last labels.
         shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(shift_logits.device)
+        shift_labels = labels[:, length - generated_length :].to(shift_logits.device)
         token_nll = torch.nn.functional.cross_entropy(
             shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
         )
