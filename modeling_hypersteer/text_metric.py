@@ -149,7 +149,15 @@ class ConceptDetector:
         negatives = _windows([text for text in negative_responses if text and text.strip()], window_words)
         texts = [text for values in references.values() for text in values] + negatives
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode")
-        features = vectorizer.fit_transform(texts)
+        try:
+            features = vectorizer.fit_transform(texts)
+        except ValueError as error:
+            if "empty vocabulary" not in str(error):
+                raise
+            raise ValueError(
+                f"The reference texts hold no word of two or more characters ({len(texts)} texts, e.g. "
+                f"{texts[:2]!r}); the detector needs real responses."
+            ) from error
         owners = [concept for concept, values in references.items() for _ in values] + [None] * len(negatives)
         classifiers = {}
         for concept in tqdm(concepts, desc="Fitting concept detectors", unit="concept", disable=len(concepts) < 8):

@@ -75,6 +75,8 @@ def test_detector_rejects_a_concept_without_reference_responses(detector):
         ConceptDetector.fit({"law": LAW, "space": ["  "]}, NEUTRAL, concepts=["law", "space"])
     with pytest.raises(ValueError, match="'law' has no negative texts"):
         ConceptDetector.fit({"law": LAW})
+    with pytest.raises(ValueError, match="no word of two or more characters"):
+        ConceptDetector.fit({"a": ["x y"], "b": ["p q"]})
     with pytest.raises(ValueError, match="no classifier for concept 'space'"):
         detector.predict_proba("space", ["stars"])
 
