@@ -18,13 +18,16 @@ Per method and factor, detector accuracy is the mean over (concept, instruction)
     gain ratio           = gain(hypersteer, f*) / gain(prompt)
 
 where `f*` is chosen on the `select` half of the instructions by [`select_steering_factor`] (highest accuracy within
-the fluency bound) and both gains are measured on the `test` half, as AxBench chooses factors. This metric needs no
+the fluency bound) and both gains are measured on the `test` half: like AxBench, the factor is not chosen on the
+rows it is reported on (unlike AxBench, one factor serves every concept, as `default_steering_factor` does). This
+metric needs no
 LLM judge, so it runs on any machine; it is *not* comparable with published numbers, which use the judged AxBench
 protocol of `evaluate_steering.py`.
 
 Instructions: a fixed list of generic instructions ([`GENERIC_INSTRUCTIONS`]), the same for every concept and
-method. They are unrelated to every concept and appear in no training data, so the concept shows only when the
-method puts it there, and the unsteered accuracy is the detector's false-positive rate on identical prompts.
+method. They were written for this metric, not taken from the concept data, and name no concept, so the concept
+shows only when the method puts it there, and the unsteered accuracy is the detector's false-positive rate on
+identical prompts.
 
 This module is library code (it needs scikit-learn); the remote code never imports it.
 """
