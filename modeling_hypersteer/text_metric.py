@@ -20,9 +20,8 @@ Per method and factor, detector accuracy is the mean over (concept, instruction)
 where `f*` is chosen on the `select` half of the instructions by [`select_steering_factor`] (highest accuracy within
 the fluency bound) and both gains are measured on the `test` half: like AxBench, the factor is not chosen on the
 rows it is reported on (unlike AxBench, one factor serves every concept, as `default_steering_factor` does). This
-metric needs no
-LLM judge, so it runs on any machine; it is *not* comparable with published numbers, which use the judged AxBench
-protocol of `evaluate_steering.py`.
+metric needs no LLM judge, so it runs on any machine; it is *not* comparable with published numbers, which use the
+judged AxBench protocol of `evaluate_steering.py`.
 
 Instructions: a fixed list of generic instructions ([`GENERIC_INSTRUCTIONS`]), the same for every concept and
 method. They were written for this metric, not taken from the concept data, and name no concept, so the concept
