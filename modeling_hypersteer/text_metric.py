@@ -75,7 +75,8 @@ DEGENERATE_DISTINCT_BIGRAMS = 0.5
 # The fluency bound of factor selection (see `select_steering_factor`).
 DEFAULT_NLL_MARGIN = 0.5
 DEFAULT_DISTINCT_FRACTION = 0.75
-_WORD = re.compile(r"\w+", re.UNICODE)
+# Words and single punctuation marks: a collapsed model also repeats punctuation ("` ` ` `"), which words alone miss.
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,12 +272,15 @@ def reference_responses(
 
 
 def distinct_bigram_share(text: str) -> float:
-    """Distinct word bigrams / word bigrams of `text` (case-insensitive words of `\\w+`).
+    """Distinct bigrams / bigrams of the words and punctuation marks of `text` (case-insensitive; a word is `\\w+`,
+    every other non-space character is a token of its own).
 
-    1.0 means no bigram repeats; "akin akin akin akin" gives 1/3. A text of fewer than two words has no bigram to
-    repeat and gives 1.0 (an empty generation is caught by the detector and the NLL instead).
+    1.0 means no bigram repeats; "akin akin akin akin" gives 1/3. Punctuation counts because a collapsed model
+    repeats it too: a trained SmolLM2 steered too hard wrote "A SQL query like `WHERE ` WHERE ` and ` ` ` ` ...",
+    which has almost no repeated *word* bigram. A text of fewer than two tokens has no bigram to repeat and gives 1.0
+    (an empty generation is caught by the detector and the NLL instead).
     """
-    words = [word.lower() for word in _WORD.findall(text or "")]
+    words = [word.lower() for word in _TOKEN.findall(text or "")]
     bigrams = list(zip(words, words[1:]))
     if not bigrams:
         return 1.0
