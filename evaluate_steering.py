@@ -10,6 +10,10 @@ Ready-to-copy commands:
         --steering_factors 0.5,1.0,1.5,2.0 --methods hypersteer,prompt,none --judge_model gpt-4o-mini \
         --output_dir outputs/eval
 
+    # No judge at all: the offline losses plus the judge-free text metric (detector accuracy, NLL, repetition)
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --concepts heldout --text_metric \
+        --steering_factors 1,2,4,8 --output_dir outputs/eval
+
     # Any OpenAI-compatible server (vLLM, llama.cpp, ...), AlpacaEval instructions when the Hub is reachable
     python evaluate_steering.py --model outputs/smollm2-hypersteer --judge_base_url http://127.0.0.1:8000/v1 \
         --judge_model my-judge --instructions tatsu-lab/alpaca_eval --output_dir outputs/eval
@@ -22,7 +26,8 @@ Ready-to-copy commands:
 
 Writes into `--output_dir`: `samples.jsonl` (one judged generation per line, with its `concept_id`),
 `evaluation_summary.json`, `evaluation_summary.md`, `score_vs_factor.png`, `ratings.png`, `offline_losses.png`,
-`generations.jsonl` (raw, resumable) and `judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for
+`generations.jsonl` (raw, resumable), with `--text_metric` also `text_metric_samples.jsonl`, `text_metric_vs_factor.png`
+and `text_metric_generations.jsonl` (resumable), and `judge_cache.sqlite` (every judge answer, so a rerun or a resumed run pays for
 nothing twice). Generations are reused only for the same model (config and weights) and decoding settings, so
 evaluating another checkpoint into the same folder starts afresh. When `--model` is a local folder,
 `evaluation_summary.json` is also written there, where the model card (`push_to_hub`) reads it.
@@ -67,6 +72,7 @@ from modeling_hypersteer.evaluation import (
     plot_ratings,
     summary_markdown,
 )
+from modeling_hypersteer.text_metric import GENERIC_INSTRUCTIONS, check_factor_grid
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE, TRAINING_SUMMARY_FILE, split_sources
 
 
@@ -154,6 +160,26 @@ class EvaluationArguments:
     vector_baseline_learning_rate: float = field(
         default=0.05, metadata={"help": "AdamW learning rate of the per-concept vector baseline."}
     )
+    text_metric: bool = field(
+        default=False,
+        metadata={
+            "help": "Also run the judge-free text metric (modeling_hypersteer/text_metric.py): greedy generations for "
+            "generic instructions, scored by a concept detector trained on the concept data's responses, the base's "
+            "NLL and a repetition measure, per method and --steering_factors. Opt-in because it generates "
+            "(methods x factors x concepts x instructions), while the offline metric only scores losses."
+        },
+    )
+    text_metric_instructions_per_concept: int = field(
+        default=4,
+        metadata={
+            "help": "Generic instructions per concept in the text metric (at least 2: the first half selects the "
+            "headline factor, the rest reports it)."
+        },
+    )
+    text_metric_max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per text-metric generation."})
+    text_metric_references_per_concept: int = field(
+        default=64, metadata={"help": "Reference responses per concept that train the text metric's concept detector."}
+    )
     judge_model: str = field(default="gpt-4o-mini", metadata={"help": "Judge model name."})
     judge_base_url: str | None = field(
         default=None,
@@ -187,6 +213,20 @@ class EvaluationArguments:
             raise ValueError("--num_instructions_per_concept and --offline_examples_per_concept must be >= 0.")
         if self.dataset_name_or_path:
             self.dataset_name_or_path = split_sources(self.dataset_name_or_path)
+        if self.text_metric:
+            if not 2 <= self.text_metric_instructions_per_concept <= len(GENERIC_INSTRUCTIONS):
+                raise ValueError(
+                    "--text_metric_instructions_per_concept must be between 2 and "
+                    f"{len(GENERIC_INSTRUCTIONS)} (the generic instructions), got "
+                    f"{self.text_metric_instructions_per_concept}."
+                )
+            if self.text_metric_max_new_tokens < 1 or self.text_metric_references_per_concept < 1:
+                raise ValueError(
+                    "--text_metric_max_new_tokens and --text_metric_references_per_concept must be >= 1, got "
+                    f"{self.text_metric_max_new_tokens} and {self.text_metric_references_per_concept}."
+                )
+            if set(self.method_list) & {"hypersteer", *BASELINE_METHODS}:
+                check_factor_grid(self.factor_grid, "--steering_factors")
 
     def judge_available(self) -> bool:
         return bool(self.judge_base_url) or bool(os.environ.get(self.judge_api_key_env))
@@ -356,6 +396,43 @@ def _baseline_vectors(args, method, model, tokenizer, data, split, split_setting
     return vectors
 
 
+def _text_metric(args, model, tokenizer, data, concepts, concept_vectors) -> dict:
+    """The judge-free text metric of `concepts` (see `modeling_hypersteer/text_metric.py`); writes every scored
+    generation to `text_metric_samples.jsonl` and the plot to `text_metric_vs_factor.png`, and returns the summary
+    without the samples.
+
+    The detector learns each concept from the concept data's responses (positive rows of the concept against other
+    concepts' and the negative rows); the prompts are generic instructions that are not in the data, so no detector
+    text is a response to an evaluation prompt."""
+    from modeling_hypersteer.text_metric import ConceptDetector, plot_text_metric, text_metric
+
+    rows = [
+        {"output": output, "output_concept": concept, "is_negative": negative}
+        for output, concept, negative in zip(data["output"], data["output_concept"], data["is_negative"])
+    ]
+    detector = ConceptDetector.from_rows(
+        rows, concepts=concepts, max_responses_per_concept=args.text_metric_references_per_concept, seed=args.seed
+    )
+    result = text_metric(
+        model,
+        tokenizer,
+        detector,
+        concepts,
+        args.method_list,
+        args.factor_grid,
+        num_instructions=args.text_metric_instructions_per_concept,
+        max_new_tokens=args.text_metric_max_new_tokens,
+        batch_size=args.batch_size,
+        generations_path=Path(args.output_dir) / "text_metric_generations.jsonl",
+        concept_vectors=concept_vectors,
+    )
+    with open(Path(args.output_dir) / "text_metric_samples.jsonl", "w", encoding="utf-8") as handle:
+        for sample in result.pop("samples"):
+            handle.write(json.dumps(sample) + "\n")
+    plot_text_metric(result, Path(args.output_dir) / "text_metric_vs_factor.png")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(make_parser(), argv)
     logging.basicConfig(
@@ -475,9 +552,14 @@ def main(argv: list[str] | None = None) -> dict:
         if summary["offline"]:
             plot_offline_losses(summary["offline"], Path(args.output_dir) / "offline_losses.png")
 
+    if args.text_metric:
+        summary["text_metric"] = _text_metric(args, model, tokenizer, data, concepts, concept_vectors)
+
     if not args.judge_available():
         logger.warning(
-            "No judge endpoint (--judge_base_url or $%s): ran the offline metric only.", args.judge_api_key_env
+            "No judge endpoint (--judge_base_url or $%s): ran the offline metric%s only.",
+            args.judge_api_key_env,
+            " and the text metric" if args.text_metric else " (add --text_metric for a judge-free generation metric)",
         )
     elif args.num_instructions_per_concept > 0:
         from modeling_hypersteer.judge import judge_generations, select_and_report

@@ -30,8 +30,8 @@ import train_hypersteer
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.cli import parse_arguments
 from modeling_hypersteer.data import ConceptSplit, build_splits, format_prompt, load_concept_data
-from modeling_hypersteer.evaluation import offline_steering_metric, side_by_side
-from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE
+from modeling_hypersteer.evaluation import model_fingerprint, offline_steering_metric, side_by_side
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE
 
 
 BUNDLED_CONCEPTS = Path(__file__).resolve().parent / "modeling_hypersteer" / "resources" / "quickstart_concepts.jsonl"
@@ -179,6 +179,25 @@ def _ratio(result: dict, name: str) -> str:
     return f"undefined: {reason}" if reason else f"{result[name]:.3f}"
 
 
+def _write_evaluation_summary(output_dir: str, model: HyperSteerModel, offline: dict) -> Path:
+    """Writes the offline results into `output_dir/evaluation_summary.json` in `evaluate_steering.py`'s format, with
+    the model's fingerprint so the card drops them if the weights change later."""
+    summary = {
+        "model": output_dir,
+        "model_fingerprint": model_fingerprint(model.config, model.hypernetwork.state_dict()),
+        "methods": {},
+        "judge": None,
+        "offline": {
+            name: {key: value for key, value in result.items() if key != "row_losses"}
+            for name, result in offline.items()
+        },
+        "written_by": "quickstart.py",
+    }
+    path = Path(output_dir, EVALUATION_SUMMARY_FILE)
+    path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(HfArgumentParser(QuickstartArguments), argv)
     start = time.perf_counter()
@@ -237,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {name:>8} specificity ratio (L_hs,wrong - L_hs) / (L_prompt,wrong - L_prompt) = "
             f"{_ratio(result, 'specificity_ratio')}"
         )
+
+    # The model card reads `evaluation_summary.json` next to the weights (as `evaluate_steering.py` writes it): without
+    # it, the card of a quickstart model said "steering quality: not measured" although the ratios were just measured.
+    _write_evaluation_summary(args.output_dir, model, offline)
 
     print(
         f"\n[4/4] Reloading {args.output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)"

@@ -27,6 +27,8 @@ setup(
         "matplotlib>=3.7",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        # The judge-free text metric's concept detector (modeling_hypersteer/text_metric.py; library code, not remote code).
+        "scikit-learn>=1.3",
     ],
     extras_require={
         # llama-cpp-python (the real llama.cpp round-trip test) is built once from its sdist by `make install` into

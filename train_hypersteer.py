@@ -17,6 +17,9 @@ Ready-to-copy commands:
     # The measured SmolLM2 recipe on the shared AxBench folders (see benchmarks/README.md)
     python train_hypersteer.py --config examples/recipes/smollm2_axbench.yaml --output_dir outputs/smollm2-axbench
 
+    # Any run can end by choosing its default steering factor (the recipe does; see README "Evaluation")
+    python train_hypersteer.py ... same flags ... --calibrate_steering_factor --calibration_factors 1,2,4,8
+
     # Two CPU processes (DDP over gloo; accelerate's torchrun launcher plus --use_cpu, as the test suite runs it)
     accelerate launch --multi_gpu --num_processes 2 train_hypersteer.py --use_cpu ... same flags ...
 
@@ -35,6 +38,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import datasets
@@ -67,6 +71,7 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 from modeling_hypersteer.smollm2 import smollm2_path
+from modeling_hypersteer.text_metric import calibrate_steering_factor, check_factor_grid
 from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
 
@@ -158,6 +163,31 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation of the base ('eager', 'sdpa', ...)."}
     )
+    # Steering-factor calibration after training: the saved `default_steering_factor` is the one at which the concept
+    # shows, so `generate(steering_prompt=...)` without a factor steers visibly.
+    calibrate_steering_factor: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, choose `default_steering_factor` on held-in concepts with the judge-free text "
+            "metric (modeling_hypersteer/text_metric.py): the factor of --calibration_factors with the highest "
+            "concept-detector accuracy whose fluency NLL is within 0.5 nats of prompting's and whose distinct-bigram "
+            "share is at least 0.75 of prompting's (ties to the smaller). Saved in config.json and recorded in "
+            "training_summary.json."
+        },
+    )
+    calibration_factors: str = field(
+        default="1,2,4,8", metadata={"help": "Comma-separated candidate factors of the calibration (each > 0)."}
+    )
+    calibration_concepts: int = field(
+        default=12, metadata={"help": "Held-in concepts the calibration generates for (bounds its cost)."}
+    )
+    calibration_instructions: int = field(
+        default=2, metadata={"help": "Generic instructions per concept in the calibration (at least 2)."}
+    )
+    calibration_max_new_tokens: int = field(default=48, metadata={"help": "Greedy tokens per calibration generation."})
+    calibration_batch_size: int = field(
+        default=24, metadata={"help": "Generation and NLL batch size of the calibration."}
+    )
 
     def __post_init__(self):
         if self.hypernet_type not in HYPERNET_TYPES:
@@ -181,6 +211,24 @@ class ModelArguments:
             )
         if self.base_dtype not in DTYPE_CHOICES:
             raise ValueError(f"--base_dtype must be one of {list(DTYPE_CHOICES)}, got {self.base_dtype!r}.")
+        self.calibration_factor_grid = []
+        if self.calibrate_steering_factor:
+            try:
+                factors = [float(value) for value in self.calibration_factors.split(",") if value.strip()]
+            except ValueError as error:
+                raise ValueError(
+                    f"--calibration_factors must be comma-separated numbers, got {self.calibration_factors!r}."
+                ) from error
+            self.calibration_factor_grid = check_factor_grid(factors, "--calibration_factors")
+            counts = {
+                "--calibration_concepts": (self.calibration_concepts, 1),
+                "--calibration_instructions": (self.calibration_instructions, 2),
+                "--calibration_max_new_tokens": (self.calibration_max_new_tokens, 1),
+                "--calibration_batch_size": (self.calibration_batch_size, 1),
+            }
+            for flag, (value, minimum) in counts.items():
+                if value < minimum:
+                    raise ValueError(f"{flag} must be >= {minimum}, got {value}.")
 
 
 @dataclass
@@ -308,6 +356,43 @@ def add_distillation_rows(train_features, train_rows, concept_split, tokenizer, 
     summary = {"sources": data_args.distillation_descriptions, "rows": len(features), "concepts": concepts}
     merged = concatenate_datasets([with_empty_distillation_columns(train_features), features])
     return merged, summary
+
+
+def calibrate_default_steering_factor(model, tokenizer, raw, concept_split, model_args, output_dir: str) -> dict:
+    """Chooses `default_steering_factor` on the held-in concepts (see `calibrate_steering_factor`), stores it in the
+    model's config and rewrites `output_dir/config.json`; returns the calibration record for training_summary.json.
+
+    The concept detector learns from the held-in concepts' responses and the negative rows only, so held-out concepts
+    stay unseen by everything the saved model carries."""
+    heldin = set(concept_split.heldin_concepts)
+    rows = [
+        {"output": output, "output_concept": concept, "is_negative": negative}
+        for output, concept, negative in zip(raw["output"], raw["output_concept"], raw["is_negative"])
+        if negative or concept in heldin
+    ]
+    model.eval()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    factor, record = calibrate_steering_factor(
+        model,
+        tokenizer,
+        rows,
+        model_args.calibration_factor_grid,
+        num_concepts=model_args.calibration_concepts,
+        num_instructions=model_args.calibration_instructions,
+        max_new_tokens=model_args.calibration_max_new_tokens,
+        batch_size=model_args.calibration_batch_size,
+        seed=concept_split.seed,
+    )
+    # Wall time depends on what else runs on the machine; CPU time is what the calibration itself costs.
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
+    model.config.default_steering_factor = factor
+    model.config.save_pretrained(output_dir)
+    logger.info(
+        f"default_steering_factor = {factor} ({record['chosen_by']}; calibration over {record['grid']} on "
+        f"{len(record['concepts'])} held-in concepts took {record['seconds']} s, {record['cpu_seconds']} s of CPU)."
+    )
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -442,6 +527,12 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
+    calibration = None
+    if model_args.calibrate_steering_factor and training_args.should_save:
+        calibration = calibrate_default_steering_factor(
+            model, tokenizer, raw, concept_split, model_args, training_args.output_dir
+        )
+
     if training_args.should_save:
         if training_args.plot_loss_curve:
             try:
@@ -465,6 +556,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "use_negatives": data_args.use_negatives,
                         "seed": data_args.concept_split_seed,
                     },
+                    **({"steering_factor_calibration": calibration} if calibration is not None else {}),
                 },
                 handle,
                 indent=2,

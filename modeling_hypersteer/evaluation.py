@@ -602,7 +602,13 @@ def summary_markdown(summary: dict) -> str:
             lines += [f"- {concept}: {'; '.join(reasons)}" for concept, reasons in sorted(excluded.items())]
             lines.append("")
     elif summary.get("judge") is None:
-        lines += ["No judge endpoint was configured: only the offline metric was run.", ""]
+        if summary.get("text_metric"):
+            lines += [
+                "No judge endpoint was configured: the offline metric and the judge-free text metric were run.",
+                "",
+            ]
+        else:
+            lines += ["No judge endpoint was configured: only the offline metric was run.", ""]
     offline = summary.get("offline") or {}
     if offline:
         lines += [
@@ -620,6 +626,11 @@ def summary_markdown(summary: dict) -> str:
                 f"{_ratio_cell(result, 'specificity_ratio')} |"
             )
         lines.append("")
+    if summary.get("text_metric"):
+        # Imported here: text_metric builds on this module.
+        from .text_metric import text_metric_markdown
+
+        lines.append(text_metric_markdown(summary["text_metric"]))
     return "\n".join(lines)
 
 

@@ -87,6 +87,7 @@ _STRUCTURED_EVALUATION_KEYS = {
     "offline_rows",
     "model",
     "model_fingerprint",
+    "text_metric",
 }
 
 
@@ -176,6 +177,7 @@ def render_model_card(
         "evaluation_md": _evaluation_markdown(training_summary, evaluation_summary),
         "repo_id": repo_id or "path/to/this/checkpoint",
         "default_steering_factor": _format_number(config.default_steering_factor),
+        "default_factor_origin": _default_factor_origin(config, training_summary),
         "extra_limitations": _extra_limitations(evaluation_summary),
         "license_name": _LICENSE_NAMES.get(license, license),
     }
@@ -412,6 +414,12 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
     offline = evaluation_summary.get("offline")
     if isinstance(offline, Mapping) and offline:
         lines += [_offline_markdown(offline), ""]
+    text_metric = evaluation_summary.get("text_metric")
+    if isinstance(text_metric, Mapping) and text_metric.get("rows"):
+        lines += [_text_metric_markdown(text_metric), ""]
+    calibration = training_summary.get("steering_factor_calibration")
+    if isinstance(calibration, Mapping) and calibration.get("table"):
+        lines += [_calibration_markdown(calibration), ""]
     other = _flatten_numbers(
         {key: value for key, value in evaluation_summary.items() if key not in _STRUCTURED_EVALUATION_KEYS}
     )
@@ -422,7 +430,7 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
             "",
             _table(("Metric", "Value"), [(f"`{key}`", _format_metric(value)) for key, value in shown]),
         ]
-    elif not methods and not offline:
+    elif not methods and not offline and not text_metric:
         lines.append("Steering quality (AxBench LLM-judge scores or offline loss ratios): not measured.")
     return "\n".join(lines).rstrip()
 
@@ -462,6 +470,96 @@ def _offline_markdown(offline: Mapping[str, Any]) -> str:
     )
 
 
+def _text_metric_markdown(result: Mapping[str, Any]) -> str:
+    """The judge-free text metric (`modeling_hypersteer/text_metric.py`) per method and factor, with its headline."""
+    headline = result.get("headline") or {}
+    if headline.get("gain_ratio") is not None:
+        ratio = f"**{_format_metric(headline['gain_ratio'])}** at factor {_format_metric(headline.get('factor'))}"
+    else:
+        ratio = f"undefined ({_inline(headline.get('undefined_reason', 'not measured'))})"
+    rows = [
+        (
+            f"`{_inline(row.get('method'))}`",
+            _format_metric(row.get("factor")),
+            _format_metric(row.get("detector_accuracy")),
+            _format_metric(row.get("gain_over_none")),
+            _format_metric(row.get("nll")),
+            _format_metric(row.get("distinct_bigrams")),
+        )
+        for row in result["rows"]
+        if isinstance(row, Mapping)
+    ]
+    return "\n".join(
+        [
+            f"Judge-free text metric ({_format_metric(result.get('num_concepts'))} concepts, greedy generations for "
+            "generic instructions): detector accuracy is the share of generations in which a TF-IDF + logistic "
+            "regression detector trained on the concept's reference responses finds the concept; NLL is the "
+            "unsteered base's per-token NLL of the generation (fluency); distinct bigrams = distinct / all word "
+            "bigrams (1 = no repetition). Gain ratio (HyperSteer's accuracy gain over unsteered / prompting's, factor "
+            f"chosen on half of the instructions and reported on the other): {ratio}. It is not comparable with "
+            "published (LLM-judged) numbers.",
+            "",
+            _table(("Method", "Factor", "Detector accuracy", "Gain over none", "NLL", "Distinct bigrams"), rows),
+        ]
+    )
+
+
+def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
+    """How `default_steering_factor` was chosen after training (`train_hypersteer.py --calibrate_steering_factor`)."""
+    rows = [
+        (
+            _format_metric(row.get("factor")),
+            _format_metric(row.get("detector_accuracy")),
+            _format_metric(row.get("nll")),
+            _format_metric(row.get("distinct_bigrams")),
+            "yes" if row.get("passes") else f"no: {_inline(row.get('rejected_because', ''))}",
+        )
+        for row in calibration["table"]
+        if isinstance(row, Mapping)
+    ]
+    for name, row in (calibration.get("reference") or {}).items():
+        if isinstance(row, Mapping):
+            rows.append(
+                (
+                    f"`{_inline(name)}`",
+                    _format_metric(row.get("detector_accuracy")),
+                    _format_metric(row.get("nll")),
+                    _format_metric(row.get("distinct_bigrams")),
+                    "reference",
+                )
+            )
+    outcome = (
+        f"chose **{_format_metric(calibration.get('factor'))}**"
+        if calibration.get("chosen_by") == "rule"
+        else f"found no factor within the bound and kept {_format_metric(calibration.get('factor'))}"
+    )
+    return "\n".join(
+        [
+            f"Default steering factor: the calibration at the end of training {outcome} on "
+            f"{len(calibration.get('concepts') or [])} held-in concepts x {len(calibration.get('instructions') or [])} "
+            f"generic instructions ({calibration.get('max_new_tokens')} greedy tokens), by the judge-free text metric. "
+            f"Rule: {_inline(calibration.get('rule', ''))}.",
+            "",
+            _table(("Factor", "Detector accuracy", "NLL", "Distinct bigrams", "Within the fluency bound"), rows),
+        ]
+    )
+
+
+def _default_factor_origin(config, training_summary: Mapping[str, Any]) -> str:
+    """Where the default factor comes from, when training calibrated it."""
+    calibration = training_summary.get("steering_factor_calibration")
+    if not isinstance(calibration, Mapping) or calibration.get("factor") != config.default_steering_factor:
+        return ""
+    how = (
+        "the highest concept-detector accuracy within a fluency bound"
+        if calibration.get("chosen_by") == "rule"
+        else "no factor was within the fluency bound, so the previous default was kept"
+    )
+    return (
+        f", chosen by calibration over {calibration.get('grid')} after training ({how}; see [Evaluation](#evaluation))"
+    )
+
+
 def _judge_results(evaluation_summary: dict) -> tuple[dict, str | None]:
     """`(methods, judge model)`: `evaluate_steering.py` writes the methods at the top level and the judge's endpoint
     details (`model`, `base_url`, request counts) under `"judge"`."""
@@ -483,6 +581,12 @@ def _extra_limitations(evaluation_summary: dict) -> str:
             "- **Offline evaluation only.** This checkpoint was evaluated offline only, with losses and loss "
             "ratios on held-out target responses and no LLM judge. Generation quality has not been rated."
         )
+        if evaluation_summary.get("text_metric"):
+            text = (
+                "- **Offline evaluation only.** This checkpoint was evaluated without an LLM judge: loss ratios on "
+                "held-out target responses and the judge-free text metric (a concept detector, the base's NLL and a "
+                "repetition measure), which do not compare with published, judged numbers."
+            )
     else:
         text = (
             "- **Not evaluated.** This checkpoint was not evaluated beyond its training and evaluation losses. "

@@ -69,3 +69,9 @@ def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
                 assert offline[ratio] is None and "not positive" in offline["undefined_ratios"][ratio]
                 assert f"undefined: {offline['undefined_ratios'][ratio]}" in stdout
     assert (output_dir / "loss_curve.png").is_file() and (output_dir / "model.safetensors").is_file()
+    # The card of the quickstart model reports the ratios the quickstart measured.
+    from modeling_hypersteer import HyperSteerConfig
+    from modeling_hypersteer.model_card import write_model_card
+
+    card = write_model_card(output_dir, HyperSteerConfig.from_pretrained(output_dir)).read_text()
+    assert "not measured." not in card and "| `heldout` | 3 |" in card and "| `heldin` | 15 |" in card
