@@ -61,6 +61,11 @@ RECIPE_OBJECTIVE_KEYS = (
     "hypernet_pooling",
     "steering_prior",
     "steering_prior_init_norm",
+    "distillation_loss_weight",
+    "distillation_guidance",
+    "distillation_reference",
+    "calibrate_steering_factor",
+    "calibration_factors",
 )
 # Written for the report; none of these instructions appears in the bundled training data.
 UNSEEN_INSTRUCTIONS = (
@@ -81,7 +86,23 @@ class QuickstartArguments:
     hypernet_num_layers: int = field(default=4, metadata={"help": "Hypernetwork blocks (copied from SmolLM2)."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (short runs need a high one)."})
     max_length: int = field(default=96, metadata={"help": "Prompt + response tokens per training row."})
-    steering_factor: float = field(default=1.0, metadata={"help": "Factor for the side-by-side and the ratios."})
+    steering_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "Factor of the side-by-side. Default: the model's `default_steering_factor`, which training "
+            "calibrates when the recipe turns calibration on."
+        },
+    )
+    offline_steering_factor: float = field(
+        default=1.0, metadata={"help": "Factor of the offline ratios (1.0, as in the README's tables)."}
+    )
+    calibration_concepts: int = field(
+        default=8,
+        metadata={"help": "Held-in concepts the factor calibration generates for (fewer than the recipe's)."},
+    )
+    calibration_max_new_tokens: int = field(
+        default=32, metadata={"help": "Tokens per calibration generation (fewer than the recipe's, for time)."}
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per side-by-side cell."})
     offline_examples_per_concept: int = field(
         default=2, metadata={"help": "Target outputs per concept in the offline gain/specificity metric."}
@@ -144,6 +165,10 @@ def _train(args: QuickstartArguments, recipe: dict) -> dict:
             "none",
             "--disable_tqdm",
             "false",
+            "--calibration_concepts",
+            str(args.calibration_concepts),
+            "--calibration_max_new_tokens",
+            str(args.calibration_max_new_tokens),
         ]
     )
 
@@ -217,8 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.perf_counter() - start
     model = HyperSteerModel.from_pretrained(args.output_dir)
     tokenizer = model.tokenizer
+    if args.steering_factor is None:
+        args.steering_factor = model.config.default_steering_factor
+        origin = "calibrated" if recipe.get("calibrate_steering_factor") else "the model's default"
+    else:
+        origin = "--steering_factor"
 
-    print(f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}):")
+    print(f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}, {origin}):")
     pairs = [
         (concept, UNSEEN_INSTRUCTIONS[index % len(UNSEEN_INSTRUCTIONS)])
         for index, concept in enumerate(SHOWN_HELDIN_CONCEPTS + HELDOUT_CONCEPTS[:1])
@@ -228,13 +258,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     _print_side_by_side(rows, set(HELDOUT_CONCEPTS))
 
-    print("\n[3/4] Offline metric: loss of the concept data's target outputs (lower is better)")
+    print(
+        f"\n[3/4] Offline metric at factor {args.offline_steering_factor}: loss of the concept data's target outputs "
+        "(lower is better)"
+    )
     offline = {
         name: offline_steering_metric(
             model,
             tokenizer,
             rows_,
-            steering_factor=args.steering_factor,
+            steering_factor=args.offline_steering_factor,
             max_length=args.max_length * 2,
             desc=f"Offline metric ({name})",
         )
