@@ -27,7 +27,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, tokenize_example
-from .modeling_hypersteer import HyperSteerModel, _decoder_layers_of, _positions_from_mask
+from .modeling_hypersteer import HyperSteerModel, steering_layer_output
 from .utils import evaluation_mode, restored_training_modes
 
 
@@ -35,10 +35,6 @@ logger = logging.get_logger(__name__)
 
 VECTORS_FILE = "concept_vectors.safetensors"
 CONCEPTS_FILE = "concept_vectors.json"
-
-
-class _StopForward(Exception):
-    """Stops the base forward once the steering layer's output is recorded."""
 
 
 @torch.no_grad()
@@ -55,33 +51,17 @@ def mean_response_residual(
     if not features:
         raise ValueError("No row fits `max_length`; raise it to compute a mean residual.")
     collator = HyperSteerDataCollator(tokenizer=tokenizer)
-    layer = _decoder_layers_of(model.language_model)[model.config.steering_layer]
     device = model.get_input_embeddings().weight.device
     total, count = None, 0
-    recorded = {}
-
-    def record(module, args, output):
-        recorded["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward()
-
     with evaluation_mode(model):
         for start in range(0, len(features), batch_size):
             batch = collator(features[start : start + batch_size])
             batch = {key: value.to(device) for key, value in batch.items()}
-            handle = layer.register_forward_hook(record)
-            try:
-                model.language_model.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=_positions_from_mask(batch["attention_mask"]),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
+            hidden = steering_layer_output(
+                model.language_model, model.config.steering_layer, batch["input_ids"], batch["attention_mask"]
+            )
             response = batch["labels"].ne(-100)
-            hidden = recorded.pop("hidden").float()[response]
+            hidden = hidden.float()[response]
             total = hidden.sum(0) if total is None else total + hidden.sum(0)
             count += hidden.shape[0]
     return total / count
