@@ -715,6 +715,45 @@ class _SteeringRequest:
             return self.steering_vectors
         return _compose_rows(self.steering_vectors, self.steering_factor, self.concept_rows, self.num_rows)
 
+    def hypernetwork_inputs(self, context_states: torch.Tensor | None) -> tuple[tuple, int]:
+        """The positional inputs of one hypernetwork call for this request, and how many rows are the steering
+        prompts' own (the first ones; contrast prompts follow).
+
+        Args:
+            context_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                the residual at the steering layer, for `hypernet_type="cross_attention"`.
+
+        Returns:
+            `((steering_input_ids, steering_attention_mask, context_states, context_mask, context_input_ids),
+            num_rows)`.
+        """
+        if context_states is not None and self.concept_rows is not None:
+            # Composition: every concept reads its own row's context.
+            context_states = context_states.index_select(0, self.concept_rows.to(context_states.device))
+        hypernetwork_inputs = (
+            self.steering_input_ids,
+            self.steering_attention_mask,
+            context_states,
+            self.context_mask,
+            self.context_input_ids,
+        )
+        num_rows = self.steering_input_ids.shape[0]
+        if self.contrast_steering_input_ids is not None:
+            # The right and the contrast prompts go through one hypernetwork call, each on its row's context: a
+            # training step then updates the running statistics once, from the right rows only (those the
+            # model is steered by, as without contrast), and both halves are normalised by the same statistics.
+            hypernetwork_inputs = _concatenate_rows(
+                hypernetwork_inputs,
+                (
+                    self.contrast_steering_input_ids,
+                    self.contrast_steering_attention_mask,
+                    context_states,
+                    self.context_mask,
+                    self.context_input_ids,
+                ),
+            )
+        return hypernetwork_inputs, num_rows
+
     def expand_to(self, batch_size: int) -> None:
         """Repeat per-row inputs for beam search / `num_return_sequences`, which expand the batch before prefill."""
         current = self.num_rows if self.concept_rows is not None else self.steering_factor.shape[0]
@@ -1137,6 +1176,39 @@ class HyperSteerSteeringInjector:
             # (num_concepts, length, hidden_size) -> (batch_size, length, hidden_size): sum each row's concepts.
             update = update.new_zeros(hidden_states.shape[0], *update.shape[1:]).index_add_(0, rows, update)
         return hidden_states + update.to(hidden_states.dtype), gates
+
+    def contrast_logits(
+        self, request: _SteeringRequest, language_model: PreTrainedModel, logits_to_keep: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
+        the contrast steering, through the layers above it (with the arguments `attach` recorded from the base's own
+        pass), the final norm and the LM head. Training objectives that compare the right concept with a wrong one
+        read it as `contrast_logits`; it stays inside `forward` so DDP sees every parameter it uses.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, positions as in `logits`.
+        """
+        hidden_states, _ = self.add_steering(
+            request, request.contrast_residual, request.contrast_vectors, request.contrast_position_ids, True
+        )
+        decoder_layers = self.decoder_layers
+        for index in range(self.steering_layer + 1, len(decoder_layers)):
+            args, kwargs = request.upper_layer_inputs[index]
+            # The base's own pass already wrote these layers' keys and values into the cache it returns; the contrast
+            # pass must neither append to it nor attend to it (a contrast forward starts from an empty cache).
+            kwargs = {**kwargs, "use_cache": False, **{name: None for name in _CACHE_NAMES if name in kwargs}}
+            output = decoder_layers[index](hidden_states, *args, **kwargs)
+            hidden_states = output[0] if isinstance(output, tuple) else output
+        hidden_states = language_model.model.norm(hidden_states)
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = language_model.get_output_embeddings()(hidden_states)
+        softcap = getattr(language_model.config.get_text_config(), "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
     def position_mask(self, request, hidden_states, position_ids, first_pass) -> torch.Tensor | None:
         """`None` to steer every position, else a `(batch_size, sequence_length)` mask of positions to steer."""
@@ -1578,7 +1650,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if use_cache is None and labels is not None and cache is None:
             # A training forward would otherwise fill a key/value cache that nothing reads.
             use_cache = False
-        with self._injector().attach(request):
+        injector = self._injector()
+        with injector.attach(request):
             outputs = self.language_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -1592,7 +1665,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             )
         contrast_logits = None
         if request.contrast_vectors is not None:
-            contrast_logits = self._contrast_logits(request, logits_to_keep)
+            contrast_logits = injector.contrast_logits(request, self.language_model, logits_to_keep)
         return HyperSteerCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -1770,39 +1843,12 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the residual
                 the vectors are added to, which `hypernet_type="cross_attention"` reads.
         """
-        rows = request.concept_rows
-        if rows is not None:
-            rows = rows.to(hidden_states.device)
-        contrast = request.contrast_steering_input_ids is not None
-        context_states = hidden_states if self.config.hypernet_type == "cross_attention" else None
-        if context_states is not None and rows is not None:
-            # Composition: every concept reads its own row's context.
-            context_states = context_states.index_select(0, rows)
-        hypernetwork_inputs = (
-            request.steering_input_ids,
-            request.steering_attention_mask,
-            context_states,
-            request.context_mask,
-            request.context_input_ids,
+        hypernetwork_inputs, num_rows = request.hypernetwork_inputs(
+            hidden_states if self.config.hypernet_type == "cross_attention" else None
         )
-        num_rows = request.steering_input_ids.shape[0]
-        if contrast:
-            # The right and the contrast prompts go through one hypernetwork call, each on its row's context: a
-            # training step then updates the running statistics once, from the right rows only (those the
-            # model is steered by, as without contrast), and both halves are normalised by the same statistics.
-            hypernetwork_inputs = _concatenate_rows(
-                hypernetwork_inputs,
-                (
-                    request.contrast_steering_input_ids,
-                    request.contrast_steering_attention_mask,
-                    context_states,
-                    request.context_mask,
-                    request.context_input_ids,
-                ),
-            )
         vectors = self._run_hypernetwork(*hypernetwork_inputs, num_statistics_rows=num_rows)
         request.steering_vectors = vectors[:num_rows]
-        if contrast:
+        if request.contrast_steering_input_ids is not None:
             request.contrast_vectors = vectors[num_rows:]
 
     def _run_hypernetwork(
@@ -1845,35 +1891,6 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_input_ids, steering_attention_mask, self.language_model, self.config.steering_layer
         )
         return directions.to(self.hypernetwork.output_projection.weight.device)
-
-    def _contrast_logits(self, request: _SteeringRequest, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
-        the contrast steering, through the layers above it, the final norm and the LM head.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, positions as in `logits`.
-        """
-        hidden_states, _ = self._injector().add_steering(
-            request, request.contrast_residual, request.contrast_vectors, request.contrast_position_ids, True
-        )
-        decoder_layers = decoder_layers_of(self.language_model)
-        for index in range(self.config.steering_layer + 1, len(decoder_layers)):
-            args, kwargs = request.upper_layer_inputs[index]
-            # The base's own pass already wrote these layers' keys and values into the cache it returns; the contrast
-            # pass must neither append to it nor attend to it (a contrast forward starts from an empty cache).
-            kwargs = {**kwargs, "use_cache": False, **{name: None for name in _CACHE_NAMES if name in kwargs}}
-            output = decoder_layers[index](hidden_states, *args, **kwargs)
-            hidden_states = output[0] if isinstance(output, tuple) else output
-        hidden_states = self.language_model.model.norm(hidden_states)
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.language_model.get_output_embeddings()(hidden_states)
-        softcap = getattr(self.language_model.config.get_text_config(), "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
 
 
 # ---------------------------------------------------------------------------------------------------------------
