@@ -1240,6 +1240,11 @@ class HyperSteerSteeringInjector:
 
 
 class HyperSteerPreTrainedModel(PreTrainedModel):
+    """What a HyperSteer checkpoint is: the config class, the initialisation of the hypernetwork's own modules, and the
+    save/load format (hypernetwork weights only, config with `auto_map`, tokenizer and the remote-code files). The
+    base is never saved; `from_pretrained` loads the one the config names, or takes a loaded one.
+    """
+
     config_class = HyperSteerConfig
     config: HyperSteerConfig
     base_model_prefix = "language_model"
@@ -1268,107 +1273,7 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-
-class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
-    """Steer a frozen causal LM with vectors produced from natural-language steering prompts by a hypernetwork,
-    described in detail in https://huggingface.co/papers/2506.03292.
-
-    The base LM (`language_model`) is frozen and never saved; only `hypernetwork` is trained and saved. The steering
-    vector is computed *inside* the base forward, at the steering layer, from the very residual it is added to (one
-    base pass), by a forward hook that exists only for the duration of one call.
-
-    Args:
-        config ([`HyperSteerConfig`]): the architecture.
-        language_model ([`PreTrainedModel`]): a decoder-only causal LM exposing `model.layers` (Gemma-2, Gemma-3
-            text, Llama/SmolLM2, Qwen2/3, ...).
-        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
-        hypernet_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the trainable weights;
-            float32 master weights keep training stable under `--bf16` autocast with a bf16 base.
-
-    ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from modeling_hypersteer import HyperSteerModel
-
-    >>> base = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it")
-    >>> tokenizer = AutoTokenizer.from_pretrained("google/gemma-2-2b-it")
-    >>> model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=20)
-    >>> inputs = tokenizer.apply_chat_template(
-    ...     [[{"role": "user", "content": "Explain sorting."}]], add_generation_prompt=True, return_tensors="pt",
-    ...     return_dict=True)
-    >>> output_ids = model.generate(**inputs, steering_prompt="legal terminology", max_new_tokens=32)
-    ```
-    """
-
-    def __init__(
-        self,
-        config: HyperSteerConfig,
-        language_model: PreTrainedModel | None = None,
-        tokenizer=None,
-        hypernet_dtype: torch.dtype | None = None,
-    ):
-        super().__init__(config)
-        if language_model is None:
-            raise ValueError(
-                "HyperSteerModel wraps a frozen base model: build it with `HyperSteerModel.from_base_model(base, ...)` "
-                "or load it with `HyperSteerModel.from_pretrained(path)`, which loads the base named in the config."
-            )
-        decoder_layers = decoder_layers_of(language_model)
-        _check_base_matches_config(language_model, config)
-        base_config = language_model.config.get_text_config()
-        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
-        # alignment nothing to update (it warns about every token it has to fill in).
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
-                setattr(config, name, getattr(base_config, name))
-        layer_types = [
-            _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
-        ]
-        hypernet_layers = [
-            _hypernet_decoder_layer(language_model, decoder_layers, index, config.hypernet_init)
-            for index in range(config.hypernet_num_layers)
-        ]
-        self.hypernetwork = HyperSteerHypernetwork(
-            config, hypernet_layers, layer_types=layer_types, prior=HyperSteerPrior.from_config(config, language_model)
-        )
-        self.post_init()
-        # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
-        self.language_model = language_model
-        language_model.requires_grad_(False)
-        language_model.eval()
-        steering_device = _module_device(decoder_layers[config.steering_layer])
-        self.hypernetwork.to(device=steering_device, dtype=hypernet_dtype or torch.float32)
-        # The checkpoint holds the hypernetwork only; declaring the base keys as never-saved also keeps Trainer's
-        # checkpoint reload from warning about them.
-        self._keys_to_ignore_on_save = {f"language_model.{name}" for name in language_model.state_dict()}
-        self.tokenizer = tokenizer
-        self.generation_config = copy.deepcopy(language_model.generation_config)
-
-    # ----- construction, saving and loading -------------------------------------------------------------------
-
-    @classmethod
-    def from_base_model(
-        cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None, **config_kwargs
-    ) -> "HyperSteerModel":
-        """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
-
-        The base's shape (hidden size, heads, layers) is read from the base itself.
-        """
-        decoder_layers_of(base_model)
-        base_config = base_model.config.get_text_config()
-        hidden_size = base_config.hidden_size
-        num_heads = base_config.num_attention_heads
-        shape = {
-            "hidden_size": hidden_size,
-            "num_attention_heads": num_heads,
-            "head_dim": getattr(base_config, "head_dim", None) or hidden_size // num_heads,
-            "base_num_hidden_layers": base_config.num_hidden_layers,
-            "rms_norm_eps": getattr(base_config, "rms_norm_eps", None) or 1e-6,
-        }
-        for name, value in shape.items():
-            config_kwargs.setdefault(name, value)
-        config_kwargs.setdefault("base_model_name_or_path", base_model.name_or_path or None)
-        config = HyperSteerConfig(**config_kwargs)
-        return cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
+    # ----- the checkpoint: hypernetwork weights, config, tokenizer and remote code -----------------------------
 
     @classmethod
     def from_pretrained(
@@ -1489,6 +1394,108 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         for file_name in REMOTE_CODE_FILES:
             if Path(save_directory, file_name).resolve() != (source_dir / file_name):
                 shutil.copyfile(source_dir / file_name, Path(save_directory, file_name))
+
+
+class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
+    """Steer a frozen causal LM with vectors produced from natural-language steering prompts by a hypernetwork,
+    described in detail in https://huggingface.co/papers/2506.03292.
+
+    The base LM (`language_model`) is frozen and never saved; only `hypernetwork` is trained and saved. The steering
+    vector is computed *inside* the base forward, at the steering layer, from the very residual it is added to (one
+    base pass), by a forward hook that exists only for the duration of one call.
+
+    Args:
+        config ([`HyperSteerConfig`]): the architecture.
+        language_model ([`PreTrainedModel`]): a decoder-only causal LM exposing `model.layers` (Gemma-2, Gemma-3
+            text, Llama/SmolLM2, Qwen2/3, ...).
+        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
+        hypernet_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the trainable weights;
+            float32 master weights keep training stable under `--bf16` autocast with a bf16 base.
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from modeling_hypersteer import HyperSteerModel
+
+    >>> base = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it")
+    >>> tokenizer = AutoTokenizer.from_pretrained("google/gemma-2-2b-it")
+    >>> model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=20)
+    >>> inputs = tokenizer.apply_chat_template(
+    ...     [[{"role": "user", "content": "Explain sorting."}]], add_generation_prompt=True, return_tensors="pt",
+    ...     return_dict=True)
+    >>> output_ids = model.generate(**inputs, steering_prompt="legal terminology", max_new_tokens=32)
+    ```
+    """
+
+    def __init__(
+        self,
+        config: HyperSteerConfig,
+        language_model: PreTrainedModel | None = None,
+        tokenizer=None,
+        hypernet_dtype: torch.dtype | None = None,
+    ):
+        super().__init__(config)
+        if language_model is None:
+            raise ValueError(
+                "HyperSteerModel wraps a frozen base model: build it with `HyperSteerModel.from_base_model(base, ...)` "
+                "or load it with `HyperSteerModel.from_pretrained(path)`, which loads the base named in the config."
+            )
+        decoder_layers = decoder_layers_of(language_model)
+        _check_base_matches_config(language_model, config)
+        base_config = language_model.config.get_text_config()
+        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
+        # alignment nothing to update (it warns about every token it has to fill in).
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
+                setattr(config, name, getattr(base_config, name))
+        layer_types = [
+            _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
+        ]
+        hypernet_layers = [
+            _hypernet_decoder_layer(language_model, decoder_layers, index, config.hypernet_init)
+            for index in range(config.hypernet_num_layers)
+        ]
+        self.hypernetwork = HyperSteerHypernetwork(
+            config, hypernet_layers, layer_types=layer_types, prior=HyperSteerPrior.from_config(config, language_model)
+        )
+        self.post_init()
+        # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
+        self.language_model = language_model
+        language_model.requires_grad_(False)
+        language_model.eval()
+        steering_device = _module_device(decoder_layers[config.steering_layer])
+        self.hypernetwork.to(device=steering_device, dtype=hypernet_dtype or torch.float32)
+        # The checkpoint holds the hypernetwork only; declaring the base keys as never-saved also keeps Trainer's
+        # checkpoint reload from warning about them.
+        self._keys_to_ignore_on_save = {f"language_model.{name}" for name in language_model.state_dict()}
+        self.tokenizer = tokenizer
+        self.generation_config = copy.deepcopy(language_model.generation_config)
+
+    # ----- construction ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base_model(
+        cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None, **config_kwargs
+    ) -> "HyperSteerModel":
+        """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
+
+        The base's shape (hidden size, heads, layers) is read from the base itself.
+        """
+        decoder_layers_of(base_model)
+        base_config = base_model.config.get_text_config()
+        hidden_size = base_config.hidden_size
+        num_heads = base_config.num_attention_heads
+        shape = {
+            "hidden_size": hidden_size,
+            "num_attention_heads": num_heads,
+            "head_dim": getattr(base_config, "head_dim", None) or hidden_size // num_heads,
+            "base_num_hidden_layers": base_config.num_hidden_layers,
+            "rms_norm_eps": getattr(base_config, "rms_norm_eps", None) or 1e-6,
+        }
+        for name, value in shape.items():
+            config_kwargs.setdefault(name, value)
+        config_kwargs.setdefault("base_model_name_or_path", base_model.name_or_path or None)
+        config = HyperSteerConfig(**config_kwargs)
+        return cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
 
     # ----- parameters -------------------------------------------------------------------------------------------
 
