@@ -18,9 +18,10 @@ The file is one model in one file of small classes, each readable alone, in the 
    `_SteeringRequest`.
 4. `HyperSteerSteeringInjector`: the hook that adds the vectors to the base's residual for one call (PEFT's tuner
    layer, kept apart from the model wrapper).
-5. The config-driven wiring (as PEFT's `lora/model.py`): `HyperSteerModel` freezes the base, builds the parts
-   above, and handles generation, saving and loading.
-6. Base-model helpers (`decoder_layers_of`, `positions_from_mask`, `steering_layer_output`) and private helpers.
+5. `HyperSteerPreTrainedModel`: the checkpoint (initialisation, and saving and loading the hypernetwork only).
+6. The config-driven wiring (as PEFT's `lora/model.py`): `HyperSteerModel` freezes the base, builds the parts above
+   and runs `forward`, `generate` and `compute_steering_vectors` through them. Start reading there.
+7. Base-model helpers (`decoder_layers_of`, `positions_from_mask`, `steering_layer_output`) and private helpers.
 
 This module and `configuration_hypersteer.py` are copied next to saved weights as remote code, so they import
 only torch, transformers and each other.
