@@ -1,0 +1,103 @@
+"""Steering in text, at the factor a trained model ships with: calibrate a finished run's `default_steering_factor`
+(as `train_hypersteer.py --calibrate_steering_factor` does at the end of training) and score the judge-free text
+metric at that factor on held-in and never-trained concepts.
+
+Ready-to-copy command (a run folder of `benchmarks/quality_ablation.py`, trained on the shared AxBench folders):
+
+    python benchmarks/quality/text_check.py --run_dir /tmp/hypersteer-quality/recipe_final --name recipe_final
+
+Appends one row per run to `benchmarks/results/text_metric.json`: the calibration record and, for `heldin` and
+`heldout`, the text-metric summary of `evaluate_steering.py --text_metric` at the calibrated factor.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import transformers
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+import evaluate_steering  # noqa: E402
+import train_hypersteer  # noqa: E402
+from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
+from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
+
+
+RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "text_metric.json"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="A finished training run (model, split and summary).")
+    parser.add_argument("--name", required=True, help="Row name in results/text_metric.json.")
+    parser.add_argument("--calibration_factors", default="1,2,4,8")
+    parser.add_argument("--heldin_concepts", type=int, default=12, help="Held-in concepts scored in text.")
+    parser.add_argument("--instructions_per_concept", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+    run_dir = Path(args.run_dir)
+    summary = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
+    sources = [
+        str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in summary["sources"]
+    ]
+    model = HyperSteerModel.from_pretrained(run_dir)
+    model_args = train_hypersteer.ModelArguments(
+        base_model_name_or_path=train_hypersteer.SMOLLM2_ALIAS,
+        calibrate_steering_factor=True,
+        calibration_factors=args.calibration_factors,
+    )
+    calibration = train_hypersteer.calibrate_default_steering_factor(
+        model,
+        model.tokenizer,
+        load_concept_data(sources),
+        ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE),
+        model_args,
+        str(run_dir),
+    )
+    factor = model.config.default_steering_factor
+    result = {"run_dir": str(run_dir), "calibration": calibration, "factor": factor}
+    for concepts in ("heldin", "heldout"):
+        evaluation = evaluate_steering.main(
+            [
+                "--model",
+                str(run_dir),
+                "--output_dir",
+                str(run_dir / f"text_check_{concepts}"),
+                "--concepts",
+                concepts,
+                *(["--max_concepts", str(args.heldin_concepts)] if concepts == "heldin" else []),
+                "--methods",
+                "hypersteer,prompt,none",
+                "--steering_factors",
+                str(factor),
+                "--offline_examples_per_concept",
+                "0",
+                "--num_instructions_per_concept",
+                "0",
+                "--text_metric",
+                "--text_metric_instructions_per_concept",
+                str(args.instructions_per_concept),
+                "--text_metric_max_new_tokens",
+                str(args.max_new_tokens),
+                "--no_save_summary_to_model",
+            ]
+        )
+        result[concepts] = evaluation["text_metric"]
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
+    results["runs"][args.name] = result
+    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
