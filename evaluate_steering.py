@@ -50,6 +50,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.baselines import baseline_concept_vectors
 from modeling_hypersteer.cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
 from modeling_hypersteer.concept_data import load_instructions
 from modeling_hypersteer.data import (
@@ -349,53 +350,6 @@ def _write_summary(summary: dict, folder: Path) -> Path:
     return path
 
 
-def _baseline_vectors(args, method, model, tokenizer, data, split, split_settings, reference_rows) -> dict:
-    """The per-concept vectors of a baseline for every held-in concept, from the training run's own training rows
-    (never its evaluation rows); reused from `output_dir/baselines/<method>` when made for the same model."""
-    from transformers import TrainingArguments
-
-    from modeling_hypersteer.baselines import (
-        diffmean_vectors,
-        load_concept_vectors,
-        mean_steering_vector_norm,
-        save_concept_vectors,
-        train_concept_vectors,
-    )
-
-    folder = Path(args.output_dir) / "baselines" / method
-    fingerprint = model_fingerprint(model.config, model.hypernetwork.state_dict())
-    settings = {
-        "model_fingerprint": fingerprint,
-        "baseline_vector_norm": args.baseline_vector_norm,
-        "vector_baseline_steps": args.vector_baseline_steps,
-        "vector_baseline_learning_rate": args.vector_baseline_learning_rate,
-    }
-    if (folder / "concept_vectors.json").is_file():
-        meta, vectors = load_concept_vectors(folder)
-        if meta.get("method") == method and all(meta.get(key) == value for key, value in settings.items()):
-            logger.info(f"Reusing the {method} vectors in {folder}.")
-            return vectors
-    train_rows = [dict(row) for row in build_splits(data, split, **split_settings)["train"] if not row["is_negative"]]
-    if method == "diffmean":
-        norm = args.baseline_vector_norm or mean_steering_vector_norm(model, tokenizer, reference_rows)
-        negatives = [dict(row) for row in data if row["is_negative"]]
-        vectors = diffmean_vectors(model, tokenizer, train_rows, negatives, norm=norm)
-    else:
-        training_args = TrainingArguments(
-            output_dir=str(folder / "run"),
-            max_steps=args.vector_baseline_steps,
-            per_device_train_batch_size=4,
-            learning_rate=args.vector_baseline_learning_rate,
-            save_strategy="no",
-            report_to="none",
-            seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
-        )
-        vectors = train_concept_vectors(model, tokenizer, train_rows, training_args, max_length=args.max_length)
-    save_concept_vectors(vectors, folder, method=method, **settings)
-    return vectors
-
-
 def _text_metric(args, model, tokenizer, data, concepts, concept_vectors) -> dict:
     """The judge-free text metric of `concepts` (see `modeling_hypersteer/text_metric.py`); writes every scored
     generation to `text_metric_samples.jsonl` and the plot to `text_metric_vs_factor.png`, and returns the summary
@@ -499,9 +453,25 @@ def main(argv: list[str] | None = None) -> dict:
                 f"rows, which needs its split settings in {Path(args.model) / TRAINING_SUMMARY_FILE}; they are missing."
             )
         reference_rows = [row for row in heldin_rows if not row["is_negative"]][:32]
+        # The training run's own training rows, never its evaluation rows.
+        train_rows = [
+            dict(row) for row in build_splits(data, split, **split_settings)["train"] if not row["is_negative"]
+        ]
+        negative_rows = [dict(row) for row in data if row["is_negative"]]
         for method in baseline_methods:
-            concept_vectors[method] = _baseline_vectors(
-                args, method, model, tokenizer, data, split, split_settings, reference_rows
+            concept_vectors[method] = baseline_concept_vectors(
+                method,
+                model,
+                tokenizer,
+                train_rows,
+                negative_rows,
+                reference_rows,
+                Path(args.output_dir) / "baselines" / method,
+                vector_norm=args.baseline_vector_norm,
+                steps=args.vector_baseline_steps,
+                learning_rate=args.vector_baseline_learning_rate,
+                seed=args.seed,
+                max_length=args.max_length,
             )
 
     if args.offline_examples_per_concept > 0:

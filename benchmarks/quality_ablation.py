@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import time
@@ -35,6 +34,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench_common import machine_info  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import build_splits, load_concept_data, parse_heldout_concepts, split_concepts  # noqa: E402
@@ -367,13 +368,7 @@ def save_result(name: str, config: dict, result: dict) -> None:
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
     results["runs"][name] = {"config": config, **result}
-    results["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    results["machine"] = machine_info()
     RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
 
 

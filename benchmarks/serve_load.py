@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import openai
 import torch
-import transformers
+from bench_common import machine_info
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_hypersteer import HyperSteerModel
@@ -281,14 +280,7 @@ def main(argv=None) -> dict:
     report = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/serve_load.py " + " ".join(argv or sys.argv[1:]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine_info(),
         "settings": {key: value for key, value in vars(args).items() if key != "json"},
         "model": "SmolLM2-135M-Instruct, cross_attention HyperSteer, steering layer 20, 4 blocks, random head",
         "ratios": ratios,

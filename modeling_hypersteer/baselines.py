@@ -27,7 +27,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, tokenize_example
-from .modeling_hypersteer import HyperSteerModel, _decoder_layers_of, _positions_from_mask
+from .modeling_hypersteer import HyperSteerModel, steering_layer_output
 from .utils import evaluation_mode, restored_training_modes
 
 
@@ -35,10 +35,6 @@ logger = logging.get_logger(__name__)
 
 VECTORS_FILE = "concept_vectors.safetensors"
 CONCEPTS_FILE = "concept_vectors.json"
-
-
-class _StopForward(Exception):
-    """Stops the base forward once the steering layer's output is recorded."""
 
 
 @torch.no_grad()
@@ -55,33 +51,17 @@ def mean_response_residual(
     if not features:
         raise ValueError("No row fits `max_length`; raise it to compute a mean residual.")
     collator = HyperSteerDataCollator(tokenizer=tokenizer)
-    layer = _decoder_layers_of(model.language_model)[model.config.steering_layer]
     device = model.get_input_embeddings().weight.device
     total, count = None, 0
-    recorded = {}
-
-    def record(module, args, output):
-        recorded["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward()
-
     with evaluation_mode(model):
         for start in range(0, len(features), batch_size):
             batch = collator(features[start : start + batch_size])
             batch = {key: value.to(device) for key, value in batch.items()}
-            handle = layer.register_forward_hook(record)
-            try:
-                model.language_model.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=_positions_from_mask(batch["attention_mask"]),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-            finally:
-                handle.remove()
+            hidden = steering_layer_output(
+                model.language_model, model.config.steering_layer, batch["input_ids"], batch["attention_mask"]
+            )
             response = batch["labels"].ne(-100)
-            hidden = recorded.pop("hidden").float()[response]
+            hidden = hidden.float()[response]
             total = hidden.sum(0) if total is None else total + hidden.sum(0)
             count += hidden.shape[0]
     return total / count
@@ -261,8 +241,70 @@ def load_concept_vectors(directory: str | os.PathLike) -> tuple[dict, dict[str, 
     return meta, dict(zip(meta["concepts"], tensor))
 
 
+def baseline_concept_vectors(
+    method: str,
+    model: HyperSteerModel,
+    tokenizer,
+    train_rows: Sequence[dict],
+    negative_rows: Sequence[dict],
+    reference_rows: Sequence[dict],
+    folder: str | os.PathLike,
+    vector_norm: float | None = None,
+    steps: int = 200,
+    learning_rate: float = 1e-2,
+    seed: int = 42,
+    max_length: int = 256,
+) -> dict[str, torch.Tensor]:
+    """The per-concept vectors of a baseline (`"diffmean"` or a trained vector per concept) for every concept of
+    `train_rows`, reused from `folder` when made there for the same model and settings.
+
+    Args:
+        method (`str`): `"diffmean"`, or any other baseline name for vectors trained with [`train_concept_vectors`].
+        train_rows (`list[dict]`): positive AxBench rows to build the vectors from (a training split, never
+            evaluation rows).
+        negative_rows (`list[dict]`): the negative rows DiffMean subtracts.
+        reference_rows (`list[dict]`): rows HyperSteer's mean vector norm is measured on when `vector_norm` is
+            `None` (DiffMean vectors are scaled to it).
+        folder (`str` or `os.PathLike`): where the vectors are saved (see [`save_concept_vectors`]).
+        vector_norm (`float`, *optional*), steps (`int`), learning_rate (`float`), seed (`int`), max_length (`int`):
+            the DiffMean norm and the training settings of trained vectors.
+    """
+    from .evaluation import model_fingerprint
+
+    folder = Path(folder)
+    settings = {
+        "model_fingerprint": model_fingerprint(model.config, model.hypernetwork.state_dict()),
+        "baseline_vector_norm": vector_norm,
+        "vector_baseline_steps": steps,
+        "vector_baseline_learning_rate": learning_rate,
+    }
+    if (folder / CONCEPTS_FILE).is_file():
+        meta, vectors = load_concept_vectors(folder)
+        if meta.get("method") == method and all(meta.get(key) == value for key, value in settings.items()):
+            logger.info(f"Reusing the {method} vectors in {folder}.")
+            return vectors
+    if method == "diffmean":
+        norm = vector_norm or mean_steering_vector_norm(model, tokenizer, reference_rows)
+        vectors = diffmean_vectors(model, tokenizer, list(train_rows), list(negative_rows), norm=norm)
+    else:
+        training_args = TrainingArguments(
+            output_dir=str(folder / "run"),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            learning_rate=learning_rate,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        vectors = train_concept_vectors(model, tokenizer, list(train_rows), training_args, max_length=max_length)
+    save_concept_vectors(vectors, folder, method=method, **settings)
+    return vectors
+
+
 __all__ = [
     "ConceptVectorModel",
+    "baseline_concept_vectors",
     "diffmean_vectors",
     "load_concept_vectors",
     "mean_response_residual",

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .data import HyperSteerDataCollator, format_prompt, tokenize_example
-from .modeling_hypersteer import HyperSteerModel, _positions_from_mask, per_row_causal_lm_loss
+from .modeling_hypersteer import HyperSteerModel, per_row_causal_lm_loss, positions_from_mask
 from .utils import JsonlAppender, evaluation_mode, pyplot, read_jsonl
 
 
@@ -140,7 +140,7 @@ def _row_losses(
             logits = model.language_model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                position_ids=_positions_from_mask(batch["attention_mask"]),
+                position_ids=positions_from_mask(batch["attention_mask"]),
             ).logits
         losses.extend(per_row_causal_lm_loss(logits, batch["labels"]).tolist())
         progress.update(len(features[start : start + batch_size]))

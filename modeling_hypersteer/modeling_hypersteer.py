@@ -8,9 +8,20 @@ For a batch row with steering prompt `s`, user prompt `x` and factor `a`, the hy
 
 where `g_t = 1`, or with `token_gate=True`, `g_t = sigmoid(w^T (RMSNorm(h_t) * v / rms(v)) + b)`.
 
-The file is organised like PEFT's LoRA: the layers that own parameters and math first (`HyperSteerRMSNorm`,
-`HyperSteerCrossAttention`, `HyperSteerTokenGate`, `HyperSteerHypernetwork`), then the config-driven wiring that
-freezes the base, places the steering hook and handles saving (`HyperSteerModel`).
+The file is one model in one file of small classes, each readable alone, in the order a call meets them:
+
+1. Layers that own parameters and math (as PEFT's `lora/layer.py`): `HyperSteerRMSNorm`, `HyperSteerCrossAttention`,
+   `HyperSteerTokenGate`, `HyperSteerRunningCenter`, the training-free priors (`HyperSteerLexicalPrior`,
+   `HyperSteerResidualPrior`) and `HyperSteerHypernetwork`, which also builds its blocks' inputs.
+2. `HyperSteerCausalLMOutputWithPast`.
+3. Steering requests: `HyperSteerRequestBuilder` validates one call's steering arguments and shapes them into a
+   `_SteeringRequest`.
+4. `HyperSteerSteeringInjector`: the hook that adds the vectors to the base's residual for one call (PEFT's tuner
+   layer, kept apart from the model wrapper).
+5. `HyperSteerPreTrainedModel`: the checkpoint (initialisation, and saving and loading the hypernetwork only).
+6. The config-driven wiring (as PEFT's `lora/model.py`): `HyperSteerModel` freezes the base, builds the parts above
+   and runs `forward`, `generate` and `compute_steering_vectors` through them. Start reading there.
+7. Base-model helpers (`decoder_layers_of`, `positions_from_mask`, `steering_layer_output`) and private helpers.
 
 This module and `configuration_hypersteer.py` are copied next to saved weights as remote code, so they import
 only torch, transformers and each other.
@@ -303,6 +314,99 @@ class HyperSteerRunningCenter(nn.Module):
         self.num_updates.add_(counted.long().squeeze(0))
 
 
+class HyperSteerPrior(nn.Module):
+    """The training-free concept direction `u(s)` of the prior term (`steering_prior`), read from the frozen base.
+
+    A prior holds no trainable weight: the learned map `A` of `A u(s)` and, for `"residual"`, the running centre of
+    `u(s)` belong to [`HyperSteerHypernetwork`] (`prior_projection`, `prior_center`), where checkpoints keep them.
+    Subclasses implement `forward(steering_input_ids, steering_attention_mask, language_model, steering_layer)`.
+    """
+
+    @staticmethod
+    def from_config(config: HyperSteerConfig, language_model: PreTrainedModel) -> "HyperSteerPrior | None":
+        """The prior `config.steering_prior` names (`None` for `"none"`)."""
+        if config.steering_prior == "lexical":
+            return HyperSteerLexicalPrior(language_model.get_output_embeddings().weight)
+        if config.steering_prior == "residual":
+            return HyperSteerResidualPrior()
+        return None
+
+    @staticmethod
+    def concept_token_mask(language_model, steering_input_ids, steering_attention_mask) -> torch.Tensor:
+        """Real steering-prompt tokens other than the base's BOS/EOS/PAD, which carry no concept (all real tokens for a
+        prompt made only of special tokens): `torch.BoolTensor` of shape `(batch_size, steering_sequence_length)`."""
+        real = steering_attention_mask.bool()
+        token_mask = real.clone()
+        base_config = language_model.config.get_text_config()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            special = getattr(base_config, name, None)
+            for token_id in special if isinstance(special, (list, tuple)) else [special]:
+                if token_id is not None:
+                    token_mask &= steering_input_ids != token_id
+        return torch.where(token_mask.any(dim=-1, keepdim=True), token_mask, real)
+
+
+class HyperSteerLexicalPrior(HyperSteerPrior):
+    """`u(s)`: the unit-norm mean output embedding of the steering prompt's concept tokens, centred on the vocabulary
+    mean (the centre of the output-embedding cloud: every token shares it, so it says nothing about a concept).
+
+    Args:
+        output_embeddings (`torch.FloatTensor` of shape `(vocab_size, hidden_size)`): the base's LM-head weight; only
+            its mean is kept, as a non-persistent buffer (checkpoints never store it).
+    """
+
+    def __init__(self, output_embeddings: torch.Tensor):
+        super().__init__()
+        self.register_buffer(
+            "vocabulary_mean_embedding", output_embeddings.detach().float().mean(dim=0), persistent=False
+        )
+
+    @torch.no_grad()
+    def forward(
+        self, steering_input_ids, steering_attention_mask, language_model, steering_layer=None
+    ) -> torch.Tensor:
+        """
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32, on the output embeddings' device.
+        """
+        output_embeddings = language_model.get_output_embeddings().weight
+        device = output_embeddings.device
+        steering_input_ids = steering_input_ids.to(device)
+        token_mask = self.concept_token_mask(language_model, steering_input_ids, steering_attention_mask.to(device))
+        weights = token_mask.float()[..., None]
+        mean_embedding = (output_embeddings[steering_input_ids].float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        centred = mean_embedding - self.vocabulary_mean_embedding.to(device)
+        return centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+
+
+class HyperSteerResidualPrior(HyperSteerPrior):
+    """`u(s)` before centring: the base's residual after the steering layer, averaged over the steering prompt's
+    concept tokens, with the base run on the steering prompt alone and stopped at that layer. The hypernetwork centres
+    it on a running mean (`prior_center`) and normalises it.
+
+    It may run while the steering hook of a request is registered on the same layer: the stop hook is put in front of
+    it (see [`steering_layer_output`]), so this pass is never steered.
+    """
+
+    @torch.no_grad()
+    def forward(self, steering_input_ids, steering_attention_mask, language_model, steering_layer) -> torch.Tensor:
+        """
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32.
+        """
+        device = language_model.get_input_embeddings().weight.device
+        steering_input_ids = steering_input_ids.to(device)
+        steering_attention_mask = steering_attention_mask.to(device)
+        hidden_states = steering_layer_output(
+            language_model, steering_layer, steering_input_ids, steering_attention_mask
+        ).float()
+        token_mask = self.concept_token_mask(language_model, steering_input_ids, steering_attention_mask)
+        weights = token_mask.float()[..., None]
+        return (hidden_states * weights.to(hidden_states.device)).sum(1) / weights.sum(1).clamp(min=1).to(
+            hidden_states.device
+        )
+
+
 class HyperSteerHypernetwork(nn.Module):
     """The trainable part of HyperSteer: decoder blocks over the steering prompt, optional cross-attention to the
     base residual, pooling (last token or mean), a final norm and an output projection, plus two optional terms:
@@ -312,8 +416,12 @@ class HyperSteerHypernetwork(nn.Module):
     `m` is a running mean of the pooled features (`center_pooled_features`; with `standardize_pooled_features` every
     coordinate is also divided by its running standard deviation), `b` a learned concept-free offset
     (`shared_steering_offset`) and `A u(s)` the prior term (`steering_prior`): `u(s)` is a unit-norm, training-free
-    concept direction read from the frozen base by the caller, and `A` a learned map starting at
+    concept direction read from the frozen base by `prior` (a [`HyperSteerPrior`]), and `A` a learned map starting at
     `steering_prior_init_norm * I`.
+
+    [`~HyperSteerHypernetwork.vectors_from_tokens`] builds the blocks' inputs from token ids (embeddings, packing,
+    causal masks and rotary embeddings, with the base's own embedding and rotary modules passed in); `forward` takes
+    them ready-made.
 
     The decoder blocks are of the base's own architecture, so `hypernet_init="base"` can start from the base's first
     pretrained layers. With `hypernet_type="cross_attention"`, a cross-attention sublayer precedes every decoder
@@ -321,9 +429,17 @@ class HyperSteerHypernetwork(nn.Module):
     block intact. The output projection starts at zero, so an untrained model steers by exactly zero.
     """
 
-    def __init__(self, config: HyperSteerConfig, decoder_layers: Sequence[nn.Module]):
+    def __init__(
+        self,
+        config: HyperSteerConfig,
+        decoder_layers: Sequence[nn.Module],
+        layer_types: Sequence[str] | None = None,
+        prior: "HyperSteerPrior | None" = None,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(decoder_layers)
+        # The attention type of each block ("full_attention" or "sliding_attention"), which picks its mask and rotary.
+        self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * len(decoder_layers)
         if config.hypernet_type == "cross_attention":
             self.cross_attentions = nn.ModuleList(HyperSteerCrossAttention(config) for _ in decoder_layers)
         else:
@@ -350,6 +466,8 @@ class HyperSteerHypernetwork(nn.Module):
             self.prior_center = HyperSteerRunningCenter(config.hidden_size, config.pooled_feature_momentum)
         else:
             self.prior_center = None
+        # Registered last: it holds no parameter, and only a non-persistent buffer (the lexical prior's centre).
+        self.prior = prior
 
     def forward(
         self,
@@ -417,6 +535,106 @@ class HyperSteerHypernetwork(nn.Module):
             vectors = vectors + self.prior_projection(prior_directions)
         return vectors
 
+    def vectors_from_tokens(
+        self,
+        steering_input_ids: torch.LongTensor,
+        steering_attention_mask: torch.Tensor,
+        input_embeddings: nn.Module,
+        rotary_embedding: nn.Module,
+        base_config,
+        context_states: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        prior_directions: torch.Tensor | None = None,
+        num_statistics_rows: int | None = None,
+    ) -> torch.Tensor:
+        """Embed the hypernetwork's input with the frozen base embeddings, build its blocks' arguments and run it.
+
+        A training step updates the running statistics (if any) from the first `num_statistics_rows` rows (all by
+        default), and only when they hold at least two different steering prompts: rows of a single concept show
+        nothing about how concepts differ, and their features' batch variance is (near) zero.
+
+        Args:
+            steering_input_ids, steering_attention_mask (`torch.LongTensor` of shape
+                `(batch_size, steering_sequence_length)`): the tokenised steering prompts.
+            input_embeddings (`nn.Module`): the base's (frozen) input embeddings.
+            rotary_embedding (`nn.Module`): the base's rotary embedding (`model.model.rotary_emb`).
+            base_config: the base's text config, for its causal-mask builders.
+            context_states, context_mask: as in `forward`.
+            context_input_ids (`torch.LongTensor` of shape `(batch_size, context_length)`, *optional*): the user's
+                prompt, read as text after the steering prompt (`hypernet_type="in_context"`); `context_mask` selects
+                its tokens.
+            prior_directions: as in `forward`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in the hypernetwork's dtype.
+        """
+        parameter = self.output_projection.weight
+        with torch.no_grad():
+            inputs_embeds = input_embeddings(steering_input_ids).to(parameter)
+        token_mask = steering_attention_mask.bool().to(parameter.device)
+        if context_input_ids is not None:
+            with torch.no_grad():
+                context_embeds = input_embeddings(context_input_ids).to(parameter)
+            inputs_embeds, token_mask = _pack_left(
+                inputs_embeds, token_mask, context_embeds, context_mask.to(parameter.device)
+            )
+        else:
+            inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask)
+        batch_size, sequence_length = token_mask.shape
+        position_ids = torch.arange(sequence_length, device=parameter.device).expand(batch_size, -1)
+        layer_masks, layer_positions = self.layer_arguments(
+            inputs_embeds, token_mask, position_ids, rotary_embedding, base_config
+        )
+        if context_states is not None:
+            context_states = context_states.to(parameter)
+            context_mask = context_mask.to(parameter.device)
+        else:
+            context_mask = None
+        statistics_mask = None
+        if self.training and torch.is_grad_enabled():
+            statistics_mask = _statistics_mask(steering_input_ids, steering_attention_mask, num_statistics_rows)
+            statistics_mask = statistics_mask.to(parameter.device)
+        return self(
+            inputs_embeds,
+            token_mask,
+            layer_masks,
+            layer_positions,
+            position_ids,
+            context_states=context_states,
+            context_mask=context_mask,
+            prior_directions=prior_directions,
+            statistics_mask=statistics_mask,
+        )
+
+    def layer_arguments(self, inputs_embeds, token_mask, position_ids, rotary_embedding, base_config):
+        """Causal masks and rotary embeddings for the decoder blocks, built the way the base builds them for its own
+        layers (per attention type: full or sliding window).
+
+        Returns:
+            `(layer_masks, layer_position_embeddings)`: two lists with one entry per block.
+        """
+        mask_kwargs = {
+            "config": base_config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": token_mask.long(),
+            _CACHE_KWARG: None,
+            "position_ids": position_ids,
+        }
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        rotary_device = next(rotary_embedding.buffers()).device
+        takes_layer_type = "layer_type" in inspect.signature(rotary_embedding.forward).parameters
+        positions = {}
+        for layer_type in set(self.layer_types):
+            extra = (layer_type,) if takes_layer_type else ()
+            cos, sin = rotary_embedding(inputs_embeds.to(rotary_device), position_ids.to(rotary_device), *extra)
+            positions[layer_type] = (cos.to(inputs_embeds.device), sin.to(inputs_embeds.device))
+        layer_masks = [masks.get(layer_type, masks["full_attention"]) for layer_type in self.layer_types]
+        layer_positions = [positions[layer_type] for layer_type in self.layer_types]
+        return layer_masks, layer_positions
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -453,7 +671,7 @@ class HyperSteerCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Wiring: base model, freezing, steering hook, generation, saving and loading
+# Steering requests: validation and shaping
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -480,7 +698,6 @@ class _SteeringRequest:
     steering_gates: torch.Tensor | None = None
     is_generation: bool = False
     decoding_from_cache: bool = False
-    stop_after_vectors: bool = False
     prompt_last_position: torch.Tensor | None = None
     passes: int = 0
     contrast_steering_input_ids: torch.LongTensor | None = None
@@ -498,6 +715,45 @@ class _SteeringRequest:
         if self.concept_rows is None or self.steering_vectors is None:
             return self.steering_vectors
         return _compose_rows(self.steering_vectors, self.steering_factor, self.concept_rows, self.num_rows)
+
+    def hypernetwork_inputs(self, context_states: torch.Tensor | None) -> tuple[tuple, int]:
+        """The positional inputs of one hypernetwork call for this request, and how many rows are the steering
+        prompts' own (the first ones; contrast prompts follow).
+
+        Args:
+            context_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                the residual at the steering layer, for `hypernet_type="cross_attention"`.
+
+        Returns:
+            `((steering_input_ids, steering_attention_mask, context_states, context_mask, context_input_ids),
+            num_rows)`.
+        """
+        if context_states is not None and self.concept_rows is not None:
+            # Composition: every concept reads its own row's context.
+            context_states = context_states.index_select(0, self.concept_rows.to(context_states.device))
+        hypernetwork_inputs = (
+            self.steering_input_ids,
+            self.steering_attention_mask,
+            context_states,
+            self.context_mask,
+            self.context_input_ids,
+        )
+        num_rows = self.steering_input_ids.shape[0]
+        if self.contrast_steering_input_ids is not None:
+            # The right and the contrast prompts go through one hypernetwork call, each on its row's context: a
+            # training step then updates the running statistics once, from the right rows only (those the
+            # model is steered by, as without contrast), and both halves are normalised by the same statistics.
+            hypernetwork_inputs = _concatenate_rows(
+                hypernetwork_inputs,
+                (
+                    self.contrast_steering_input_ids,
+                    self.contrast_steering_attention_mask,
+                    context_states,
+                    self.context_mask,
+                    self.context_input_ids,
+                ),
+            )
+        return hypernetwork_inputs, num_rows
 
     def expand_to(self, batch_size: int) -> None:
         """Repeat per-row inputs for beam search / `num_return_sequences`, which expand the batch before prefill."""
@@ -529,11 +785,467 @@ class _SteeringRequest:
                 setattr(self, name, value.repeat_interleave(repeats, dim=0))
 
 
-class _StopAtSteeringLayer(Exception):
-    """Raised by the hook once `v` is known, so `compute_steering_vectors` skips the layers above the steering one."""
+class HyperSteerRequestBuilder:
+    """Validate one call's steering arguments at the boundary and shape them into a [`_SteeringRequest`].
+
+    It accepts every form `forward`, `generate` and `compute_steering_vectors` take: text prompts (one per row, or
+    one for all rows), tokenised prompts, precomputed vectors, and composed prompts (one list of concepts per row,
+    flattened row-major); factors as a number, one per row or one per concept. It holds no state of its own beyond
+    what it is built with, so a new one per call is cheap.
+
+    Args:
+        config ([`HyperSteerConfig`]): the model's config.
+        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
+        device (`torch.device`): where steering token ids go (the base's input embeddings).
+        bos_token_id (`int`, *optional*): the base's BOS, dropped from the user's prompt when the steering prompt
+            already opens with it (`hypernet_type="in_context"`).
+        vector_template (`torch.Tensor`): a tensor of the hypernetwork's dtype and device, for empty vector batches.
+    """
+
+    def __init__(self, config: HyperSteerConfig, tokenizer, device, bos_token_id: int | None, vector_template):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.bos_token_id = bos_token_id
+        self.vector_template = vector_template
+
+    def build(
+        self,
+        batch_size: int,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor,
+        labels: torch.LongTensor | None,
+        steering_prompt,
+        steering_input_ids,
+        steering_attention_mask,
+        steering_vectors,
+        steering_factor,
+    ) -> _SteeringRequest:
+        """Validate one call's steering inputs at the boundary and collect them for the hook."""
+        device = attention_mask.device
+        real_tokens = attention_mask.bool()
+        label_mask = labels.ne(-100) & real_tokens if labels is not None else None
+        context_mask = real_tokens & ~label_mask if label_mask is not None else real_tokens
+        if _is_composed(steering_prompt):
+            return self._build_composed(
+                batch_size,
+                input_ids,
+                context_mask,
+                label_mask,
+                steering_prompt,
+                steering_factor,
+                steering_input_ids,
+                steering_vectors,
+            )
+        if steering_vectors is not None:
+            if steering_prompt is not None or steering_input_ids is not None:
+                raise ValueError("Pass either `steering_vectors` or a steering prompt, not both.")
+            if steering_vectors.dim() != 2 or steering_vectors.shape != (batch_size, self.config.hidden_size):
+                raise ValueError(
+                    f"`steering_vectors` must have shape (batch_size, hidden_size) = ({batch_size}, "
+                    f"{self.config.hidden_size}), got {tuple(steering_vectors.shape)}."
+                )
+            ids = mask = None
+        else:
+            ids, mask = self.steering_inputs(batch_size, steering_prompt, steering_input_ids, steering_attention_mask)
+        context_input_ids = None
+        if self.config.hypernet_type == "in_context" and steering_vectors is None:
+            if input_ids is None:
+                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
+            context_input_ids = input_ids
+            # The steering prompt and the chat-templated user prompt may both open with BOS; keep only the first.
+            context_mask = context_mask & ~_repeated_bos(input_ids, context_mask, ids, mask, self.bos_token_id)
+        return _SteeringRequest(
+            steering_input_ids=ids,
+            steering_attention_mask=mask,
+            steering_factor=self.steering_factors(batch_size, steering_factor, device),
+            context_mask=context_mask,
+            context_input_ids=context_input_ids,
+            label_mask=label_mask,
+            steering_vectors=steering_vectors,
+        )
+
+    def _build_composed(
+        self,
+        batch_size,
+        input_ids,
+        context_mask,
+        label_mask,
+        steering_prompt,
+        steering_factor,
+        steering_input_ids,
+        steering_vectors,
+    ) -> _SteeringRequest:
+        """The request for composed steering: one list of concepts (and of factors) per row, flattened row-major so
+        the hypernetwork runs once over every (row, concept) pair; rows with an empty list are not steered."""
+        if steering_input_ids is not None or steering_vectors is not None:
+            raise ValueError(
+                "Composed steering (one list of steering prompts per row) takes text prompts only; do not also pass "
+                "`steering_input_ids` or `steering_vectors`."
+            )
+        prompts, factors, rows = self.flatten_composition(batch_size, steering_prompt, steering_factor)
+        device = context_mask.device
+        concept_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        steering_vectors = None
+        if prompts:
+            ids, mask = self.steering_inputs(len(prompts), prompts, None, None)
+        else:
+            # No row names a concept: nothing to run the hypernetwork on, and every row is steered by zero.
+            ids = mask = None
+            steering_vectors = self.vector_template.new_zeros(0, self.config.hidden_size)
+        context_input_ids = None
+        if self.config.hypernet_type == "in_context":
+            if input_ids is None:
+                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
+            context_input_ids = input_ids.index_select(0, concept_rows.to(input_ids.device))
+        context_mask = context_mask.index_select(0, concept_rows)
+        if context_input_ids is not None and ids is not None:
+            # As for single prompts: the steering prompt and the chat-templated user prompt keep one BOS between them.
+            context_mask = context_mask & ~_repeated_bos(context_input_ids, context_mask, ids, mask, self.bos_token_id)
+        return _SteeringRequest(
+            steering_input_ids=ids,
+            steering_attention_mask=mask,
+            steering_factor=torch.tensor(factors, dtype=torch.float32, device=device),
+            context_mask=context_mask,
+            context_input_ids=context_input_ids,
+            label_mask=label_mask,
+            steering_vectors=steering_vectors,
+            concept_rows=concept_rows,
+            num_rows=batch_size,
+        )
+
+    def flatten_composition(self, batch_size, steering_prompt, steering_factor):
+        """Validate composed steering prompts/factors and flatten them row-major.
+
+        Returns:
+            `(prompts, factors, rows)`: three lists with one entry per (row, concept) pair.
+        """
+        rows_of_prompts = list(steering_prompt)
+        if batch_size is not None and len(rows_of_prompts) != batch_size:
+            raise ValueError(
+                f"Got {len(rows_of_prompts)} lists of steering prompts for {batch_size} input rows; composed steering "
+                "takes one list of steering prompts per row (an empty list leaves that row unsteered)."
+            )
+        for row, concepts in enumerate(rows_of_prompts):
+            if not isinstance(concepts, (list, tuple)):
+                raise ValueError(
+                    f"Composed steering needs a list of steering prompts for every row, but row {row} is {concepts!r}; "
+                    f"write it as [{concepts!r}]."
+                )
+        if steering_factor is None or isinstance(steering_factor, (int, float)):
+            value = self.config.default_steering_factor if steering_factor is None else float(steering_factor)
+            rows_of_factors = [[value] * len(concepts) for concepts in rows_of_prompts]
+        elif isinstance(steering_factor, (list, tuple)) and all(
+            isinstance(factors, (list, tuple)) for factors in steering_factor
+        ):
+            rows_of_factors = [list(factors) for factors in steering_factor]
+        else:
+            raise ValueError(
+                f"With composed steering prompts, `steering_factor` must be one number for every concept or one list "
+                f"of factors per row (the shape of `steering_prompt`), got {steering_factor!r}."
+            )
+        shape = [len(concepts) for concepts in rows_of_prompts]
+        if [len(factors) for factors in rows_of_factors] != shape:
+            raise ValueError(
+                f"`steering_factor` lists have lengths {[len(factors) for factors in rows_of_factors]} but the "
+                f"steering prompt lists have lengths {shape}; pass one factor per concept."
+            )
+        prompts, factors, rows = [], [], []
+        for row, (concepts, row_factors) in enumerate(zip(rows_of_prompts, rows_of_factors)):
+            for concept, factor in zip(concepts, row_factors):
+                if not isinstance(factor, (int, float)) or not abs(float(factor)) < float("inf"):
+                    raise ValueError(f"Steering factors must be finite numbers, got {factor!r} in row {row}.")
+                prompts.append(concept)
+                factors.append(float(factor))
+                rows.append(row)
+        return prompts, factors, rows
+
+    def steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
+        """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
+        if steering_prompt is not None:
+            if steering_input_ids is not None:
+                raise ValueError("Pass either `steering_prompt` or `steering_input_ids`, not both.")
+            prompts = (
+                [steering_prompt] * (batch_size or 1) if isinstance(steering_prompt, str) else list(steering_prompt)
+            )
+            encoding = tokenize_steering_prompts(self.tokenizer, prompts, self.config.max_steering_prompt_length)
+            steering_input_ids = encoding["steering_input_ids"]
+            steering_attention_mask = encoding["steering_attention_mask"]
+        if steering_input_ids is None:
+            raise ValueError(
+                "No steering prompt given: pass `steering_prompt=` (text, one per row), `steering_input_ids=` or "
+                "`steering_vectors=`. For unsteered outputs use `steering_factor=0` or `model.language_model`."
+            )
+        if steering_attention_mask is None:
+            steering_attention_mask = torch.ones_like(steering_input_ids)
+        if batch_size is not None and steering_input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {steering_input_ids.shape[0]} steering prompts for {batch_size} input rows; pass one steering "
+                "prompt per row (or a single string for all rows)."
+            )
+        if steering_attention_mask.shape != steering_input_ids.shape:
+            raise ValueError(
+                f"`steering_attention_mask` has shape {tuple(steering_attention_mask.shape)} but `steering_input_ids` "
+                f"has {tuple(steering_input_ids.shape)}."
+            )
+        if steering_input_ids.shape[1] == 0:
+            raise ValueError("The steering prompts are empty (0 tokens); pass non-empty steering prompts.")
+        return steering_input_ids.to(self.device), steering_attention_mask.to(self.device)
+
+    def steering_factors(self, batch_size: int, steering_factor, device) -> torch.Tensor:
+        """Return the per-row factors as a float32 tensor of shape `(batch_size,)`."""
+        if steering_factor is None:
+            steering_factor = self.config.default_steering_factor
+        if isinstance(steering_factor, torch.Tensor):
+            factors = steering_factor.to(device=device, dtype=torch.float32).reshape(-1)
+        elif isinstance(steering_factor, (int, float)):
+            factors = torch.full((batch_size,), float(steering_factor), device=device)
+        else:
+            factors = torch.tensor([float(value) for value in steering_factor], device=device)
+        if factors.numel() == 1 and batch_size != 1:
+            factors = factors.expand(batch_size)
+        if factors.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
+                "single number."
+            )
+        if not torch.isfinite(factors).all():
+            raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
+        return factors
+
+
+def _is_composed(steering_prompt) -> bool:
+    """Whether `steering_prompt` is in the composed form: a list with one list of steering prompts per row."""
+    return isinstance(steering_prompt, (list, tuple)) and any(
+        isinstance(concepts, (list, tuple)) for concepts in steering_prompt
+    )
+
+
+def _compose_rows(
+    vectors: torch.Tensor, factors: torch.Tensor, concept_rows: torch.LongTensor, num_rows: int
+) -> torch.Tensor:
+    """Sum per-concept vectors into per-row vectors: `(num_concepts, hidden_size)` -> `(num_rows, hidden_size)`,
+    row `r` holding `sum_k factors[k] * vectors[k]` over the concepts `k` with `concept_rows[k] == r`."""
+    weighted = factors.to(vectors)[:, None] * vectors
+    return weighted.new_zeros(num_rows, vectors.shape[-1]).index_add_(0, concept_rows.to(vectors.device), weighted)
+
+
+def _first_real_token(token_ids: torch.LongTensor, mask: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Index and id of each row's first real token, whatever the padding side: two `(batch_size,)` tensors."""
+    first = mask.long().argmax(dim=-1)
+    return first, token_ids.gather(1, first[:, None]).squeeze(1)
+
+
+def _repeated_bos(context_input_ids, context_mask, steering_input_ids, steering_attention_mask, bos_token_id):
+    """`(batch_size, context_length)` mask, `True` at a row's first real context token when both it and the first
+    real steering-prompt token are BOS: packed after the steering prompt, it would be a second BOS mid-sequence."""
+    repeated = torch.zeros_like(context_mask, dtype=torch.bool)
+    if bos_token_id is None:
+        return repeated
+    first, first_id = _first_real_token(context_input_ids, context_mask)
+    device = first.device
+    _, steering_first_id = _first_real_token(steering_input_ids.to(device), steering_attention_mask.to(device))
+    both_bos = context_mask.any(dim=-1) & (first_id == bos_token_id) & (steering_first_id == bos_token_id)
+    rows = torch.arange(repeated.shape[0], device=repeated.device)
+    repeated[rows, first] = both_bos
+    return repeated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steering injector: the hook on the steering layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class HyperSteerSteeringInjector:
+    """The steering hook: for one call, adds `factor * g_t * v` to the output residual of the base's steering layer.
+
+    It is to [`HyperSteerModel`] what PEFT's tuner layer is to its model wrapper: it owns where and how the vectors
+    enter the base (the hook, the positions `config.steering_positions` selects, the token gate, composed rows), while
+    the model owns where the vectors come from. It holds no parameters; [`~HyperSteerSteeringInjector.attach`]
+    registers its hooks for one call and removes them even if the call raises.
+
+    Args:
+        decoder_layers (`nn.ModuleList`): the base's decoder layers.
+        steering_layer (`int`): the layer whose output is steered.
+        steering_positions (`str`): `"all"`, `"prompt"` or `"generated"`.
+        compute_vectors (`Callable`): `compute_vectors(request, hidden_states)` fills `request.steering_vectors` (and
+            `request.contrast_vectors` when the request has contrast prompts) from the steering layer's output.
+        token_gate ([`HyperSteerTokenGate`], *optional*): the per-token gate `g_t`.
+    """
+
+    def __init__(self, decoder_layers, steering_layer: int, steering_positions: str, compute_vectors, token_gate=None):
+        self.decoder_layers = decoder_layers
+        self.steering_layer = steering_layer
+        self.steering_positions = steering_positions
+        self.compute_vectors = compute_vectors
+        self.token_gate = token_gate
+
+    @contextmanager
+    def attach(self, request: _SteeringRequest) -> Iterator[None]:
+        """Register the steering hook on the steering layer for one call; it is removed even if the call raises."""
+        layer = self.decoder_layers[self.steering_layer]
+
+        def steer(module, args, kwargs, output):
+            hidden_states = output[0] if isinstance(output, tuple) else output
+            steered = self.steer(request, hidden_states, kwargs.get("position_ids"))
+            if isinstance(output, tuple):
+                return (steered,) + tuple(output[1:])
+            return steered
+
+        def record_layer_inputs(index):
+            def record(module, args, kwargs):
+                request.upper_layer_inputs[index] = (args[1:], kwargs)
+
+            return record
+
+        # `prepend=True` runs before the hooks transformers installs to record hidden states, so the recorded
+        # state of the steering layer is the steered one.
+        handles = [layer.register_forward_hook(steer, with_kwargs=True, prepend=True)]
+        if request.contrast_steering_input_ids is not None:
+            # The contrast pass re-runs the layers above the steering layer with the very arguments the base gave
+            # them (masks per attention type, rotary embeddings), so it holds for every supported architecture.
+            for index in range(self.steering_layer + 1, len(self.decoder_layers)):
+                handles.append(
+                    self.decoder_layers[index].register_forward_pre_hook(record_layer_inputs(index), with_kwargs=True)
+                )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def steer(
+        self, request: _SteeringRequest, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None
+    ) -> torch.Tensor:
+        """Compute `v` at the first pass of the request, then add `factor * g_t * v` at the selected positions.
+
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the output
+                residual of the steering layer.
+        Returns:
+            `torch.FloatTensor` of the same shape and dtype.
+        """
+        first_pass = request.passes == 0
+        request.passes += 1
+        if first_pass:
+            request.expand_to(hidden_states.shape[0])
+            if position_ids is not None and request.is_generation:
+                request.prompt_last_position = position_ids.max(dim=-1, keepdim=True).values
+        contrast = first_pass and request.contrast_steering_input_ids is not None
+        if request.steering_vectors is None:
+            self.compute_vectors(request, hidden_states)
+            if request.is_generation:
+                _check_finite(request.steering_vectors)
+        if contrast:
+            request.contrast_residual = hidden_states
+            request.contrast_position_ids = position_ids
+        steered, gates = self.add_steering(
+            request, hidden_states, request.steering_vectors, position_ids, first_pass, request.concept_rows
+        )
+        if first_pass:
+            request.steering_gates = gates
+        return steered
+
+    def add_steering(self, request, hidden_states, vectors, position_ids, first_pass, concept_rows=None):
+        """`h + factor * g_t * v` at the positions `config.steering_positions` selects.
+
+        With composed steering, `vectors` and the request's factors hold one entry per concept and `concept_rows`
+        (`torch.LongTensor` of shape `(num_concepts,)`) names each concept's batch row: every row gets the sum of its
+        concepts' terms, each with its own gate.
+
+        Returns:
+            The steered `torch.FloatTensor` of the shape and dtype of `hidden_states`, and the gates `g_t` of shape
+            `(batch_size, sequence_length)` (`(num_concepts, sequence_length)` when composed; `None` without
+            `token_gate`).
+        """
+        vectors = vectors.to(device=hidden_states.device)
+        rows = None if concept_rows is None else concept_rows.to(hidden_states.device)
+        scale = request.steering_factor.to(hidden_states.device)[:, None, None]
+        position_mask = self.position_mask(request, hidden_states, position_ids, first_pass)
+        # Composition: per-row masks and states are gathered to one entry per concept.
+        concept_states = hidden_states if rows is None else hidden_states.index_select(0, rows)
+        if position_mask is not None:
+            if rows is not None:
+                position_mask = position_mask.index_select(0, rows)
+            scale = scale * position_mask[..., None].to(scale.dtype)
+        gates = None
+        if self.token_gate is not None:
+            gates = self.token_gate(concept_states.to(vectors.device), vectors).to(hidden_states.device)
+            scale = scale * gates[..., None]
+        update = scale * vectors[:, None, :]
+        if rows is not None:
+            # (num_concepts, length, hidden_size) -> (batch_size, length, hidden_size): sum each row's concepts.
+            update = update.new_zeros(hidden_states.shape[0], *update.shape[1:]).index_add_(0, rows, update)
+        return hidden_states + update.to(hidden_states.dtype), gates
+
+    def contrast_logits(
+        self, request: _SteeringRequest, language_model: PreTrainedModel, logits_to_keep: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
+        the contrast steering, through the layers above it (with the arguments `attach` recorded from the base's own
+        pass), the final norm and the LM head. Training objectives that compare the right concept with a wrong one
+        read it as `contrast_logits`; it stays inside `forward` so DDP sees every parameter it uses.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, positions as in `logits`.
+        """
+        hidden_states, _ = self.add_steering(
+            request, request.contrast_residual, request.contrast_vectors, request.contrast_position_ids, True
+        )
+        decoder_layers = self.decoder_layers
+        for index in range(self.steering_layer + 1, len(decoder_layers)):
+            args, kwargs = request.upper_layer_inputs[index]
+            # The base's own pass already wrote these layers' keys and values into the cache it returns; the contrast
+            # pass must neither append to it nor attend to it (a contrast forward starts from an empty cache).
+            kwargs = {**kwargs, "use_cache": False, **{name: None for name in _CACHE_NAMES if name in kwargs}}
+            output = decoder_layers[index](hidden_states, *args, **kwargs)
+            hidden_states = output[0] if isinstance(output, tuple) else output
+        hidden_states = language_model.model.norm(hidden_states)
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = language_model.get_output_embeddings()(hidden_states)
+        softcap = getattr(language_model.config.get_text_config(), "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def position_mask(self, request, hidden_states, position_ids, first_pass) -> torch.Tensor | None:
+        """`None` to steer every position, else a `(batch_size, sequence_length)` mask of positions to steer."""
+        mode = self.steering_positions
+        if mode == "all":
+            return None
+        batch_size, sequence_length = hidden_states.shape[:2]
+        if request.is_generation:
+            if first_pass or position_ids is None or request.prompt_last_position is None:
+                # Prefill holds the prompt only; with a cache, every later pass holds generated tokens only.
+                generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+                if not first_pass:
+                    generated = ~generated
+            else:
+                generated = position_ids.expand(batch_size, -1) > request.prompt_last_position.to(position_ids.device)
+        elif request.decoding_from_cache:
+            generated = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+        elif request.label_mask is not None:
+            generated = request.label_mask
+        else:
+            generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+        generated = generated.to(hidden_states.device)
+        return generated if mode == "generated" else ~generated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring: base model, freezing, generation, saving and loading
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class HyperSteerPreTrainedModel(PreTrainedModel):
+    """What a HyperSteer checkpoint is: the config class, the initialisation of the hypernetwork's own modules, and the
+    save/load format (hypernetwork weights only, config with `auto_map`, tokenizer and the remote-code files). The
+    base is never saved; `from_pretrained` loads the one the config names, or takes a loaded one.
+    """
+
     config_class = HyperSteerConfig
     config: HyperSteerConfig
     base_model_prefix = "language_model"
@@ -562,111 +1274,7 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-
-class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
-    """Steer a frozen causal LM with vectors produced from natural-language steering prompts by a hypernetwork,
-    described in detail in https://huggingface.co/papers/2506.03292.
-
-    The base LM (`language_model`) is frozen and never saved; only `hypernetwork` is trained and saved. The steering
-    vector is computed *inside* the base forward, at the steering layer, from the very residual it is added to (one
-    base pass), by a forward hook that exists only for the duration of one call.
-
-    Args:
-        config ([`HyperSteerConfig`]): the architecture.
-        language_model ([`PreTrainedModel`]): a decoder-only causal LM exposing `model.layers` (Gemma-2, Gemma-3
-            text, Llama/SmolLM2, Qwen2/3, ...).
-        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
-        hypernet_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the trainable weights;
-            float32 master weights keep training stable under `--bf16` autocast with a bf16 base.
-
-    ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
-    >>> from modeling_hypersteer import HyperSteerModel
-
-    >>> base = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it")
-    >>> tokenizer = AutoTokenizer.from_pretrained("google/gemma-2-2b-it")
-    >>> model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=20)
-    >>> inputs = tokenizer.apply_chat_template(
-    ...     [[{"role": "user", "content": "Explain sorting."}]], add_generation_prompt=True, return_tensors="pt",
-    ...     return_dict=True)
-    >>> output_ids = model.generate(**inputs, steering_prompt="legal terminology", max_new_tokens=32)
-    ```
-    """
-
-    def __init__(
-        self,
-        config: HyperSteerConfig,
-        language_model: PreTrainedModel | None = None,
-        tokenizer=None,
-        hypernet_dtype: torch.dtype | None = None,
-    ):
-        super().__init__(config)
-        if language_model is None:
-            raise ValueError(
-                "HyperSteerModel wraps a frozen base model: build it with `HyperSteerModel.from_base_model(base, ...)` "
-                "or load it with `HyperSteerModel.from_pretrained(path)`, which loads the base named in the config."
-            )
-        decoder_layers = _decoder_layers_of(language_model)
-        _check_base_matches_config(language_model, config)
-        base_config = language_model.config.get_text_config()
-        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
-        # alignment nothing to update (it warns about every token it has to fill in).
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
-                setattr(config, name, getattr(base_config, name))
-        self._hypernet_layer_types = [
-            _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
-        ]
-        hypernet_layers = [
-            _hypernet_decoder_layer(language_model, decoder_layers, index, config.hypernet_init)
-            for index in range(config.hypernet_num_layers)
-        ]
-        self.hypernetwork = HyperSteerHypernetwork(config, hypernet_layers)
-        if config.steering_prior == "lexical":
-            # Centre of the output-embedding cloud: every token shares it, so the lexical prior subtracts it.
-            output_embeddings = language_model.get_output_embeddings().weight
-            self.hypernetwork.register_buffer(
-                "vocabulary_mean_embedding", output_embeddings.detach().float().mean(dim=0), persistent=False
-            )
-        self.post_init()
-        # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
-        self.language_model = language_model
-        language_model.requires_grad_(False)
-        language_model.eval()
-        steering_device = _module_device(decoder_layers[config.steering_layer])
-        self.hypernetwork.to(device=steering_device, dtype=hypernet_dtype or torch.float32)
-        # The checkpoint holds the hypernetwork only; declaring the base keys as never-saved also keeps Trainer's
-        # checkpoint reload from warning about them.
-        self._keys_to_ignore_on_save = {f"language_model.{name}" for name in language_model.state_dict()}
-        self.tokenizer = tokenizer
-        self.generation_config = copy.deepcopy(language_model.generation_config)
-
-    # ----- construction, saving and loading -------------------------------------------------------------------
-
-    @classmethod
-    def from_base_model(
-        cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None, **config_kwargs
-    ) -> "HyperSteerModel":
-        """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
-
-        The base's shape (hidden size, heads, layers) is read from the base itself.
-        """
-        _decoder_layers_of(base_model)
-        base_config = base_model.config.get_text_config()
-        hidden_size = base_config.hidden_size
-        num_heads = base_config.num_attention_heads
-        shape = {
-            "hidden_size": hidden_size,
-            "num_attention_heads": num_heads,
-            "head_dim": getattr(base_config, "head_dim", None) or hidden_size // num_heads,
-            "base_num_hidden_layers": base_config.num_hidden_layers,
-            "rms_norm_eps": getattr(base_config, "rms_norm_eps", None) or 1e-6,
-        }
-        for name, value in shape.items():
-            config_kwargs.setdefault(name, value)
-        config_kwargs.setdefault("base_model_name_or_path", base_model.name_or_path or None)
-        config = HyperSteerConfig(**config_kwargs)
-        return cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
+    # ----- the checkpoint: hypernetwork weights, config, tokenizer and remote code -----------------------------
 
     @classmethod
     def from_pretrained(
@@ -787,6 +1395,108 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         for file_name in REMOTE_CODE_FILES:
             if Path(save_directory, file_name).resolve() != (source_dir / file_name):
                 shutil.copyfile(source_dir / file_name, Path(save_directory, file_name))
+
+
+class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
+    """Steer a frozen causal LM with vectors produced from natural-language steering prompts by a hypernetwork,
+    described in detail in https://huggingface.co/papers/2506.03292.
+
+    The base LM (`language_model`) is frozen and never saved; only `hypernetwork` is trained and saved. The steering
+    vector is computed *inside* the base forward, at the steering layer, from the very residual it is added to (one
+    base pass), by a forward hook that exists only for the duration of one call.
+
+    Args:
+        config ([`HyperSteerConfig`]): the architecture.
+        language_model ([`PreTrainedModel`]): a decoder-only causal LM exposing `model.layers` (Gemma-2, Gemma-3
+            text, Llama/SmolLM2, Qwen2/3, ...).
+        tokenizer (*optional*): the base's tokenizer, needed for text steering prompts.
+        hypernet_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the trainable weights;
+            float32 master weights keep training stable under `--bf16` autocast with a bf16 base.
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from modeling_hypersteer import HyperSteerModel
+
+    >>> base = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it")
+    >>> tokenizer = AutoTokenizer.from_pretrained("google/gemma-2-2b-it")
+    >>> model = HyperSteerModel.from_base_model(base, tokenizer=tokenizer, steering_layer=20)
+    >>> inputs = tokenizer.apply_chat_template(
+    ...     [[{"role": "user", "content": "Explain sorting."}]], add_generation_prompt=True, return_tensors="pt",
+    ...     return_dict=True)
+    >>> output_ids = model.generate(**inputs, steering_prompt="legal terminology", max_new_tokens=32)
+    ```
+    """
+
+    def __init__(
+        self,
+        config: HyperSteerConfig,
+        language_model: PreTrainedModel | None = None,
+        tokenizer=None,
+        hypernet_dtype: torch.dtype | None = None,
+    ):
+        super().__init__(config)
+        if language_model is None:
+            raise ValueError(
+                "HyperSteerModel wraps a frozen base model: build it with `HyperSteerModel.from_base_model(base, ...)` "
+                "or load it with `HyperSteerModel.from_pretrained(path)`, which loads the base named in the config."
+            )
+        decoder_layers = decoder_layers_of(language_model)
+        _check_base_matches_config(language_model, config)
+        base_config = language_model.config.get_text_config()
+        # The model generates with the base's special tokens; recording them here also gives Trainer's tokenizer/config
+        # alignment nothing to update (it warns about every token it has to fill in).
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None and getattr(base_config, name, None) is not None:
+                setattr(config, name, getattr(base_config, name))
+        layer_types = [
+            _layer_type(base_config, index % len(decoder_layers)) for index in range(config.hypernet_num_layers)
+        ]
+        hypernet_layers = [
+            _hypernet_decoder_layer(language_model, decoder_layers, index, config.hypernet_init)
+            for index in range(config.hypernet_num_layers)
+        ]
+        self.hypernetwork = HyperSteerHypernetwork(
+            config, hypernet_layers, layer_types=layer_types, prior=HyperSteerPrior.from_config(config, language_model)
+        )
+        self.post_init()
+        # Attached after `post_init` so weight initialisation and tied-weight bookkeeping never see the base.
+        self.language_model = language_model
+        language_model.requires_grad_(False)
+        language_model.eval()
+        steering_device = _module_device(decoder_layers[config.steering_layer])
+        self.hypernetwork.to(device=steering_device, dtype=hypernet_dtype or torch.float32)
+        # The checkpoint holds the hypernetwork only; declaring the base keys as never-saved also keeps Trainer's
+        # checkpoint reload from warning about them.
+        self._keys_to_ignore_on_save = {f"language_model.{name}" for name in language_model.state_dict()}
+        self.tokenizer = tokenizer
+        self.generation_config = copy.deepcopy(language_model.generation_config)
+
+    # ----- construction ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base_model(
+        cls, base_model: PreTrainedModel, tokenizer=None, hypernet_dtype: torch.dtype | None = None, **config_kwargs
+    ) -> "HyperSteerModel":
+        """Build an untrained HyperSteer around a loaded base model; `config_kwargs` are [`HyperSteerConfig`] fields.
+
+        The base's shape (hidden size, heads, layers) is read from the base itself.
+        """
+        decoder_layers_of(base_model)
+        base_config = base_model.config.get_text_config()
+        hidden_size = base_config.hidden_size
+        num_heads = base_config.num_attention_heads
+        shape = {
+            "hidden_size": hidden_size,
+            "num_attention_heads": num_heads,
+            "head_dim": getattr(base_config, "head_dim", None) or hidden_size // num_heads,
+            "base_num_hidden_layers": base_config.num_hidden_layers,
+            "rms_norm_eps": getattr(base_config, "rms_norm_eps", None) or 1e-6,
+        }
+        for name, value in shape.items():
+            config_kwargs.setdefault(name, value)
+        config_kwargs.setdefault("base_model_name_or_path", base_model.name_or_path or None)
+        config = HyperSteerConfig(**config_kwargs)
+        return cls(config, base_model, tokenizer=tokenizer, hypernet_dtype=hypernet_dtype)
 
     # ----- parameters -------------------------------------------------------------------------------------------
 
@@ -919,8 +1629,9 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             )
         if position_ids is None:
             # Positions count real tokens only, also past a left-padded cached prompt.
-            position_ids = _positions_from_mask(attention_mask)[:, past_length:]
-        request = self._build_request(
+            position_ids = positions_from_mask(attention_mask)[:, past_length:]
+        requests = self._requests()
+        request = requests.build(
             batch_size=batch_size,
             input_ids=input_ids,
             attention_mask=attention_mask[:, past_length:],
@@ -938,7 +1649,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                     "`contrast_steering_input_ids` needs one (uncomposed) steering prompt per row, not "
                     "`steering_vectors` or composed steering prompts."
                 )
-            request.contrast_steering_input_ids, request.contrast_steering_attention_mask = self._steering_inputs(
+            request.contrast_steering_input_ids, request.contrast_steering_attention_mask = requests.steering_inputs(
                 batch_size, None, contrast_steering_input_ids, contrast_steering_attention_mask
             )
         if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -947,7 +1658,8 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         if use_cache is None and labels is not None and cache is None:
             # A training forward would otherwise fill a key/value cache that nothing reads.
             use_cache = False
-        with self._steering_hook(request):
+        injector = self._injector()
+        with injector.attach(request):
             outputs = self.language_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -961,7 +1673,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             )
         contrast_logits = None
         if request.contrast_vectors is not None:
-            contrast_logits = self._contrast_logits(request, logits_to_keep)
+            contrast_logits = injector.contrast_logits(request, self.language_model, logits_to_keep)
         return HyperSteerCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -1015,7 +1727,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             # Without a cache every step re-runs the whole sequence; prompt/generated positions are still told
             # apart by position id, which the hook reads from the decoder layer's arguments.
             logger.warning_once("Generating with `use_cache=False` re-runs the prompt at every step; this is slow.")
-        request = self._build_request(
+        request = self._requests().build(
             batch_size=batch_size,
             input_ids=input_ids if input_ids is not None and input_ids.dim() == 2 else None,
             attention_mask=attention_mask,
@@ -1027,7 +1739,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_factor=steering_factor,
         )
         request.is_generation = True
-        with self._steering_hook(request):
+        with self._injector().attach(request):
             return self.language_model.generate(inputs, **kwargs)
 
     def compute_steering_vectors(
@@ -1061,12 +1773,15 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
                 "steering vectors are returned before any factor, so scale them yourself or pass the factor to "
                 "`generate`."
             )
+        requests = self._requests()
         if self.config.hypernet_type == "no_context" and input_ids is None:
             if composed:
-                prompts, factors, rows = self._flatten_composition(None, steering_prompt, steering_factor)
-                ids, mask = self._steering_inputs(len(prompts), prompts, None, None) if prompts else (None, None)
+                prompts, factors, rows = requests.flatten_composition(None, steering_prompt, steering_factor)
+                ids, mask = requests.steering_inputs(len(prompts), prompts, None, None) if prompts else (None, None)
             else:
-                ids, mask = self._steering_inputs(None, steering_prompt, steering_input_ids, steering_attention_mask)
+                ids, mask = requests.steering_inputs(
+                    None, steering_prompt, steering_input_ids, steering_attention_mask
+                )
             if ids is None:
                 vectors = self.hypernetwork.output_projection.weight.new_zeros(0, self.config.hidden_size)
             else:
@@ -1082,7 +1797,7 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        request = self._build_request(
+        request = requests.build(
             batch_size=input_ids.shape[0],
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1093,417 +1808,56 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
             steering_vectors=None,
             steering_factor=steering_factor,
         )
-        request.stop_after_vectors = True
-        try:
-            with self._steering_hook(request):
-                self.language_model.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=_positions_from_mask(attention_mask),
-                    use_cache=False,
-                )
-        except _StopAtSteeringLayer:
-            pass
+        hidden_states = steering_layer_output(
+            self.language_model, self.config.steering_layer, input_ids, attention_mask
+        )
+        request.expand_to(hidden_states.shape[0])
+        if request.steering_vectors is None:
+            self._compute_vectors(request, hidden_states)
         _check_finite(request.steering_vectors)
         return request.row_vectors()
 
-    def _build_request(
-        self,
-        batch_size: int,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor,
-        labels: torch.LongTensor | None,
-        steering_prompt,
-        steering_input_ids,
-        steering_attention_mask,
-        steering_vectors,
-        steering_factor,
-    ) -> _SteeringRequest:
-        """Validate one call's steering inputs at the boundary and collect them for the hook."""
-        device = attention_mask.device
-        real_tokens = attention_mask.bool()
-        label_mask = labels.ne(-100) & real_tokens if labels is not None else None
-        context_mask = real_tokens & ~label_mask if label_mask is not None else real_tokens
-        if _is_composed(steering_prompt):
-            return self._build_composed_request(
-                batch_size,
-                input_ids,
-                context_mask,
-                label_mask,
-                steering_prompt,
-                steering_factor,
-                steering_input_ids,
-                steering_vectors,
-            )
-        if steering_vectors is not None:
-            if steering_prompt is not None or steering_input_ids is not None:
-                raise ValueError("Pass either `steering_vectors` or a steering prompt, not both.")
-            if steering_vectors.dim() != 2 or steering_vectors.shape != (batch_size, self.config.hidden_size):
-                raise ValueError(
-                    f"`steering_vectors` must have shape (batch_size, hidden_size) = ({batch_size}, "
-                    f"{self.config.hidden_size}), got {tuple(steering_vectors.shape)}."
-                )
-            ids = mask = None
-        else:
-            ids, mask = self._steering_inputs(batch_size, steering_prompt, steering_input_ids, steering_attention_mask)
-        context_input_ids = None
-        if self.config.hypernet_type == "in_context" and steering_vectors is None:
-            if input_ids is None:
-                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
-            context_input_ids = input_ids
-            # The steering prompt and the chat-templated user prompt may both open with BOS; keep only the first.
-            context_mask = context_mask & ~_repeated_bos(input_ids, context_mask, ids, mask, self._bos_token_id())
-        return _SteeringRequest(
-            steering_input_ids=ids,
-            steering_attention_mask=mask,
-            steering_factor=self._steering_factors(batch_size, steering_factor, device),
-            context_mask=context_mask,
-            context_input_ids=context_input_ids,
-            label_mask=label_mask,
-            steering_vectors=steering_vectors,
-        )
+    # ----- the parts one call is made of --------------------------------------------------------------------------
 
     def _bos_token_id(self) -> int | None:
         if self.tokenizer is not None:
             return self.tokenizer.bos_token_id
         return self.language_model.config.get_text_config().bos_token_id
 
-    def _build_composed_request(
-        self,
-        batch_size,
-        input_ids,
-        context_mask,
-        label_mask,
-        steering_prompt,
-        steering_factor,
-        steering_input_ids,
-        steering_vectors,
-    ) -> _SteeringRequest:
-        """The request for composed steering: one list of concepts (and of factors) per row, flattened row-major so
-        the hypernetwork runs once over every (row, concept) pair; rows with an empty list are not steered."""
-        if steering_input_ids is not None or steering_vectors is not None:
-            raise ValueError(
-                "Composed steering (one list of steering prompts per row) takes text prompts only; do not also pass "
-                "`steering_input_ids` or `steering_vectors`."
-            )
-        prompts, factors, rows = self._flatten_composition(batch_size, steering_prompt, steering_factor)
-        device = context_mask.device
-        concept_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        steering_vectors = None
-        if prompts:
-            ids, mask = self._steering_inputs(len(prompts), prompts, None, None)
-        else:
-            # No row names a concept: nothing to run the hypernetwork on, and every row is steered by zero.
-            ids = mask = None
-            parameter = self.hypernetwork.output_projection.weight
-            steering_vectors = parameter.new_zeros(0, self.config.hidden_size)
-        context_input_ids = None
-        if self.config.hypernet_type == "in_context":
-            if input_ids is None:
-                raise ValueError("`hypernet_type='in_context'` reads the user's prompt as text: pass `input_ids`.")
-            context_input_ids = input_ids.index_select(0, concept_rows.to(input_ids.device))
-        context_mask = context_mask.index_select(0, concept_rows)
-        if context_input_ids is not None and ids is not None:
-            # As for single prompts: the steering prompt and the chat-templated user prompt keep one BOS between them.
-            context_mask = context_mask & ~_repeated_bos(
-                context_input_ids, context_mask, ids, mask, self._bos_token_id()
-            )
-        return _SteeringRequest(
-            steering_input_ids=ids,
-            steering_attention_mask=mask,
-            steering_factor=torch.tensor(factors, dtype=torch.float32, device=device),
-            context_mask=context_mask,
-            context_input_ids=context_input_ids,
-            label_mask=label_mask,
-            steering_vectors=steering_vectors,
-            concept_rows=concept_rows,
-            num_rows=batch_size,
+    def _requests(self) -> HyperSteerRequestBuilder:
+        """The request builder for one call (see [`HyperSteerRequestBuilder`])."""
+        return HyperSteerRequestBuilder(
+            self.config,
+            self.tokenizer,
+            device=self.get_input_embeddings().weight.device,
+            bos_token_id=self._bos_token_id(),
+            vector_template=self.hypernetwork.output_projection.weight,
         )
 
-    def _flatten_composition(self, batch_size, steering_prompt, steering_factor):
-        """Validate composed steering prompts/factors and flatten them row-major.
+    def _injector(self) -> HyperSteerSteeringInjector:
+        """The steering hook for one call (see [`HyperSteerSteeringInjector`])."""
+        return HyperSteerSteeringInjector(
+            decoder_layers_of(self.language_model),
+            self.config.steering_layer,
+            self.config.steering_positions,
+            compute_vectors=self._compute_vectors,
+            token_gate=self.hypernetwork.token_gate,
+        )
 
-        Returns:
-            `(prompts, factors, rows)`: three lists with one entry per (row, concept) pair.
-        """
-        rows_of_prompts = list(steering_prompt)
-        if batch_size is not None and len(rows_of_prompts) != batch_size:
-            raise ValueError(
-                f"Got {len(rows_of_prompts)} lists of steering prompts for {batch_size} input rows; composed steering "
-                "takes one list of steering prompts per row (an empty list leaves that row unsteered)."
-            )
-        for row, concepts in enumerate(rows_of_prompts):
-            if not isinstance(concepts, (list, tuple)):
-                raise ValueError(
-                    f"Composed steering needs a list of steering prompts for every row, but row {row} is {concepts!r}; "
-                    f"write it as [{concepts!r}]."
-                )
-        if steering_factor is None or isinstance(steering_factor, (int, float)):
-            value = self.config.default_steering_factor if steering_factor is None else float(steering_factor)
-            rows_of_factors = [[value] * len(concepts) for concepts in rows_of_prompts]
-        elif isinstance(steering_factor, (list, tuple)) and all(
-            isinstance(factors, (list, tuple)) for factors in steering_factor
-        ):
-            rows_of_factors = [list(factors) for factors in steering_factor]
-        else:
-            raise ValueError(
-                f"With composed steering prompts, `steering_factor` must be one number for every concept or one list "
-                f"of factors per row (the shape of `steering_prompt`), got {steering_factor!r}."
-            )
-        shape = [len(concepts) for concepts in rows_of_prompts]
-        if [len(factors) for factors in rows_of_factors] != shape:
-            raise ValueError(
-                f"`steering_factor` lists have lengths {[len(factors) for factors in rows_of_factors]} but the "
-                f"steering prompt lists have lengths {shape}; pass one factor per concept."
-            )
-        prompts, factors, rows = [], [], []
-        for row, (concepts, row_factors) in enumerate(zip(rows_of_prompts, rows_of_factors)):
-            for concept, factor in zip(concepts, row_factors):
-                if not isinstance(factor, (int, float)) or not abs(float(factor)) < float("inf"):
-                    raise ValueError(f"Steering factors must be finite numbers, got {factor!r} in row {row}.")
-                prompts.append(concept)
-                factors.append(float(factor))
-                rows.append(row)
-        return prompts, factors, rows
-
-    def _steering_inputs(self, batch_size, steering_prompt, steering_input_ids, steering_attention_mask):
-        """Return `(steering_input_ids, steering_attention_mask)` of shape `(batch_size, steering_sequence_length)`."""
-        if steering_prompt is not None:
-            if steering_input_ids is not None:
-                raise ValueError("Pass either `steering_prompt` or `steering_input_ids`, not both.")
-            prompts = (
-                [steering_prompt] * (batch_size or 1) if isinstance(steering_prompt, str) else list(steering_prompt)
-            )
-            encoding = tokenize_steering_prompts(self.tokenizer, prompts, self.config.max_steering_prompt_length)
-            steering_input_ids = encoding["steering_input_ids"]
-            steering_attention_mask = encoding["steering_attention_mask"]
-        if steering_input_ids is None:
-            raise ValueError(
-                "No steering prompt given: pass `steering_prompt=` (text, one per row), `steering_input_ids=` or "
-                "`steering_vectors=`. For unsteered outputs use `steering_factor=0` or `model.language_model`."
-            )
-        if steering_attention_mask is None:
-            steering_attention_mask = torch.ones_like(steering_input_ids)
-        if batch_size is not None and steering_input_ids.shape[0] != batch_size:
-            raise ValueError(
-                f"Got {steering_input_ids.shape[0]} steering prompts for {batch_size} input rows; pass one steering "
-                "prompt per row (or a single string for all rows)."
-            )
-        if steering_attention_mask.shape != steering_input_ids.shape:
-            raise ValueError(
-                f"`steering_attention_mask` has shape {tuple(steering_attention_mask.shape)} but `steering_input_ids` "
-                f"has {tuple(steering_input_ids.shape)}."
-            )
-        if steering_input_ids.shape[1] == 0:
-            raise ValueError("The steering prompts are empty (0 tokens); pass non-empty steering prompts.")
-        device = self.get_input_embeddings().weight.device
-        return steering_input_ids.to(device), steering_attention_mask.to(device)
-
-    def _steering_factors(self, batch_size: int, steering_factor, device) -> torch.Tensor:
-        """Return the per-row factors as a float32 tensor of shape `(batch_size,)`."""
-        if steering_factor is None:
-            steering_factor = self.config.default_steering_factor
-        if isinstance(steering_factor, torch.Tensor):
-            factors = steering_factor.to(device=device, dtype=torch.float32).reshape(-1)
-        elif isinstance(steering_factor, (int, float)):
-            factors = torch.full((batch_size,), float(steering_factor), device=device)
-        else:
-            factors = torch.tensor([float(value) for value in steering_factor], device=device)
-        if factors.numel() == 1 and batch_size != 1:
-            factors = factors.expand(batch_size)
-        if factors.shape[0] != batch_size:
-            raise ValueError(
-                f"Got {factors.shape[0]} steering factors for {batch_size} input rows; pass one factor per row or a "
-                "single number."
-            )
-        if not torch.isfinite(factors).all():
-            raise ValueError(f"Steering factors must be finite numbers, got {steering_factor!r}.")
-        return factors
-
-    @contextmanager
-    def _steering_hook(self, request: _SteeringRequest) -> Iterator[None]:
-        """Register the steering hook on the steering layer for one call; it is removed even if the call raises."""
-        layer = _decoder_layers_of(self.language_model)[self.config.steering_layer]
-
-        def steer(module, args, kwargs, output):
-            hidden_states = output[0] if isinstance(output, tuple) else output
-            steered = self._apply_steering(request, hidden_states, kwargs.get("position_ids"))
-            if isinstance(output, tuple):
-                return (steered,) + tuple(output[1:])
-            return steered
-
-        def record_layer_inputs(index):
-            def record(module, args, kwargs):
-                request.upper_layer_inputs[index] = (args[1:], kwargs)
-
-            return record
-
-        # `prepend=True` runs before the hooks transformers installs to record hidden states, so the recorded
-        # state of the steering layer is the steered one.
-        handles = [layer.register_forward_hook(steer, with_kwargs=True, prepend=True)]
-        if request.contrast_steering_input_ids is not None:
-            # The contrast pass re-runs the layers above the steering layer with the very arguments the base gave
-            # them (masks per attention type, rotary embeddings), so it holds for every supported architecture.
-            decoder_layers = _decoder_layers_of(self.language_model)
-            for index in range(self.config.steering_layer + 1, len(decoder_layers)):
-                handles.append(
-                    decoder_layers[index].register_forward_pre_hook(record_layer_inputs(index), with_kwargs=True)
-                )
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _apply_steering(
-        self, request: _SteeringRequest, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None
-    ) -> torch.Tensor:
-        """Compute `v` at the first pass of the request, then add `factor * g_t * v` at the selected positions.
+    def _compute_vectors(self, request: _SteeringRequest, hidden_states: torch.Tensor) -> None:
+        """Fill `request.steering_vectors` (and `request.contrast_vectors`) from the steering layer's output.
 
         Args:
-            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the output
-                residual of the steering layer.
-        Returns:
-            `torch.FloatTensor` of the same shape and dtype.
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): the residual
+                the vectors are added to, which `hypernet_type="cross_attention"` reads.
         """
-        first_pass = request.passes == 0
-        request.passes += 1
-        if first_pass:
-            request.expand_to(hidden_states.shape[0])
-            if position_ids is not None and request.is_generation:
-                request.prompt_last_position = position_ids.max(dim=-1, keepdim=True).values
-        rows = request.concept_rows
-        if rows is not None:
-            rows = rows.to(hidden_states.device)
-        contrast = first_pass and request.contrast_steering_input_ids is not None
-        if request.steering_vectors is None:
-            context_states = hidden_states if self.config.hypernet_type == "cross_attention" else None
-            if context_states is not None and rows is not None:
-                # Composition: every concept reads its own row's context.
-                context_states = context_states.index_select(0, rows)
-            hypernetwork_inputs = (
-                request.steering_input_ids,
-                request.steering_attention_mask,
-                context_states,
-                request.context_mask,
-                request.context_input_ids,
-            )
-            num_rows = request.steering_input_ids.shape[0]
-            if contrast:
-                # The right and the contrast prompts go through one hypernetwork call, each on its row's context: a
-                # training step then updates the running statistics once, from the right rows only (those the
-                # model is steered by, as without contrast), and both halves are normalised by the same statistics.
-                hypernetwork_inputs = _concatenate_rows(
-                    hypernetwork_inputs,
-                    (
-                        request.contrast_steering_input_ids,
-                        request.contrast_steering_attention_mask,
-                        context_states,
-                        request.context_mask,
-                        request.context_input_ids,
-                    ),
-                )
-            vectors = self._run_hypernetwork(*hypernetwork_inputs, num_statistics_rows=num_rows)
-            request.steering_vectors = vectors[:num_rows]
-            if contrast:
-                request.contrast_vectors = vectors[num_rows:]
-            if request.is_generation:
-                _check_finite(request.steering_vectors)
-        if request.stop_after_vectors:
-            raise _StopAtSteeringLayer()
-        if contrast:
-            request.contrast_residual = hidden_states
-            request.contrast_position_ids = position_ids
-        steered, gates = self._add_steering(
-            request, hidden_states, request.steering_vectors, position_ids, first_pass, request.concept_rows
+        hypernetwork_inputs, num_rows = request.hypernetwork_inputs(
+            hidden_states if self.config.hypernet_type == "cross_attention" else None
         )
-        if first_pass:
-            request.steering_gates = gates
-        return steered
-
-    def _add_steering(self, request, hidden_states, vectors, position_ids, first_pass, concept_rows=None):
-        """`h + factor * g_t * v` at the positions `config.steering_positions` selects.
-
-        With composed steering, `vectors` and the request's factors hold one entry per concept and `concept_rows`
-        (`torch.LongTensor` of shape `(num_concepts,)`) names each concept's batch row: every row gets the sum of its
-        concepts' terms, each with its own gate.
-
-        Returns:
-            The steered `torch.FloatTensor` of the shape and dtype of `hidden_states`, and the gates `g_t` of shape
-            `(batch_size, sequence_length)` (`(num_concepts, sequence_length)` when composed; `None` without
-            `token_gate`).
-        """
-        vectors = vectors.to(device=hidden_states.device)
-        rows = None if concept_rows is None else concept_rows.to(hidden_states.device)
-        scale = request.steering_factor.to(hidden_states.device)[:, None, None]
-        position_mask = self._steering_position_mask(request, hidden_states, position_ids, first_pass)
-        # Composition: per-row masks and states are gathered to one entry per concept.
-        concept_states = hidden_states if rows is None else hidden_states.index_select(0, rows)
-        if position_mask is not None:
-            if rows is not None:
-                position_mask = position_mask.index_select(0, rows)
-            scale = scale * position_mask[..., None].to(scale.dtype)
-        gates = None
-        if self.hypernetwork.token_gate is not None:
-            gates = self.hypernetwork.token_gate(concept_states.to(vectors.device), vectors).to(hidden_states.device)
-            scale = scale * gates[..., None]
-        update = scale * vectors[:, None, :]
-        if rows is not None:
-            # (num_concepts, length, hidden_size) -> (batch_size, length, hidden_size): sum each row's concepts.
-            update = update.new_zeros(hidden_states.shape[0], *update.shape[1:]).index_add_(0, rows, update)
-        return hidden_states + update.to(hidden_states.dtype), gates
-
-    def _contrast_logits(self, request: _SteeringRequest, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        """Logits of the same rows steered by the contrast vectors: the shared residual at the steering layer plus
-        the contrast steering, through the layers above it, the final norm and the LM head.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch_size, kept_length, vocab_size)`, positions as in `logits`.
-        """
-        hidden_states, _ = self._add_steering(
-            request, request.contrast_residual, request.contrast_vectors, request.contrast_position_ids, True
-        )
-        decoder_layers = _decoder_layers_of(self.language_model)
-        for index in range(self.config.steering_layer + 1, len(decoder_layers)):
-            args, kwargs = request.upper_layer_inputs[index]
-            # The base's own pass already wrote these layers' keys and values into the cache it returns; the contrast
-            # pass must neither append to it nor attend to it (a contrast forward starts from an empty cache).
-            kwargs = {**kwargs, "use_cache": False, **{name: None for name in _CACHE_NAMES if name in kwargs}}
-            output = decoder_layers[index](hidden_states, *args, **kwargs)
-            hidden_states = output[0] if isinstance(output, tuple) else output
-        hidden_states = self.language_model.model.norm(hidden_states)
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.language_model.get_output_embeddings()(hidden_states)
-        softcap = getattr(self.language_model.config.get_text_config(), "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    def _steering_position_mask(self, request, hidden_states, position_ids, first_pass) -> torch.Tensor | None:
-        """`None` to steer every position, else a `(batch_size, sequence_length)` mask of positions to steer."""
-        mode = self.config.steering_positions
-        if mode == "all":
-            return None
-        batch_size, sequence_length = hidden_states.shape[:2]
-        if request.is_generation:
-            if first_pass or position_ids is None or request.prompt_last_position is None:
-                # Prefill holds the prompt only; with a cache, every later pass holds generated tokens only.
-                generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
-                if not first_pass:
-                    generated = ~generated
-            else:
-                generated = position_ids.expand(batch_size, -1) > request.prompt_last_position.to(position_ids.device)
-        elif request.decoding_from_cache:
-            generated = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
-        elif request.label_mask is not None:
-            generated = request.label_mask
-        else:
-            generated = torch.zeros(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
-        generated = generated.to(hidden_states.device)
-        return generated if mode == "generated" else ~generated
+        vectors = self._run_hypernetwork(*hypernetwork_inputs, num_statistics_rows=num_rows)
+        request.steering_vectors = vectors[:num_rows]
+        if request.contrast_steering_input_ids is not None:
+            request.contrast_vectors = vectors[num_rows:]
 
     def _run_hypernetwork(
         self,
@@ -1514,159 +1868,45 @@ class HyperSteerModel(HyperSteerPreTrainedModel, GenerationMixin):
         context_input_ids,
         num_statistics_rows: int | None = None,
     ) -> torch.Tensor:
-        """Embed the hypernetwork's input with the frozen base embeddings and run it.
-
-        A training step updates the running statistics (if any) from the first `num_statistics_rows` rows (all by
-        default), and only when they hold at least two different steering prompts: rows of a single concept show
-        nothing about how concepts differ, and their features' batch variance is (near) zero.
+        """Run the hypernetwork on tokenised steering prompts, with the base's embeddings, rotary embedding and prior
+        directions (see [`~HyperSteerHypernetwork.vectors_from_tokens`]).
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, hidden_size)` in the hypernetwork's dtype.
         """
-        parameter = self.hypernetwork.output_projection.weight
-        with torch.no_grad():
-            inputs_embeds = self.get_input_embeddings()(steering_input_ids).to(parameter)
-        token_mask = steering_attention_mask.bool().to(parameter.device)
-        if context_input_ids is not None:
-            with torch.no_grad():
-                context_embeds = self.get_input_embeddings()(context_input_ids).to(parameter)
-            inputs_embeds, token_mask = _pack_left(
-                inputs_embeds, token_mask, context_embeds, context_mask.to(parameter.device)
-            )
-        else:
-            inputs_embeds, token_mask = _pack_left(inputs_embeds, token_mask)
-        batch_size, sequence_length = token_mask.shape
-        position_ids = torch.arange(sequence_length, device=parameter.device).expand(batch_size, -1)
-        layer_masks, layer_positions = self._hypernet_layer_arguments(inputs_embeds, token_mask, position_ids)
-        if context_states is not None:
-            context_states = context_states.to(parameter)
-            context_mask = context_mask.to(parameter.device)
-        else:
-            context_mask = None
         prior_directions = None
-        if self.config.steering_prior == "lexical":
-            prior_directions = self._lexical_directions(steering_input_ids, steering_attention_mask)
-        elif self.config.steering_prior == "residual":
-            prior_directions = self._residual_directions(steering_input_ids, steering_attention_mask)
-        statistics_mask = None
-        if self.hypernetwork.training and torch.is_grad_enabled():
-            statistics_mask = _statistics_mask(steering_input_ids, steering_attention_mask, num_statistics_rows)
-            statistics_mask = statistics_mask.to(parameter.device)
-        return self.hypernetwork(
-            inputs_embeds,
-            token_mask,
-            layer_masks,
-            layer_positions,
-            position_ids,
+        if self.hypernetwork.prior is not None:
+            prior_directions = self.hypernetwork.prior(
+                steering_input_ids, steering_attention_mask, self.language_model, self.config.steering_layer
+            ).to(self.hypernetwork.output_projection.weight.device)
+        return self.hypernetwork.vectors_from_tokens(
+            steering_input_ids,
+            steering_attention_mask,
+            input_embeddings=self.get_input_embeddings(),
+            rotary_embedding=self.language_model.model.rotary_emb,
+            base_config=self.language_model.config.get_text_config(),
             context_states=context_states,
             context_mask=context_mask,
+            context_input_ids=context_input_ids,
             prior_directions=prior_directions,
-            statistics_mask=statistics_mask,
+            num_statistics_rows=num_statistics_rows,
         )
 
-    def _prior_token_mask(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
-        """Real steering-prompt tokens other than the base's BOS/EOS/PAD, which carry no concept (all real tokens for a
-        prompt made only of special tokens)."""
-        real = steering_attention_mask.bool()
-        token_mask = real.clone()
-        base_config = self.language_model.config.get_text_config()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            special = getattr(base_config, name, None)
-            for token_id in special if isinstance(special, (list, tuple)) else [special]:
-                if token_id is not None:
-                    token_mask &= steering_input_ids != token_id
-        return torch.where(token_mask.any(dim=-1, keepdim=True), token_mask, real)
-
-    @torch.no_grad()
     def _residual_directions(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
-        """The base's residual after the steering layer, averaged over each steering prompt's concept tokens; the base
-        runs on the steering prompt alone and stops at that layer.
-
-        It may run while the steering hook of a request is registered on the same layer: the stop hook is put in front
-        of it, so this pass is never steered.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32.
-        """
-        device = self.get_input_embeddings().weight.device
-        steering_input_ids = steering_input_ids.to(device)
-        steering_attention_mask = steering_attention_mask.to(device)
-        recorded = {}
-
-        def stop(module, args, output):
-            recorded["hidden_states"] = output[0] if isinstance(output, tuple) else output
-            raise _StopAtSteeringLayer()
-
-        layer = _decoder_layers_of(self.language_model)[self.config.steering_layer]
-        handle = layer.register_forward_hook(stop, prepend=True)
-        try:
-            self.language_model.model(
-                input_ids=steering_input_ids,
-                attention_mask=steering_attention_mask,
-                position_ids=_positions_from_mask(steering_attention_mask),
-                use_cache=False,
-            )
-        except _StopAtSteeringLayer:
-            pass
-        finally:
-            handle.remove()
-        weights = self._prior_token_mask(steering_input_ids, steering_attention_mask).float()[..., None]
-        hidden_states = recorded["hidden_states"].float()
-        means = (hidden_states * weights.to(hidden_states.device)).sum(1) / weights.sum(1).clamp(min=1).to(
-            hidden_states.device
+        """The `"residual"` prior's uncentred directions (see [`HyperSteerResidualPrior`]), on the hypernetwork's
+        device: `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32."""
+        directions = HyperSteerResidualPrior()(
+            steering_input_ids, steering_attention_mask, self.language_model, self.config.steering_layer
         )
-        return means.to(self.hypernetwork.output_projection.weight.device)
-
-    @torch.no_grad()
-    def _lexical_directions(self, steering_input_ids, steering_attention_mask) -> torch.Tensor:
-        """`u(s)`: the unit-norm mean output embedding of each steering prompt's tokens, centred on the vocabulary
-        mean. Special tokens (BOS/EOS/PAD of the base) carry no concept and are left out.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch_size, hidden_size)` in float32.
-        """
-        output_embeddings = self.get_output_embeddings().weight
-        device = output_embeddings.device
-        steering_input_ids = steering_input_ids.to(device)
-        weights = self._prior_token_mask(steering_input_ids, steering_attention_mask.to(device)).float()[..., None]
-        mean_embedding = (output_embeddings[steering_input_ids].float() * weights).sum(1) / weights.sum(1).clamp(min=1)
-        centred = mean_embedding - self.hypernetwork.vocabulary_mean_embedding.to(device)
-        directions = centred / centred.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return directions.to(self.hypernetwork.output_projection.weight.device)
 
-    def _hypernet_layer_arguments(self, inputs_embeds, token_mask, position_ids):
-        """Causal masks and rotary embeddings for the hypernetwork's decoder blocks, built the way the base builds
-        them for its own layers (per attention type: full or sliding window)."""
-        base_config = self.language_model.config.get_text_config()
-        mask_kwargs = {
-            "config": base_config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": token_mask.long(),
-            _CACHE_KWARG: None,
-            "position_ids": position_ids,
-        }
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in self._hypernet_layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        rotary = self.language_model.model.rotary_emb
-        rotary_device = next(rotary.buffers()).device
-        takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
-        positions = {}
-        for layer_type in set(self._hypernet_layer_types):
-            extra = (layer_type,) if takes_layer_type else ()
-            cos, sin = rotary(inputs_embeds.to(rotary_device), position_ids.to(rotary_device), *extra)
-            positions[layer_type] = (cos.to(inputs_embeds.device), sin.to(inputs_embeds.device))
-        layer_masks = [masks.get(layer_type, masks["full_attention"]) for layer_type in self._hypernet_layer_types]
-        layer_positions = [positions[layer_type] for layer_type in self._hypernet_layer_types]
-        return layer_masks, layer_positions
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers
+# Base-model helpers
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decoder_layers_of(language_model: nn.Module) -> nn.ModuleList:
+def decoder_layers_of(language_model: nn.Module) -> nn.ModuleList:
     """The base's decoder layers, or a `ValueError` naming what is supported."""
     inner = getattr(language_model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -1683,6 +1923,62 @@ def _decoder_layers_of(language_model: nn.Module) -> nn.ModuleList:
             "checkpoints pass the text-only causal LM."
         )
     return layers
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids that count only real tokens, so left and right padding give the same positions."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.clamp(min=0)
+
+
+class _StopAtSteeringLayer(Exception):
+    """Raised by the hook of [`steering_layer_output`] once the steering layer's output is recorded."""
+
+
+def steering_layer_output(
+    language_model: PreTrainedModel,
+    steering_layer: int,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+) -> torch.FloatTensor:
+    """Run the base up to decoder layer `steering_layer` and stop there: the layers above it never run.
+
+    The recording hook is put in front of every other hook on that layer, a steering hook of a running request
+    included, so the residual it returns is never steered. Positions are derived from the mask (padding-invariant).
+
+    Args:
+        language_model ([`PreTrainedModel`]): the base causal LM (see [`decoder_layers_of`]).
+        steering_layer (`int`): the decoder layer whose output is returned.
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`).
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`: the layer's output residual.
+    """
+    recorded = {}
+
+    def stop(module, args, output):
+        recorded["hidden_states"] = output[0] if isinstance(output, tuple) else output
+        raise _StopAtSteeringLayer()
+
+    handle = decoder_layers_of(language_model)[steering_layer].register_forward_hook(stop, prepend=True)
+    try:
+        language_model.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+    except _StopAtSteeringLayer:
+        pass
+    finally:
+        handle.remove()
+    return recorded["hidden_states"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Private helpers
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _check_base_matches_config(language_model: PreTrainedModel, config: HyperSteerConfig) -> None:
@@ -1800,12 +2096,6 @@ def _statistics_mask(
     return rows & several_concepts
 
 
-def _positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids that count only real tokens, so left and right padding give the same positions."""
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    return position_ids.clamp(min=0)
-
-
 def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):
     """Concatenate two padded sequences and move every real token to the left, in order.
 
@@ -1827,43 +2117,6 @@ def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):
     packed = torch.zeros_like(embeds).scatter(1, target[..., None].expand_as(embeds), embeds)
     packed_mask = torch.arange(mask.shape[1], device=mask.device)[None, :] < num_real
     return packed * packed_mask[..., None].to(packed.dtype), packed_mask
-
-
-def _first_real_token(token_ids: torch.LongTensor, mask: torch.Tensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Index and id of each row's first real token, whatever the padding side: two `(batch_size,)` tensors."""
-    first = mask.long().argmax(dim=-1)
-    return first, token_ids.gather(1, first[:, None]).squeeze(1)
-
-
-def _repeated_bos(context_input_ids, context_mask, steering_input_ids, steering_attention_mask, bos_token_id):
-    """`(batch_size, context_length)` mask, `True` at a row's first real context token when both it and the first
-    real steering-prompt token are BOS: packed after the steering prompt, it would be a second BOS mid-sequence."""
-    repeated = torch.zeros_like(context_mask, dtype=torch.bool)
-    if bos_token_id is None:
-        return repeated
-    first, first_id = _first_real_token(context_input_ids, context_mask)
-    device = first.device
-    _, steering_first_id = _first_real_token(steering_input_ids.to(device), steering_attention_mask.to(device))
-    both_bos = context_mask.any(dim=-1) & (first_id == bos_token_id) & (steering_first_id == bos_token_id)
-    rows = torch.arange(repeated.shape[0], device=repeated.device)
-    repeated[rows, first] = both_bos
-    return repeated
-
-
-def _is_composed(steering_prompt) -> bool:
-    """Whether `steering_prompt` is in the composed form: a list with one list of steering prompts per row."""
-    return isinstance(steering_prompt, (list, tuple)) and any(
-        isinstance(concepts, (list, tuple)) for concepts in steering_prompt
-    )
-
-
-def _compose_rows(
-    vectors: torch.Tensor, factors: torch.Tensor, concept_rows: torch.LongTensor, num_rows: int
-) -> torch.Tensor:
-    """Sum per-concept vectors into per-row vectors: `(num_concepts, hidden_size)` -> `(num_rows, hidden_size)`,
-    row `r` holding `sum_k factors[k] * vectors[k]` over the concepts `k` with `concept_rows[k] == r`."""
-    weighted = factors.to(vectors)[:, None] * vectors
-    return weighted.new_zeros(num_rows, vectors.shape[-1]).index_add_(0, concept_rows.to(vectors.device), weighted)
 
 
 def per_row_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1960,7 +2213,15 @@ __all__ = [
     "HyperSteerModel",
     "HyperSteerPreTrainedModel",
     "HyperSteerHypernetwork",
+    "HyperSteerPrior",
+    "HyperSteerLexicalPrior",
+    "HyperSteerResidualPrior",
+    "HyperSteerRequestBuilder",
+    "HyperSteerSteeringInjector",
     "HyperSteerCausalLMOutputWithPast",
+    "decoder_layers_of",
     "per_row_causal_lm_loss",
+    "positions_from_mask",
+    "steering_layer_output",
     "tokenize_steering_prompts",
 ]

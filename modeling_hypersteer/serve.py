@@ -60,6 +60,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.utils import logging
 
+from .cli import DTYPE_CHOICES, resolve_dtype
 from .modeling_hypersteer import HyperSteerModel
 
 
@@ -107,7 +108,6 @@ DISCONNECT_POLL_S = 0.5
 # Seconds uvicorn waits for open requests at shutdown before cancelling them (which stops their rows).
 GRACEFUL_SHUTDOWN_S = 5
 API_KEY_ENV = "HYPERSTEER_API_KEY"
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ServeError(Exception):
@@ -1284,7 +1284,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="A saved HyperSteer folder or Hub id (its base is loaded from its config).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="Dtype of the frozen base model.")
+    parser.add_argument(
+        "--dtype", default="auto", choices=sorted(DTYPE_CHOICES), help="Dtype of the frozen base model."
+    )
     parser.add_argument("--device_map", default=None, help="`device_map` for the base model, e.g. 'auto' or 'cuda:0'.")
     parser.add_argument(
         "--max_batch_size", type=int, default=8, help="Most rows in one `generate` call (a request with `n` uses n)."
@@ -1355,7 +1357,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def load_engine(args: argparse.Namespace) -> BatchingEngine:
     """Load the model named on the command line and wrap it in a (not yet started) [`BatchingEngine`]."""
-    load_kwargs = {"dtype": DTYPES[args.dtype]}
+    load_kwargs = {"dtype": resolve_dtype(args.dtype)}
     if args.device_map is not None:
         load_kwargs["device_map"] = args.device_map
     model = HyperSteerModel.from_pretrained(args.model, **load_kwargs)

@@ -45,7 +45,7 @@ from transformers.utils import logging
 
 from .data import format_prompt
 from .evaluation import SELECT_SPLIT, TEST_SPLIT, _ratio, generate_samples, generation_tasks
-from .modeling_hypersteer import _positions_from_mask
+from .modeling_hypersteer import positions_from_mask
 from .utils import pyplot
 
 
@@ -346,7 +346,7 @@ def generation_nll(
         logits = language_model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            position_ids=_positions_from_mask(attention_mask).to(device),
+            position_ids=positions_from_mask(attention_mask).to(device),
             logits_to_keep=generated_length + 1,
         ).logits
         # Position t predicts token t + 1: (batch_size, generated_length, vocab_size) against the last labels.

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quality_ablation  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts  # noqa: E402
+from modeling_hypersteer.modeling_hypersteer import HyperSteerLexicalPrior, tokenize_steering_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -42,13 +42,10 @@ def main() -> None:
     concepts = sorted({row["output_concept"] for row in rows[args.split]})
     with torch.no_grad():
         trained = model.compute_steering_vectors(steering_prompt=concepts).float()
-        # The direction the `lexical` prior reads, from the model's own code; a model without that prior lacks only
-        # the vocabulary centre it subtracts.
-        model.hypernetwork.register_buffer(
-            "vocabulary_mean_embedding", model.get_output_embeddings().weight.float().mean(dim=0), persistent=False
-        )
+        # The direction the `lexical` prior reads, from the model's own code (whether or not the model has that prior).
+        prior = HyperSteerLexicalPrior(model.get_output_embeddings().weight)
         tokens = tokenize_steering_prompts(model.tokenizer, concepts, model.config.max_steering_prompt_length)
-        lexical = model._lexical_directions(tokens["steering_input_ids"], tokens["steering_attention_mask"]).float()
+        lexical = prior(tokens["steering_input_ids"], tokens["steering_attention_mask"], model.language_model).float()
     for norm in (float(value) for value in args.norms.split(",")):
         vectors = {concept: trained[index] + norm * lexical[index] for index, concept in enumerate(concepts)}
         result = quality_ablation.score(
