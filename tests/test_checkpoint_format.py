@@ -5,9 +5,14 @@ hypernetwork's input builder, the request builder and the steering hook into the
 config keys must not move with them.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import build_tiny_base
+from fixtures.make_pre_layout_checkpoint import PROMPTS, USER_PROMPT
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from modeling_hypersteer import HyperSteerModel
 
@@ -145,3 +150,20 @@ def test_hypernetwork_state_dict_keys_are_those_of_earlier_checkpoints(tiny_toke
     fresh.load_hypernetwork_state_dict(saved)
     for key, value in fresh.hypernetwork.state_dict().items():
         torch.testing.assert_close(value, saved[f"hypernetwork.{key}"], rtol=0, atol=0)
+
+
+PRE_LAYOUT_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "pre_layout_checkpoint"
+
+
+def test_a_checkpoint_saved_before_the_layout_refactor_loads_and_steers_as_it_did():
+    # Written by the code of commit b76a668 (see fixtures/make_pre_layout_checkpoint.py), with the outputs that code
+    # computed: running statistics, priors, gate and offset must load into the same places and give the same numbers.
+    base = AutoModelForCausalLM.from_pretrained(PRE_LAYOUT_CHECKPOINT / "base")
+    model = HyperSteerModel.from_pretrained(PRE_LAYOUT_CHECKPOINT, base_model=base).eval()
+    assert int(model.hypernetwork.feature_center.num_updates) == 3
+    expected = load_file(PRE_LAYOUT_CHECKPOINT / "expected_outputs.safetensors")
+    inputs = model.tokenizer([USER_PROMPT] * len(PROMPTS), return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs, steering_prompt=PROMPTS, steering_factor=2.0)
+    torch.testing.assert_close(outputs.steering_vectors, expected["steering_vectors"])
+    torch.testing.assert_close(outputs.logits, expected["logits"])
