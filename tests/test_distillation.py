@@ -10,6 +10,7 @@ from conftest import build_tiny_base, cli_arguments, save_tiny_base
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.data import (
     DISTILLATION_COLUMNS,
+    MODEL_INPUT_COLUMNS,
     HyperSteerDataCollator,
     build_distillation_rows,
     load_concept_descriptions,
@@ -189,17 +190,7 @@ def test_lm_loss_covers_real_rows_only(tiny_tokenizer, tmp_path):
     batch = _mixed_batch(tiny_tokenizer)
     trainer = _trainer(model, tmp_path, distillation_loss_weight=1e-12)
     loss = trainer.compute_loss(model, dict(batch))
-    real = {
-        name: batch[name][:2]
-        for name in (
-            "input_ids",
-            "attention_mask",
-            "labels",
-            "steering_input_ids",
-            "steering_attention_mask",
-            "steering_factor",
-        )
-    }
+    real = {name: batch[name][:2] for name in MODEL_INPUT_COLUMNS}
     torch.testing.assert_close(loss, model(**real).loss, atol=1e-5, rtol=1e-5)
 
 
