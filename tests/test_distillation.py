@@ -152,29 +152,29 @@ def test_distillation_term_is_the_kl_to_the_guided_teacher(tiny_tokenizer, tmp_p
 
     # By hand, one distillation row at a time: the steered student against the unsteered base given the prompts.
     base = model.language_model
+
+    def logits_of(row, prefix, steer_with=None):
+        ids = batch[f"{prefix}input_ids"][row : row + 1]
+        mask = batch[f"{prefix}attention_mask"][row : row + 1]
+        labels = batch[f"{prefix}labels"][row : row + 1]
+        real = mask.bool()[0]
+        ids, labels = ids[:, real], labels[:, real]
+        if steer_with is None:
+            logits = base(input_ids=ids).logits
+        else:
+            steering = batch[f"{steer_with}steering_input_ids"][row : row + 1]
+            steering_mask = batch[f"{steer_with}steering_attention_mask"][row : row + 1]
+            logits = model(
+                input_ids=ids, labels=labels, steering_input_ids=steering, steering_attention_mask=steering_mask
+            ).logits
+        return response_logits(logits, labels).float()
+
     expected = []
     for row in (2, 3):
-
-        def logits_of(prefix, steer_with=None):
-            ids = batch[f"{prefix}input_ids"][row : row + 1]
-            mask = batch[f"{prefix}attention_mask"][row : row + 1]
-            labels = batch[f"{prefix}labels"][row : row + 1]
-            real = mask.bool()[0]
-            ids, labels = ids[:, real], labels[:, real]
-            if steer_with is None:
-                logits = base(input_ids=ids).logits
-            else:
-                steering = batch[f"{steer_with}steering_input_ids"][row : row + 1]
-                steering_mask = batch[f"{steer_with}steering_attention_mask"][row : row + 1]
-                logits = model(
-                    input_ids=ids, labels=labels, steering_input_ids=steering, steering_attention_mask=steering_mask
-                ).logits
-            return response_logits(logits, labels).float()
-
         with torch.no_grad():
-            first, second = logits_of("teacher_"), logits_of("teacher_contrast_")
-            plain = logits_of("")
-            students = (logits_of("", steer_with=""), logits_of("", steer_with="contrast_"))
+            first, second = logits_of(row, "teacher_"), logits_of(row, "teacher_contrast_")
+            plain = logits_of(row, "")
+            students = (logits_of(row, "", steer_with=""), logits_of(row, "", steer_with="contrast_"))
         references = (plain, plain) if reference == "plain" else (first, second)
         targets = (references[0] + guidance * (first - second), references[1] + guidance * (second - first))
         for student, target in zip(students, targets):
