@@ -61,6 +61,7 @@ RECIPE_OBJECTIVE_KEYS = (
     "hypernet_pooling",
     "steering_prior",
     "steering_prior_init_norm",
+    "steering_prior_map",
     "distillation_loss_weight",
     "distillation_guidance",
     "distillation_reference",

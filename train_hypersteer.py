@@ -153,6 +153,13 @@ class ModelArguments:
     steering_prior_init_norm: float = field(
         default=16.0, metadata={"help": "Initial norm of the prior term (residual-stream scale)."}
     )
+    steering_prior_map: str = field(
+        default="matrix",
+        metadata={
+            "help": "The prior term's learned map: 'matrix' (hidden_size x hidden_size) or 'scalar' (one learned "
+            "scale, which cannot learn the training concepts, so the prior reaches new descriptions unchanged)."
+        },
+    )
     base_dtype: str = field(
         default="auto",
         metadata={
@@ -446,6 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
         standardize_pooled_features=model_args.standardize_pooled_features,
         steering_prior=model_args.steering_prior,
         steering_prior_init_norm=model_args.steering_prior_init_norm,
+        steering_prior_map=model_args.steering_prior_map,
     )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(

@@ -49,7 +49,7 @@ RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "quality.json"
 PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps.png"
 SCALING_PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "concept_scaling.png"
 # Keys of an experiment file that describe it rather than set a training flag.
-META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of")
+META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of", "extra_training_data")
 SPLIT_KEY = "concept_split_seed"
 # Held-in concepts on unseen prompts; the split's held-out concepts; concepts of another data set (`--heldback_data`).
 EVALUATION_SETS = ("heldin", "heldout", "heldback")
@@ -118,6 +118,41 @@ def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, li
         "heldout": [{key: row[key] for key in columns} for row in heldout],
         "train": splits["train"],
         "negatives": raw.filter(lambda row: row["is_negative"]),
+    }
+
+
+def add_extra_training_data(name: str, config: dict, rows: dict, work_dir: str) -> dict:
+    """The training configuration of an experiment with `extra_training_data` (a list of AxBench-schema sources whose
+    concepts are trained on and never scored): their positive rows, minus every concept scored by this benchmark (the
+    split's held-out concepts, the held-back set) and every concept of the split's own data, are written to one
+    parquet file in `work_dir` and added to `dataset_name_or_path`; the split's held-out concepts are named
+    explicitly, so the extra concepts do not change which concepts are held out, and the held-in evaluation rows stay
+    those of the split (their prompts are chosen per concept, independently of the other concepts)."""
+    sources = config.get("extra_training_data")
+    if not sources:
+        return config
+    sources = [source.format(work_dir=work_dir) for source in sources]
+    sources = [str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in sources]
+    scored = {row["output_concept"] for split in ("heldout", "heldback") for row in rows.get(split, [])}
+    own = {row["output_concept"] for row in rows["train"]} | scored
+    extra = load_concept_data(sources).filter(lambda row: not row["is_negative"] and row["output_concept"] not in own)
+    if len(extra) == 0:
+        raise ValueError(
+            f"{name}: `extra_training_data` {sources} adds no concept that is not scored or already trained."
+        )
+    path = Path(work_dir) / f"{name}_extra_training_data.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra.remove_columns([column for column in ("is_negative", "source") if column in extra.column_names]).to_parquet(
+        path
+    )
+    heldout = sorted({row["output_concept"] for row in rows["heldout"]})
+    logger.info(
+        f"{name}: {len(set(extra['output_concept']))} extra training concepts ({len(extra)} rows) from {sources}."
+    )
+    return {
+        **config,
+        "dataset_name_or_path": f"{config['dataset_name_or_path']},{path}",
+        "heldout_concepts": "|".join(heldout),
     }
 
 
@@ -311,6 +346,36 @@ def reference_vector_norm(run_dir: Path) -> float:
     return sum(norms[-5:]) / len(norms[-5:])
 
 
+def run_prior(name: str, config: dict, rows: dict, args) -> dict:
+    """A training-free vector for any description: an untrained HyperSteer whose only term is the prior `A u(s)` with
+    `A = norm * I` (the output projection starts at zero), the norm matched to a trained run's vectors. It needs no
+    concept rows, so it is scored on every set, never-trained concepts included: what a trained hypernetwork must beat
+    there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_hypersteer.smollm2 import smollm2_path
+
+    path = smollm2_path()
+    norm = reference_vector_norm(Path(args.work_dir) / config["match_norm_of"])
+    model = HyperSteerModel.from_base_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        steering_layer=config["steering_layer"],
+        hypernet_type="no_context",
+        hypernet_num_layers=1,
+        steering_prior=config["steering_prior"],
+        steering_prior_init_norm=norm,
+    )
+    return {
+        "train_minutes": 0.0,
+        "command": (
+            f"untrained, {config['steering_prior']} prior only at layer {config['steering_layer']}, norm {norm:.2f} "
+            f"(HyperSteer run {config['match_norm_of']})"
+        ),
+        **score(model, model.tokenizer, rows, args, splits=tuple(name for name in EVALUATION_SETS if rows.get(name))),
+    }
+
+
 def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
     """DiffMean or per-concept vectors, on held-in concepts only (they need the concept's training rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -376,22 +441,75 @@ def _ratio(value) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
+def _variants(runs: dict) -> list[dict]:
+    """The runs grouped by variant (every setting but the split and the descriptive keys), each as `{split: (name,
+    run)}`; a rerun of the same settings on a split already counted is not another split."""
+    variants = {}
+    for name, run in runs.items():
+        # The factor calibration runs after training and the offline metric is taken at a fixed factor, so runs that
+        # differ only in calibration settings are the same variant.
+        settings = {
+            key: value
+            for key, value in run["config"].items()
+            if key not in (*META_KEYS, SPLIT_KEY) and not key.startswith("calibrat")
+        }
+        variants.setdefault(json.dumps(settings, sort_keys=True), {}).setdefault(
+            run["config"].get(SPLIT_KEY), (name, run)
+        )
+    return list(variants.values())
+
+
+def pooled_ratios(results: list[dict]) -> dict:
+    """Specificity and gain ratios of several offline-metric results pooled over their rows: every loss gap is
+    weighted by its result's number of rows before the ratio is taken, so a split where prompting barely separates the
+    concepts cannot swing the pooled number as it swings a mean of per-split ratios."""
+
+    def gap(high: str, low: str) -> float:
+        return sum(result["num_rows"] * (result["losses"][high] - result["losses"][low]) for result in results)
+
+    prompting_gap, prompting_gain = gap("prompt_wrong", "prompt"), gap("none", "prompt")
+    return {
+        "specificity_ratio": gap("hypersteer_wrong", "hypersteer") / prompting_gap if prompting_gap > 0 else None,
+        "gain_ratio": gap("none", "hypersteer") / prompting_gain if prompting_gain > 0 else None,
+    }
+
+
+def pooled_summary(runs: dict) -> list[str]:
+    """For every variant trained on more than one split and scored on all three sets: the pooled specificity / gain
+    on held-in, held-out and held-back concepts, and each set's worst split."""
+    lines = [
+        "| runs | splits | held-in pooled spec. / gain (worst spec.) | held-out pooled spec. / gain (worst spec.) "
+        "| held-back pooled spec. / gain (worst spec.) |",
+        "|---|---|---|---|---|",
+    ]
+    for per_split in _variants(runs):
+        members = [per_split[seed] for seed in sorted(per_split)]
+        if len(members) < 2 or not all(all(split in run for split in EVALUATION_SETS) for _, run in members):
+            continue
+        cells = []
+        for split in EVALUATION_SETS:
+            pooled = pooled_ratios([run[split] for _, run in members])
+            worst = min(
+                (run[split]["specificity_ratio"] for _, run in members), key=lambda v: float("inf") if v is None else v
+            )
+            cells.append(f"{_ratio(pooled['specificity_ratio'])} / {_ratio(pooled['gain_ratio'])} ({_ratio(worst)})")
+        lines.append(
+            f"| {', '.join(name for name, _ in members)} | {' / '.join(str(seed) for seed in sorted(per_split))} "
+            f"| {' | '.join(cells)} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
 def split_summary(runs: dict) -> list[str]:
     """A table of the variants trained on more than one concept split: every split's held-in and held-out
     specificity, their mean and the worst split, and the lowest held-in gain. One number per split never tells
     whether a variant works or merely suits that split's concepts."""
-    variants = {}
-    for name, run in runs.items():
-        settings = {key: value for key, value in run["config"].items() if key not in (*META_KEYS, SPLIT_KEY)}
-        per_split = variants.setdefault(json.dumps(settings, sort_keys=True), {})
-        # A rerun of the same settings on the same split (e.g. the recipe file itself) is not another split.
-        per_split.setdefault(run["config"].get(SPLIT_KEY), (name, run))
     lines = [
         "| runs | splits | held-in specificity per split | mean | worst | held-out specificity per split | mean "
         "| worst | lowest held-in gain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for per_split in variants.values():
+    for per_split in _variants(runs):
         if len(per_split) < 2:
             continue
         members = [per_split[seed] for seed in sorted(per_split)]
@@ -427,6 +545,9 @@ def report() -> str:
             f"| {_ratio(run['heldout']['gain_ratio'])} | {run.get('train_minutes', '—')} |"
         )
     lines += ["", *split_summary(results["runs"])]
+    pooled = pooled_summary(results["runs"])
+    if pooled:
+        lines += ["", *pooled]
     curves = {name: run["curve"] for name, run in results["runs"].items() if run.get("curve")}
     if curves:
         import matplotlib
@@ -492,8 +613,9 @@ def main(argv=None) -> None:
             rows["heldback"] = heldback_rows(
                 args.heldback_data, args.heldback_concepts, args.heldback_rows_per_concept
             )
-        runner = run_baseline if config.get("method") in ("diffmean", "vector") else run_hypersteer
-        result = runner(name, config, rows, args)
+        runners = {"diffmean": run_baseline, "vector": run_baseline, "prior": run_prior}
+        runner = runners.get(config.get("method"), run_hypersteer)
+        result = runner(name, add_extra_training_data(name, config, rows, args.work_dir), rows, args)
         save_result(name, config, result)
         logger.info(
             f"{name}: held-in specificity {_ratio(result['heldin']['specificity_ratio'])} gain "

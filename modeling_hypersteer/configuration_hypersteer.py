@@ -13,6 +13,7 @@ HYPERNET_INITS = ("base", "random")
 STEERING_POSITIONS = ("all", "prompt", "generated")
 HYPERNET_POOLINGS = ("last", "mean")
 STEERING_PRIORS = ("none", "lexical", "residual")
+STEERING_PRIOR_MAPS = ("matrix", "scalar")
 
 
 class HyperSteerConfig(PreTrainedConfig):
@@ -86,6 +87,10 @@ class HyperSteerConfig(PreTrainedConfig):
             it costs one frozen base pass over the short steering prompt up to that layer). `"none"` adds nothing.
         steering_prior_init_norm (`float`, *optional*, defaults to 16.0):
             Norm of the prior term at initialisation, on the scale of the residual stream at `steering_layer`.
+        steering_prior_map (`str`, *optional*, defaults to `"matrix"`):
+            The learned map `A` of the prior term: `"matrix"`, a full `hidden_size x hidden_size` matrix; `"scalar"`,
+            `A = a * I` with one learned scale `a`. A scalar cannot learn which concepts it was trained on, so the
+            prior's direction reaches a never-trained description exactly as it reaches a trained one.
         max_steering_prompt_length (`int`, *optional*, defaults to 64):
             Steering prompts are truncated to this many tokens.
         hidden_size (`int`, *optional*):
@@ -128,6 +133,7 @@ class HyperSteerConfig(PreTrainedConfig):
     pooled_feature_momentum: float = 0.05
     steering_prior: str = "none"
     steering_prior_init_norm: float = 16.0
+    steering_prior_map: str = "matrix"
     default_steering_factor: float = 1.0
     max_steering_prompt_length: int = 64
     hidden_size: int | None = None
@@ -148,6 +154,7 @@ class HyperSteerConfig(PreTrainedConfig):
         _check_choice("steering_positions", self.steering_positions, STEERING_POSITIONS)
         _check_choice("hypernet_pooling", self.hypernet_pooling, HYPERNET_POOLINGS)
         _check_choice("steering_prior", self.steering_prior, STEERING_PRIORS)
+        _check_choice("steering_prior_map", self.steering_prior_map, STEERING_PRIOR_MAPS)
         if self.standardize_pooled_features and not self.center_pooled_features:
             raise ValueError(
                 "`standardize_pooled_features=True` scales the centred features: set `center_pooled_features=True` too."

@@ -12,7 +12,8 @@ The file is one model in one file of small classes, each readable alone, in the 
 
 1. Layers that own parameters and math (as PEFT's `lora/layer.py`): `HyperSteerRMSNorm`, `HyperSteerCrossAttention`,
    `HyperSteerTokenGate`, `HyperSteerRunningCenter`, the training-free priors (`HyperSteerLexicalPrior`,
-   `HyperSteerResidualPrior`) and `HyperSteerHypernetwork`, which also builds its blocks' inputs.
+   `HyperSteerResidualPrior`), the prior's scalar map `HyperSteerPriorScale`, and `HyperSteerHypernetwork`, which
+   also builds its blocks' inputs.
 2. `HyperSteerCausalLMOutputWithPast`.
 3. Steering requests: `HyperSteerRequestBuilder` validates one call's steering arguments and shapes them into a
    `_SteeringRequest`.
@@ -407,6 +408,24 @@ class HyperSteerResidualPrior(HyperSteerPrior):
         )
 
 
+class HyperSteerPriorScale(nn.Module):
+    """The prior term's map `A = a * I` (`steering_prior_map="scalar"`): one learned scale of the prior direction."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, prior_directions: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            prior_directions (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): unit-norm directions `u(s)`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`: `a * u(s)`.
+        """
+        return prior_directions * self.weight
+
+
 class HyperSteerHypernetwork(nn.Module):
     """The trainable part of HyperSteer: decoder blocks over the steering prompt, optional cross-attention to the
     base residual, pooling (last token or mean), a final norm and an output projection, plus two optional terms:
@@ -417,7 +436,7 @@ class HyperSteerHypernetwork(nn.Module):
     coordinate is also divided by its running standard deviation), `b` a learned concept-free offset
     (`shared_steering_offset`) and `A u(s)` the prior term (`steering_prior`): `u(s)` is a unit-norm, training-free
     concept direction read from the frozen base by `prior` (a [`HyperSteerPrior`]), and `A` a learned map starting at
-    `steering_prior_init_norm * I`.
+    `steering_prior_init_norm * I` (a full matrix, or one scale with `steering_prior_map="scalar"`).
 
     [`~HyperSteerHypernetwork.vectors_from_tokens`] builds the blocks' inputs from token ids (embeddings, packing,
     causal masks and rotary embeddings, with the base's own embedding and rotary modules passed in); `forward` takes
@@ -458,7 +477,9 @@ class HyperSteerHypernetwork(nn.Module):
         else:
             self.feature_center = None
         self.steering_offset = nn.Parameter(torch.zeros(config.hidden_size)) if config.shared_steering_offset else None
-        if config.steering_prior != "none":
+        if config.steering_prior != "none" and config.steering_prior_map == "scalar":
+            self.prior_projection = HyperSteerPriorScale()
+        elif config.steering_prior != "none":
             self.prior_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         else:
             self.prior_projection = None
@@ -1261,6 +1282,8 @@ class HyperSteerPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, HyperSteerHypernetwork) and module.steering_offset is not None:
             nn.init.zeros_(module.steering_offset)
+        elif isinstance(module, HyperSteerPriorScale):
+            nn.init.constant_(module.weight, self.config.steering_prior_init_norm)
         elif isinstance(module, nn.Linear):
             if module is self.hypernetwork.output_projection:
                 # Zero output projection (as LoRA zeroes `lora_B`): at step 0 the steered model equals the base.

@@ -221,6 +221,41 @@ def test_lexical_path_starts_as_the_centred_prompt_embedding(tiny_tokenizer):
     assert model.hypernetwork.prior_projection.weight.requires_grad
 
 
+def test_a_scalar_prior_map_learns_one_scale_and_keeps_the_direction_of_any_description(tiny_tokenizer, tmp_path):
+    matrix = _model(tiny_tokenizer, hypernet_type="no_context", steering_prior="lexical", steering_prior_init_norm=8.0)
+    scalar = _model(
+        tiny_tokenizer,
+        hypernet_type="no_context",
+        steering_prior="lexical",
+        steering_prior_init_norm=8.0,
+        steering_prior_map="scalar",
+    )
+    prompts = [CONCEPT_A, CONCEPT_B]
+    # The same vectors at initialisation, from one parameter instead of hidden_size ** 2.
+    torch.testing.assert_close(
+        scalar.compute_steering_vectors(steering_prompt=prompts),
+        matrix.compute_steering_vectors(steering_prompt=prompts),
+    )
+    assert scalar.hypernetwork.prior_projection.weight.numel() == 1
+    # One training step moves the scale, never the direction: a description no step saw keeps its lexical direction.
+    scalar.train()
+    optimizer = torch.optim.SGD([scalar.hypernetwork.prior_projection.weight], lr=1.0)
+    scalar(**_batch(tiny_tokenizer, ROWS)).loss.backward()
+    optimizer.step()
+    scalar.eval()
+    scale = scalar.hypernetwork.prior_projection.weight.item()
+    assert scale != 8.0
+    unseen = "mentions of lighthouses and the sea"
+    expected = matrix.compute_steering_vectors(steering_prompt=[unseen]) / 8.0 * scale
+    torch.testing.assert_close(scalar.compute_steering_vectors(steering_prompt=[unseen]), expected)
+    scalar.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=scalar.language_model)
+    assert reloaded.config.steering_prior_map == "scalar"
+    torch.testing.assert_close(reloaded.hypernetwork.prior_projection.weight, torch.tensor([scale]))
+    with pytest.raises(ValueError, match="steering_prior_map"):
+        HyperSteerConfig(steering_prior="lexical", steering_prior_map="vector")
+
+
 @pytest.mark.parametrize("prior", ["lexical", "residual"])
 def test_prior_model_round_trips(tiny_tokenizer, tmp_path, prior):
     model = _model(
@@ -303,6 +338,57 @@ def test_ablation_reuses_reference_losses_only_for_the_same_rows(tmp_path):
     assert path != quality_ablation.reference_losses_path(Args, "heldin", rows)
 
 
+def test_ablation_extra_training_data_never_holds_a_scored_concept(tmp_path):
+    import sys
+
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    def frame(concepts):
+        return pd.DataFrame(
+            [
+                {
+                    "input": f"Prompt {i}.",
+                    "output": f"About {concept}.",
+                    "output_concept": concept,
+                    "concept_id": index,
+                    "category": "positive",
+                }
+                for index, concept in enumerate(concepts)
+                for i in range(2)
+            ]
+        )
+
+    split_data = tmp_path / "split.parquet"
+    frame(["trained", "held out"]).to_parquet(split_data)
+    extra = tmp_path / "extra.parquet"
+    frame(["trained", "held out", "held back", "new one", "new two"]).to_parquet(extra)
+    rows = {
+        "train": [{"output_concept": "trained"}],
+        "heldout": [{"output_concept": "held out"}],
+        "heldback": [{"output_concept": "held back"}],
+    }
+    config = {"dataset_name_or_path": str(split_data), "heldout_concepts": "1", "extra_training_data": [str(extra)]}
+
+    training = quality_ablation.add_extra_training_data("run", config, rows, str(tmp_path))
+    sources = training["dataset_name_or_path"].split(",")
+    assert sources[0] == str(split_data)
+    added = pd.read_parquet(sources[1])
+    assert sorted(set(added["output_concept"])) == ["new one", "new two"]
+    assert len(added) == 4
+    # The held-out concepts are named, so the added concepts cannot change which ones are held out.
+    assert training["heldout_concepts"] == "held out"
+    assert quality_ablation.add_extra_training_data("run", {**config, "extra_training_data": []}, rows, "") == {
+        **config,
+        "extra_training_data": [],
+    }
+    frame(["trained", "held back"]).to_parquet(extra)
+    with pytest.raises(ValueError, match="adds no concept"):
+        quality_ablation.add_extra_training_data("run", config, rows, str(tmp_path))
+
+
 def test_ablation_summarises_a_variant_over_its_concept_splits():
     import sys
 
@@ -327,6 +413,43 @@ def test_ablation_summarises_a_variant_over_its_concept_splits():
     assert len(table) == 3
     assert table[2] == "| a7, a42 | 7 / 42 | 1.000 / 2.000 | 1.500 | 1.000 | 0.900 / 0.100 | 0.500 | 0.100 | 1.200 |"
     assert quality_ablation.split_summary({"b42": runs["b42"]}) == []
+
+
+def test_ablation_pools_splits_over_rows_not_over_ratios():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    def result(num_rows, hypersteer, hypersteer_wrong, prompt, prompt_wrong, none):
+        losses = dict(
+            hypersteer=hypersteer,
+            hypersteer_wrong=hypersteer_wrong,
+            prompt=prompt,
+            prompt_wrong=prompt_wrong,
+            none=none,
+        )
+        return {"num_rows": num_rows, "losses": losses, "specificity_ratio": None, "gain_ratio": None}
+
+    # Split a: prompting separates by 0.1 and HyperSteer by 0.3 (ratio 3); split b: 1.0 and 0.5 (ratio 0.5), 3x the rows.
+    a = result(10, 2.0, 2.3, 2.0, 2.1, 3.0)
+    b = result(30, 2.5, 3.0, 2.0, 3.0, 3.0)
+    pooled = quality_ablation.pooled_ratios([a, b])
+    assert pooled["specificity_ratio"] == pytest.approx((10 * 0.3 + 30 * 0.5) / (10 * 0.1 + 30 * 1.0))
+    assert pooled["gain_ratio"] == pytest.approx((10 * 1.0 + 30 * 0.5) / (10 * 1.0 + 30 * 1.0))
+    # Prompting that separates nothing leaves the pooled specificity undefined rather than infinite.
+    flat = result(10, 2.0, 2.3, 2.0, 2.0, 3.0)
+    assert quality_ablation.pooled_ratios([flat])["specificity_ratio"] is None
+
+    def run(seed, split_result):
+        return {
+            "config": {"contrast_loss_weight": 0.5, "concept_split_seed": seed},
+            **{split: {**split_result, "specificity_ratio": seed / 10} for split in quality_ablation.EVALUATION_SETS},
+        }
+
+    table = quality_ablation.pooled_summary({"x7": run(7, a), "x13": run(13, b), "y42": {**run(42, a), "config": {}}})
+    assert len(table) == 3
+    assert table[2].startswith("| x7, x13 | 7 / 13 | 0.581 / 0.625 (0.700) |")
 
 
 def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer):

@@ -27,7 +27,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="A trained no_context experiment in --work_dir.")
     parser.add_argument("--norms", default="0,16,32,48", help="Comma-separated norms of the lexical term.")
-    parser.add_argument("--split", default="heldout", choices=("heldin", "heldout"))
+    parser.add_argument("--split", default="heldout", choices=quality_ablation.EVALUATION_SETS)
+    parser.add_argument("--heldback_data", default="../shared/data/axbench_more/concept_llama")
+    parser.add_argument("--heldback_concepts", type=int, default=24)
+    parser.add_argument("--heldback_rows_per_concept", type=int, default=2)
     parser.add_argument("--work_dir", default="/tmp/hypersteer-quality")
     parser.add_argument("--heldout_rows_per_concept", type=int, default=8)
     parser.add_argument("--steering_factor", type=float, default=1.0)
@@ -38,6 +41,10 @@ def main() -> None:
     if config.get("hypernet_type") != "no_context":
         raise ValueError(f"--run {args.run!r} is not a no_context experiment; its vectors depend on the row.")
     rows = quality_ablation.evaluation_rows(config, args.heldout_rows_per_concept)
+    if args.split == "heldback":
+        rows["heldback"] = quality_ablation.heldback_rows(
+            args.heldback_data, args.heldback_concepts, args.heldback_rows_per_concept
+        )
     model = HyperSteerModel.from_pretrained(Path(args.work_dir) / args.run).eval()
     concepts = sorted({row["output_concept"] for row in rows[args.split]})
     with torch.no_grad():
