@@ -249,6 +249,12 @@ def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tup
     if saved is not None:
         split = ConceptSplit.from_json(Path(args.model) / CONCEPT_SPLIT_FILE)
         origin = f"the training run's {CONCEPT_SPLIT_FILE}"
+        data_concepts = concept_names(data)
+        if not set(data_concepts) & {*split.heldin_concepts, *split.heldout_concepts}:
+            # Concept data of another source (e.g. a held-back set): none of its concepts was trained on, so all are
+            # held-out. Data that shares only some concepts with the split stays an error (`build_splits`).
+            split = ConceptSplit([], sorted(data_concepts), sources=split.sources, seed=split.seed)
+            origin = f"no concept of this data is in the training run's {CONCEPT_SPLIT_FILE}: all are never-trained"
     else:
         split = split_concepts(
             data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed

@@ -320,11 +320,22 @@ def scaling_report(work_dir: str) -> str:
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for axis, key, title in zip(axes, ("specificity_ratio", "gain_ratio"), ("specificity", "gain")):
-        for split, label in (("heldout", "held-out AxBench concepts"), ("heldback", "held-back concept_llama")):
-            points = [(run["training_concepts"]["total_seen"], run[split][key]) for _, run in ordered]
-            points = [(x, y) for x, y in points if y is not None]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label)
+        # One series per prior: runs with and without the lexical prior are different curves, not one.
+        for prior in sorted({run["config"].get("steering_prior", "none") for _, run in ordered}):
+            for split, label in (("heldout", "held-out AxBench concepts"), ("heldback", "held-back concept_llama")):
+                points = [
+                    (run["training_concepts"]["total_seen"], run[split][key])
+                    for _, run in ordered
+                    if run["config"].get("steering_prior", "none") == prior
+                ]
+                points = [(x, y) for x, y in points if y is not None]
+                if points:
+                    axis.plot(
+                        *zip(*points),
+                        marker="o" if prior == "none" else "s",
+                        linestyle="-" if prior == "none" else ":",
+                        label=f"{label}, prior {prior}",
+                    )
         axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="prompting")
         axis.set_xscale("log")
         axis.set_xlabel("training concepts seen (log scale)")

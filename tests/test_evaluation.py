@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import AXBENCH_DIR, build_tiny_base, cli_arguments, save_tiny_base
+from datasets import concatenate_datasets
 from openai_stub_server import stub_rating
 from safetensors.torch import load_file, save_file
 
@@ -483,6 +484,43 @@ def test_held_in_evaluation_without_the_training_split_settings_fails(trained_di
     # Held-out concepts never reached training: they need no split settings.
     summary = evaluate_steering.main(_offline_argv(model_dir, tmp_path / "eval", "--concepts", "heldout"))
     assert set(summary["offline"]) == {"heldout"}
+
+
+def test_concept_data_of_another_source_is_evaluated_as_never_trained(trained_dir, tmp_path, axbench_dir, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    trained = ConceptSplit.from_json(trained_dir / "concept_split.json")
+    other = load_concept_data(str(axbench_dir / "conceptFD" / "prod_2b_l20_v1" / "train_data.parquet"))
+    other = other.filter(
+        lambda row: row["output_concept"] not in {*trained.heldin_concepts, *trained.heldout_concepts}
+    )
+    new_concepts = sorted({row["output_concept"] for row in other if not row["is_negative"]})[:2]
+    new_data = tmp_path / "new.parquet"
+    other.filter(lambda row: row["output_concept"] in new_concepts).to_parquet(new_data)
+    summary = evaluate_steering.main(
+        _offline_argv(
+            # conceptFD's long descriptions need room in the prompted condition.
+            trained_dir,
+            tmp_path / "eval",
+            "--dataset_name_or_path",
+            str(new_data),
+            "--concepts",
+            "all",
+            "--max_length",
+            "640",
+        )
+    )
+    # Every concept of that data is never-trained: it is scored as held-out, with no held-in part.
+    assert set(summary["offline"]) == {"heldout"}
+    assert summary["offline"]["heldout"]["num_concepts"] == 2
+    # Data that shares some concepts with the training split is refused: which of its rows were trained on is unknown.
+    mixed = tmp_path / "mixed.parquet"
+    trained_rows = load_concept_data(str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"))
+    trained_rows = trained_rows.filter(lambda row: row["output_concept"] == trained.heldin_concepts[0])
+    concatenate_datasets([trained_rows, load_concept_data(str(new_data))]).to_parquet(mixed)
+    with pytest.raises(ValueError, match="in neither list of the concept split"):
+        evaluate_steering.main(
+            _offline_argv(trained_dir, tmp_path / "eval2", "--dataset_name_or_path", str(mixed), "--concepts", "all")
+        )
 
 
 def test_a_missing_model_is_named(tmp_path):

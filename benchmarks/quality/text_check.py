@@ -6,8 +6,8 @@ Ready-to-copy command (a run folder of `benchmarks/quality_ablation.py`, trained
 
     python benchmarks/quality/text_check.py --run_dir /tmp/hypersteer-quality/recipe_final --name recipe_final
 
-Appends one row per run to `benchmarks/results/text_metric.json`: the calibration record and, for `heldin` and
-`heldout`, the text-metric summary of `evaluate_steering.py --text_metric` at the calibrated factor.
+Appends one row per run to `benchmarks/results/text_metric.json`: the calibration record and, for `heldin`,
+`heldout` and `heldback` (concepts of another data set, `--heldback_data`), the text-metric summary of `evaluate_steering.py --text_metric` at the calibrated factor.
 """
 
 import argparse
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import evaluate_steering  # noqa: E402
 import train_hypersteer  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
+from modeling_hypersteer.data import ConceptSplit, concept_names, load_concept_data  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
 
 
@@ -40,6 +40,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--heldin_concepts", type=int, default=12, help="Held-in concepts scored in text.")
     parser.add_argument("--instructions_per_concept", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument(
+        "--heldback_data",
+        default="../shared/data/axbench_more/concept_llama",
+        help="Concept data no run trains on, scored as 'heldback' (its first --heldback_concepts concepts in sorted "
+        "order, which are among quality_ablation.py's held-back set); '' to skip.",
+    )
+    parser.add_argument("--heldback_concepts", type=int, default=12)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -65,16 +72,27 @@ def main(argv=None) -> dict:
     )
     factor = model.config.default_steering_factor
     result = {"run_dir": str(run_dir), "calibration": calibration, "factor": factor}
-    for concepts in ("heldin", "heldout"):
+    selections = {
+        "heldin": ["--concepts", "heldin", "--max_concepts", str(args.heldin_concepts)],
+        "heldout": ["--concepts", "heldout"],
+    }
+    if args.heldback_data:
+        heldback_data = (
+            str((REPO_ROOT / args.heldback_data).resolve())
+            if args.heldback_data.startswith("..")
+            else args.heldback_data
+        )
+        # Named, since the run's own split knows nothing of these concepts.
+        heldback = sorted(concept_names(load_concept_data(heldback_data)))[: args.heldback_concepts]
+        selections["heldback"] = ["--dataset_name_or_path", heldback_data, "--concepts", "|".join(heldback)]
+    for concepts, selection in selections.items():
         evaluation = evaluate_steering.main(
             [
                 "--model",
                 str(run_dir),
                 "--output_dir",
                 str(run_dir / f"text_check_{concepts}"),
-                "--concepts",
-                concepts,
-                *(["--max_concepts", str(args.heldin_concepts)] if concepts == "heldin" else []),
+                *selection,
                 "--methods",
                 "hypersteer,prompt,none",
                 "--steering_factors",
