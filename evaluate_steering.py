@@ -245,11 +245,11 @@ def _training_file(model_dir: str, name: str) -> dict | None:
 
 
 def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tuple[list[str], ConceptSplit, str]:
+    data_concepts = concept_names(data)
     saved = _training_file(args.model, CONCEPT_SPLIT_FILE)
     if saved is not None:
         split = ConceptSplit.from_json(Path(args.model) / CONCEPT_SPLIT_FILE)
         origin = f"the training run's {CONCEPT_SPLIT_FILE}"
-        data_concepts = concept_names(data)
         if not set(data_concepts) & {*split.heldin_concepts, *split.heldout_concepts}:
             # Concept data of another source (e.g. a held-back set): none of its concepts was trained on, so all are
             # held-out. Data that shares only some concepts with the split stays an error (`build_splits`).
@@ -268,10 +268,10 @@ def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tup
         concepts = list(split.heldin_concepts) + list(split.heldout_concepts)
     else:
         concepts = [part.strip() for part in args.concepts.split("|") if part.strip()]
-        unknown = sorted(set(concepts) - set(concept_names(data)))
+        unknown = sorted(set(concepts) - set(data_concepts))
         if unknown:
             raise ValueError(f"--concepts names concepts absent from the data: {unknown}.")
-    available = set(concept_names(data))
+    available = set(data_concepts)
     concepts = sorted(concept for concept in concepts if concept in available)
     if args.max_concepts is not None:
         concepts = concepts[: args.max_concepts]

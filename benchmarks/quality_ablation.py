@@ -38,7 +38,13 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench_common import machine_info  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.data import build_splits, load_concept_data, parse_heldout_concepts, split_concepts  # noqa: E402
+from modeling_hypersteer.data import (  # noqa: E402
+    build_splits,
+    concept_names,
+    load_concept_data,
+    parse_heldout_concepts,
+    split_concepts,
+)
 from modeling_hypersteer.evaluation import offline_steering_metric  # noqa: E402
 
 
@@ -83,13 +89,23 @@ def training_argv(config: dict, output_dir: Path) -> list[str]:
     return argv + saving + ["--eval_strategy", "no", "--report_to", "none", "--output_dir", str(output_dir)]
 
 
+def data_path(source: str) -> str:
+    """A data source as given, or resolved against the repository root when it is relative to it (`../shared/...`)."""
+    return str((REPO_ROOT / source).resolve()) if source.startswith("..") else source
+
+
+def heldback_concepts(data, num_concepts: int) -> list[str]:
+    """The held-back concepts of `data`: its first `num_concepts` concepts in sorted order."""
+    return sorted(concept_names(data))[:num_concepts]
+
+
 def heldback_rows(source: str, num_concepts: int, rows_per_concept: int) -> list[dict]:
     """Rows of concepts from another data set that no experiment trains on (by default AxBench's concept_llama
     concepts, whose long descriptions differ in style from the training concepts'): the first `num_concepts` concepts in
     sorted order, `rows_per_concept` positive rows each, in file order."""
-    data = load_concept_data(str((REPO_ROOT / source).resolve()) if source.startswith("..") else source)
+    data = load_concept_data(data_path(source))
     chosen, counts = [], {}
-    concepts = set(sorted({row["output_concept"] for row in data if not row["is_negative"]})[:num_concepts])
+    concepts = set(heldback_concepts(data, num_concepts))
     for row in data:
         concept = row["output_concept"]
         if not row["is_negative"] and concept in concepts and counts.get(concept, 0) < rows_per_concept:
@@ -100,8 +116,7 @@ def heldback_rows(source: str, num_concepts: int, rows_per_concept: int) -> list
 
 def evaluation_rows(config: dict, heldout_rows_per_concept: int) -> dict[str, list[dict]]:
     """The fixed evaluation rows of the split `config` trains on (rebuilt with the training run's settings)."""
-    sources = [part for part in config["dataset_name_or_path"].split(",") if part]
-    sources = [str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in sources]
+    sources = [data_path(part) for part in config["dataset_name_or_path"].split(",") if part]
     raw = load_concept_data(sources)
     split = split_concepts(
         raw, heldout=parse_heldout_concepts(str(config["heldout_concepts"])), seed=config["concept_split_seed"]
@@ -131,8 +146,7 @@ def add_extra_training_data(name: str, config: dict, rows: dict, work_dir: str) 
     sources = config.get("extra_training_data")
     if not sources:
         return config
-    sources = [source.format(work_dir=work_dir) for source in sources]
-    sources = [str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in sources]
+    sources = [data_path(source.format(work_dir=work_dir)) for source in sources]
     scored = {row["output_concept"] for split in ("heldout", "heldback") for row in rows.get(split, [])}
     own = {row["output_concept"] for row in rows["train"]} | scored
     extra = load_concept_data(sources).filter(lambda row: not row["is_negative"] and row["output_concept"] not in own)

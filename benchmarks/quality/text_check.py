@@ -21,11 +21,14 @@ import transformers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import quality_ablation  # noqa: E402
 
 import evaluate_steering  # noqa: E402
 import train_hypersteer  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.data import ConceptSplit, concept_names, load_concept_data  # noqa: E402
+from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
 
 
@@ -53,9 +56,7 @@ def main(argv=None) -> dict:
 
     run_dir = Path(args.run_dir)
     summary = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
-    sources = [
-        str((REPO_ROOT / source).resolve()) if source.startswith("..") else source for source in summary["sources"]
-    ]
+    sources = [quality_ablation.data_path(source) for source in summary["sources"]]
     model = HyperSteerModel.from_pretrained(run_dir)
     model_args = train_hypersteer.ModelArguments(
         base_model_name_or_path=train_hypersteer.SMOLLM2_ALIAS,
@@ -77,13 +78,9 @@ def main(argv=None) -> dict:
         "heldout": ["--concepts", "heldout"],
     }
     if args.heldback_data:
-        heldback_data = (
-            str((REPO_ROOT / args.heldback_data).resolve())
-            if args.heldback_data.startswith("..")
-            else args.heldback_data
-        )
+        heldback_data = quality_ablation.data_path(args.heldback_data)
         # Named, since the run's own split knows nothing of these concepts.
-        heldback = sorted(concept_names(load_concept_data(heldback_data)))[: args.heldback_concepts]
+        heldback = quality_ablation.heldback_concepts(load_concept_data(heldback_data), args.heldback_concepts)
         selections["heldback"] = ["--dataset_name_or_path", heldback_data, "--concepts", "|".join(heldback)]
     for concepts, selection in selections.items():
         evaluation = evaluate_steering.main(
