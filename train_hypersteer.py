@@ -39,7 +39,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import datasets
 import torch
@@ -47,7 +47,7 @@ import transformers
 from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
-from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer.cli import DTYPE_CHOICES, resolve_dtype
 from modeling_hypersteer.cli import parse_arguments as parse_cli_arguments
 from modeling_hypersteer.configuration_hypersteer import (
@@ -158,6 +158,13 @@ class ModelArguments:
         metadata={
             "help": "The prior term's learned map: 'matrix' (hidden_size x hidden_size) or 'scalar' (one learned "
             "scale, which cannot learn the training concepts, so the prior reaches new descriptions unchanged)."
+        },
+    )
+    steering_prompt_token_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Training-only probability of hiding each steering-prompt token from the hypernetwork (at least "
+            "one is kept), so it learns to read a description's words rather than recognise its training ones."
         },
     )
     base_dtype: str = field(
@@ -308,6 +315,16 @@ def parse_arguments(argv: list[str] | None = None):
     return parse_cli_arguments(make_parser(), argv)
 
 
+def hypersteer_config_kwargs(model_args: ModelArguments) -> dict:
+    """The `HyperSteerConfig` fields the command line sets: every `ModelArguments` field that the config also has."""
+    config_fields = HyperSteerConfig().to_dict()
+    return {
+        argument.name: getattr(model_args, argument.name)
+        for argument in fields(model_args)
+        if argument.name in config_fields
+    }
+
+
 def load_base_model(model_args: ModelArguments):
     path = (
         smollm2_path() if model_args.base_model_name_or_path == SMOLLM2_ALIAS else model_args.base_model_name_or_path
@@ -436,24 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base, tokenizer, base_path = load_base_model(model_args)
     model = HyperSteerModel.from_base_model(
-        base,
-        tokenizer=tokenizer,
-        base_model_name_or_path=base_path,
-        base_model_revision=model_args.base_model_revision,
-        steering_layer=model_args.steering_layer,
-        hypernet_type=model_args.hypernet_type,
-        hypernet_num_layers=model_args.hypernet_num_layers,
-        hypernet_init=model_args.hypernet_init,
-        steering_positions=model_args.steering_positions,
-        token_gate=model_args.token_gate,
-        max_steering_prompt_length=model_args.max_steering_prompt_length,
-        hypernet_pooling=model_args.hypernet_pooling,
-        shared_steering_offset=model_args.shared_steering_offset,
-        center_pooled_features=model_args.center_pooled_features,
-        standardize_pooled_features=model_args.standardize_pooled_features,
-        steering_prior=model_args.steering_prior,
-        steering_prior_init_norm=model_args.steering_prior_init_norm,
-        steering_prior_map=model_args.steering_prior_map,
+        base, tokenizer=tokenizer, **{**hypersteer_config_kwargs(model_args), "base_model_name_or_path": base_path}
     )
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(

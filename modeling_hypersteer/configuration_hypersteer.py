@@ -91,6 +91,11 @@ class HyperSteerConfig(PreTrainedConfig):
             The learned map `A` of the prior term: `"matrix"`, a full `hidden_size x hidden_size` matrix; `"scalar"`,
             `A = a * I` with one learned scale `a`. A scalar cannot learn which concepts it was trained on, so the
             prior's direction reaches a never-trained description exactly as it reaches a trained one.
+        steering_prompt_token_dropout (`float`, *optional*, defaults to 0.0):
+            In training only, the probability that each steering-prompt token is hidden from the hypernetwork's
+            blocks (every row keeps at least one token). Each description is then seen as many partial descriptions,
+            so the hypernetwork has to read its words rather than recognise the few descriptions it trains on.
+            Inference always reads the whole prompt.
         max_steering_prompt_length (`int`, *optional*, defaults to 64):
             Steering prompts are truncated to this many tokens.
         hidden_size (`int`, *optional*):
@@ -134,6 +139,7 @@ class HyperSteerConfig(PreTrainedConfig):
     steering_prior: str = "none"
     steering_prior_init_norm: float = 16.0
     steering_prior_map: str = "matrix"
+    steering_prompt_token_dropout: float = 0.0
     default_steering_factor: float = 1.0
     max_steering_prompt_length: int = 64
     hidden_size: int | None = None
@@ -168,6 +174,15 @@ class HyperSteerConfig(PreTrainedConfig):
         ):
             raise ValueError(
                 f"`steering_prior_init_norm` must be a finite number >= 0, got {self.steering_prior_init_norm!r}."
+            )
+        if (
+            isinstance(self.steering_prompt_token_dropout, bool)
+            or not isinstance(self.steering_prompt_token_dropout, (int, float))
+            or not 0 <= self.steering_prompt_token_dropout < 1
+        ):
+            raise ValueError(
+                "`steering_prompt_token_dropout` is a probability in [0, 1), got "
+                f"{self.steering_prompt_token_dropout!r}."
             )
         for name in ("hypernet_num_layers", "max_steering_prompt_length"):
             value = getattr(self, name)

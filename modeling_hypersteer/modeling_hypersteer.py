@@ -440,7 +440,8 @@ class HyperSteerHypernetwork(nn.Module):
 
     [`~HyperSteerHypernetwork.vectors_from_tokens`] builds the blocks' inputs from token ids (embeddings, packing,
     causal masks and rotary embeddings, with the base's own embedding and rotary modules passed in); `forward` takes
-    them ready-made.
+    them ready-made; in a training step it hides each steering-prompt token from the blocks with probability
+    `steering_prompt_token_dropout` (the prior term always reads the whole prompt).
 
     The decoder blocks are of the base's own architecture, so `hypernet_init="base"` can start from the base's first
     pretrained layers. With `hypernet_type="cross_attention"`, a cross-attention sublayer precedes every decoder
@@ -467,6 +468,7 @@ class HyperSteerHypernetwork(nn.Module):
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
         self.pooling = config.hypernet_pooling
+        self.token_dropout = config.steering_prompt_token_dropout
         if config.center_pooled_features:
             self.feature_center = HyperSteerRunningCenter(
                 config.hidden_size,
@@ -594,6 +596,8 @@ class HyperSteerHypernetwork(nn.Module):
         with torch.no_grad():
             inputs_embeds = input_embeddings(steering_input_ids).to(parameter)
         token_mask = steering_attention_mask.bool().to(parameter.device)
+        if self.training and torch.is_grad_enabled() and self.token_dropout > 0:
+            token_mask = _drop_tokens(token_mask, self.token_dropout)
         if context_input_ids is not None:
             with torch.no_grad():
                 context_embeds = input_embeddings(context_input_ids).to(parameter)
@@ -2117,6 +2121,19 @@ def _statistics_mask(
     several_concepts = (prompts != prompts[:1]).any()
     rows = torch.arange(batch_size, device=steering_input_ids.device) < num_rows
     return rows & several_concepts
+
+
+def _drop_tokens(token_mask: torch.BoolTensor, probability: float) -> torch.BoolTensor:
+    """Hide each real token with `probability`; a row that would lose all of them keeps them all.
+
+    Args:
+        token_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): real-token mask.
+
+    Returns:
+        `torch.BoolTensor` of the same shape, a subset of `token_mask`.
+    """
+    kept = token_mask & (torch.rand(token_mask.shape, device=token_mask.device) >= probability)
+    return torch.where(kept.any(dim=-1, keepdim=True), kept, token_mask)
 
 
 def _pack_left(first_embeds, first_mask, second_embeds=None, second_mask=None):

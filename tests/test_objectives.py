@@ -17,7 +17,7 @@ from modeling_hypersteer.baselines import (
     train_concept_vectors,
 )
 from modeling_hypersteer.data import HyperSteerDataCollator, tokenize_example
-from modeling_hypersteer.modeling_hypersteer import _CACHE_FIELD, HyperSteerRunningCenter
+from modeling_hypersteer.modeling_hypersteer import _CACHE_FIELD, HyperSteerRunningCenter, _drop_tokens
 from modeling_hypersteer.trainer import (
     HyperSteerTrainer,
     HyperSteerTrainingArguments,
@@ -254,6 +254,70 @@ def test_a_scalar_prior_map_learns_one_scale_and_keeps_the_direction_of_any_desc
     torch.testing.assert_close(reloaded.hypernetwork.prior_projection.weight, torch.tensor([scale]))
     with pytest.raises(ValueError, match="steering_prior_map"):
         HyperSteerConfig(steering_prior="lexical", steering_prior_map="vector")
+
+
+def test_token_dropout_hides_steering_prompt_tokens_in_training_steps_only(tiny_tokenizer):
+    model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prompt_token_dropout=0.5)
+    torch.nn.init.normal_(model.hypernetwork.output_projection.weight)
+    inputs = tokenize_steering_prompts(tiny_tokenizer, [CONCEPT_A, CONCEPT_B], max_length=64)
+    ids, mask = inputs["steering_input_ids"], inputs["steering_attention_mask"]
+    model.eval()
+    whole = model.compute_steering_vectors(steering_input_ids=ids, steering_attention_mask=mask)
+    model.train()
+    with torch.no_grad():
+        # Outside a training step (no gradient) the whole prompt is read, as at inference.
+        torch.testing.assert_close(model._run_hypernetwork(ids, mask, None, None, None), whole)
+    torch.manual_seed(0)
+    kept = _drop_tokens(mask.bool(), 0.5)
+    torch.manual_seed(0)
+    dropped = model._run_hypernetwork(ids, mask, None, None, None)
+    assert (kept.sum(-1) < mask.sum(-1)).all()
+    # A training step reads the kept tokens and nothing else: the vector of the shortened description.
+    model.eval()
+    shortened = model.compute_steering_vectors(steering_input_ids=ids, steering_attention_mask=kept.long())
+    torch.testing.assert_close(dropped, shortened)
+    assert not torch.allclose(dropped, whole)
+
+
+def test_drop_tokens_keeps_a_subset_and_never_empties_a_row():
+    torch.manual_seed(0)
+    mask = torch.zeros(4000, 12, dtype=torch.bool)
+    mask[:, :9] = True
+    kept = _drop_tokens(mask, 0.3)
+    assert not (kept & ~mask).any() and kept.any(dim=-1).all()
+    assert 0.27 < 1 - kept.sum() / mask.sum() < 0.33
+    single = torch.tensor([[True, False, False]])
+    torch.manual_seed(0)
+    assert all(_drop_tokens(single, 0.9).equal(single) for _ in range(20))
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, True, "0.3"])
+def test_token_dropout_must_be_a_probability_below_one(value):
+    with pytest.raises(ValueError, match="steering_prompt_token_dropout"):
+        HyperSteerConfig(steering_prompt_token_dropout=value)
+
+
+def test_every_model_argument_the_config_has_reaches_the_config():
+    import train_hypersteer
+
+    model_args, _, _ = train_hypersteer.parse_arguments(
+        [
+            "--base_model_name_or_path",
+            "base",
+            "--dataset_name_or_path",
+            "data",
+            "--output_dir",
+            "/tmp/unused",
+            "--steering_prompt_token_dropout",
+            "0.3",
+        ]
+    )
+    kwargs = train_hypersteer.hypersteer_config_kwargs(model_args)
+    assert kwargs["steering_prompt_token_dropout"] == 0.3
+    config_fields = set(HyperSteerConfig().to_dict())
+    assert set(kwargs) == {name for name in vars(model_args) if name in config_fields}
+    assert {"steering_prior_map", "standardize_pooled_features", "hypernet_type"} <= set(kwargs)
+    assert HyperSteerConfig(**kwargs).steering_prompt_token_dropout == 0.3
 
 
 @pytest.mark.parametrize("prior", ["lexical", "residual"])
