@@ -62,6 +62,7 @@ RECIPE_OBJECTIVE_KEYS = (
     "steering_prior",
     "steering_prior_init_norm",
     "steering_prior_map",
+    "steering_prompt_token_dropout",
     "distillation_loss_weight",
     "distillation_guidance",
     "distillation_reference",
