@@ -167,23 +167,18 @@ class HyperSteerConfig(PreTrainedConfig):
             )
         if not 0 < self.pooled_feature_momentum <= 1:
             raise ValueError(f"`pooled_feature_momentum` must be in (0, 1], got {self.pooled_feature_momentum!r}.")
-        if (
-            isinstance(self.steering_prior_init_norm, bool)
-            or not isinstance(self.steering_prior_init_norm, (int, float))
-            or not 0 <= self.steering_prior_init_norm < float("inf")
-        ):
-            raise ValueError(
-                f"`steering_prior_init_norm` must be a finite number >= 0, got {self.steering_prior_init_norm!r}."
-            )
-        if (
-            isinstance(self.steering_prompt_token_dropout, bool)
-            or not isinstance(self.steering_prompt_token_dropout, (int, float))
-            or not 0 <= self.steering_prompt_token_dropout < 1
-        ):
-            raise ValueError(
-                "`steering_prompt_token_dropout` is a probability in [0, 1), got "
-                f"{self.steering_prompt_token_dropout!r}."
-            )
+        _check_number(
+            "steering_prior_init_norm",
+            self.steering_prior_init_norm,
+            lambda v: 0 <= v < math.inf,
+            "a finite number >= 0",
+        )
+        _check_number(
+            "steering_prompt_token_dropout",
+            self.steering_prompt_token_dropout,
+            lambda v: 0 <= v < 1,
+            "a probability in [0, 1)",
+        )
         for name in ("hypernet_num_layers", "max_steering_prompt_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -208,14 +203,7 @@ class HyperSteerConfig(PreTrainedConfig):
                 )
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"`hidden_size` must be positive, got {self.hidden_size}.")
-        if (
-            isinstance(self.default_steering_factor, bool)
-            or not isinstance(self.default_steering_factor, (int, float))
-            or not math.isfinite(self.default_steering_factor)
-        ):
-            raise ValueError(
-                f"`default_steering_factor` must be a finite number, got {self.default_steering_factor!r}."
-            )
+        _check_number("default_steering_factor", self.default_steering_factor, math.isfinite, "a finite number")
         if self.rms_norm_eps <= 0 or self.initializer_range < 0:
             raise ValueError(
                 f"`rms_norm_eps` must be > 0 and `initializer_range` >= 0, got {self.rms_norm_eps} and {self.initializer_range}."
@@ -225,6 +213,12 @@ class HyperSteerConfig(PreTrainedConfig):
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def _check_number(name: str, value, accepts, requirement: str) -> None:
+    """Raise unless `value` is an int or float (not a bool) that `accepts(value)`; `requirement` says what is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value):
+        raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
 
 
 # Registering on import lets `AutoConfig`/`AutoTokenizer.from_pretrained(saved_dir)` resolve `model_type` without
