@@ -63,6 +63,7 @@ RECIPE_OBJECTIVE_KEYS = (
     "steering_prior_init_norm",
     "steering_prior_map",
     "steering_prompt_token_dropout",
+    "token_dropout_start_ratio",
     "distillation_loss_weight",
     "distillation_guidance",
     "distillation_reference",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import IntervalStrategy, Trainer, TrainingArguments
+from transformers import IntervalStrategy, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .data import DISTILLATION_COLUMNS
@@ -94,6 +94,10 @@ class HyperSteerTrainingArguments(TrainingArguments):
         distillation_reference (`str`, *optional*, defaults to `"prompted"`):
             `l_ref` of the distillation target: `"prompted"` (the teacher with the row's own description) or `"plain"`
             (the unprompted base; one more frozen forward per distillation row).
+        token_dropout_start_ratio (`float`, *optional*, defaults to 0.0):
+            Fraction of the training steps that run before the model's `steering_prompt_token_dropout` starts (0: from
+            the first step). Hiding description tokens slows the contrast's take-off; starting later lets it first
+            learn to tell whole descriptions apart.
         logits_on_labels_only (`bool`, *optional*, defaults to `False`):
             Compute the LM head in training only from the position before the first label on (the loss is the
             same); saves the head's cost on prompt tokens. Evaluation keeps full logits for `compute_metrics`.
@@ -153,6 +157,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
             "choices": ["prompted", "plain"],
         },
     )
+    token_dropout_start_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the training steps before the model's steering_prompt_token_dropout starts (0: from "
+            "the first step), so the contrast first learns to tell whole descriptions apart."
+        },
+    )
     logits_on_labels_only: bool = field(
         default=False,
         metadata={
@@ -190,6 +201,29 @@ class HyperSteerTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if not 0.0 < self.contrast_beta < float("inf"):
             raise ValueError(f"`contrast_beta` must be a finite number > 0, got {self.contrast_beta!r}.")
+        if not 0.0 <= self.token_dropout_start_ratio < 1.0:
+            raise ValueError(
+                f"`token_dropout_start_ratio` must be in [0, 1) (a fraction of the training steps), got "
+                f"{self.token_dropout_start_ratio!r}."
+            )
+
+
+class TokenDropoutStartCallback(TrainerCallback):
+    """Keeps the hypernetwork's steering-prompt token dropout off for the first `start_ratio` of the training steps.
+
+    The model's configured rate is restored when training ends, so a saved or evaluated model is unchanged.
+    """
+
+    def __init__(self, start_ratio: float):
+        self.start_ratio = start_ratio
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        hypernetwork = model.hypernetwork
+        started = state.global_step >= self.start_ratio * state.max_steps
+        hypernetwork.token_dropout = model.config.steering_prompt_token_dropout if started else 0.0
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.hypernetwork.token_dropout = model.config.steering_prompt_token_dropout
 
 
 class HyperSteerTrainer(Trainer):
@@ -222,6 +256,13 @@ class HyperSteerTrainer(Trainer):
             args.do_eval = False
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, *more, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.token_dropout_start_ratio > 0:
+            if not getattr(self.model.config, "steering_prompt_token_dropout", 0.0):
+                logger.warning(
+                    f"`token_dropout_start_ratio={args.token_dropout_start_ratio}` has no effect: the model's "
+                    "`steering_prompt_token_dropout` is 0. Set it in the model config (`--steering_prompt_token_dropout`)."
+                )
+            self.add_callback(TokenDropoutStartCallback(args.token_dropout_start_ratio))
 
     def _set_signature_columns_if_needed(self) -> None:
         # Overwritten: distillation rows carry their own contrast prompt and teacher inputs, which `forward` does not

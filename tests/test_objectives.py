@@ -2,6 +2,7 @@
 offset, the lexical path, the recipe file and the per-concept baselines."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -277,6 +278,52 @@ def test_token_dropout_hides_steering_prompt_tokens_in_training_steps_only(tiny_
     shortened = model.compute_steering_vectors(steering_input_ids=ids, steering_attention_mask=kept.long())
     torch.testing.assert_close(dropped, shortened)
     assert not torch.allclose(dropped, whole)
+
+
+def test_token_dropout_starts_after_the_given_fraction_of_steps_and_is_restored(tiny_tokenizer, tmp_path):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prompt_token_dropout=0.3)
+    features = [tokenize_example(row, tiny_tokenizer, max_length=96) for row in ROWS]
+    seen = []
+
+    class RecordDropout(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(model.hypernetwork.token_dropout)
+
+    trainer = HyperSteerTrainer(
+        model=model,
+        args=HyperSteerTrainingArguments(
+            output_dir=str(tmp_path),
+            report_to="none",
+            use_cpu=True,
+            max_steps=8,
+            per_device_train_batch_size=2,
+            token_dropout_start_ratio=0.5,
+            save_strategy="no",
+            plot_loss_curve=False,
+        ),
+        train_dataset=Dataset.from_list(features),
+        data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer),
+        callbacks=[RecordDropout()],
+    )
+    trainer.train()
+    assert seen == [0.0] * 4 + [0.3] * 4
+    assert model.hypernetwork.token_dropout == 0.3
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_token_dropout_start_ratio_is_a_fraction_below_one(tmp_path, value):
+    with pytest.raises(ValueError, match="token_dropout_start_ratio"):
+        HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", token_dropout_start_ratio=value)
+
+
+def test_token_dropout_start_without_token_dropout_warns(tiny_tokenizer, tmp_path, caplog):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    with caplog.at_level(logging.WARNING):
+        _trainer(model, tmp_path, token_dropout_start_ratio=0.5)
+    assert "`steering_prompt_token_dropout` is 0" in caplog.text
 
 
 def test_drop_tokens_keeps_a_subset_and_never_empties_a_row():
