@@ -218,9 +218,9 @@ class TokenDropoutStartCallback(TrainerCallback):
         self.start_ratio = start_ratio
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        hypernetwork = model.hypernetwork
+        # From the step count, not a flag flipped once, so a run resumed from a checkpoint gets the same schedule.
         started = state.global_step >= self.start_ratio * state.max_steps
-        hypernetwork.token_dropout = model.config.steering_prompt_token_dropout if started else 0.0
+        model.hypernetwork.token_dropout = model.config.steering_prompt_token_dropout if started else 0.0
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         model.hypernetwork.token_dropout = model.config.steering_prompt_token_dropout
@@ -230,8 +230,9 @@ class HyperSteerTrainer(Trainer):
     """Trainer for [`HyperSteerModel`].
 
     It differs from [`Trainer`] in the training objective (the wrong-concept contrast and diversity terms of
-    [`HyperSteerTrainingArguments`], and the optional label-only LM head) and in logging steering diagnostics per step — the mean L2 norm of the steering
-    vectors and, with `token_gate=True`, the mean gate value over real tokens — for training and for every evaluation
+    [`HyperSteerTrainingArguments`], the optional label-only LM head, and the start of the steering-prompt token
+    dropout) and in logging steering diagnostics per step — the mean L2 norm of the steering vectors and, with
+    `token_gate=True`, the mean gate value over real tokens — for training and for every evaluation
     set (pass `eval_dataset={"heldin": ..., "heldout": ...}` to get `eval_heldin_loss` and `eval_heldout_loss`).
     The model returns its own loss and saves its own (hypernetwork-only) weights; the only other override writes the
     HyperSteer model card instead of Trainer's generic one when pushing to the Hub. Without `eval_dataset`, the default

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT, build_tiny_base
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from modeling_hypersteer import HyperSteerConfig, HyperSteerModel, tokenize_steering_prompts
 from modeling_hypersteer.baselines import (
@@ -281,9 +283,6 @@ def test_token_dropout_hides_steering_prompt_tokens_in_training_steps_only(tiny_
 
 
 def test_token_dropout_starts_after_the_given_fraction_of_steps_and_is_restored(tiny_tokenizer, tmp_path):
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
     model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prompt_token_dropout=0.3)
     features = [tokenize_example(row, tiny_tokenizer, max_length=96) for row in ROWS]
     seen = []
