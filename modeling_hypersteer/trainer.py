@@ -261,7 +261,8 @@ class HyperSteerTrainer(Trainer):
             if not getattr(self.model.config, "steering_prompt_token_dropout", 0.0):
                 logger.warning(
                     f"`token_dropout_start_ratio={args.token_dropout_start_ratio}` has no effect: the model's "
-                    "`steering_prompt_token_dropout` is 0. Set it in the model config (`--steering_prompt_token_dropout`)."
+                    "`steering_prompt_token_dropout` is 0. Set it in the model config "
+                    "(`--steering_prompt_token_dropout`)."
                 )
             self.add_callback(TokenDropoutStartCallback(args.token_dropout_start_ratio))
 

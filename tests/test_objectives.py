@@ -64,11 +64,20 @@ def _batch(tokenizer, rows):
     return HyperSteerDataCollator(tokenizer=tokenizer)(features)
 
 
-def _trainer(model, tmp_path, **arguments):
+def _trainer(model, tmp_path, rows=None, callbacks=None, **arguments):
+    """A CPU trainer; with `rows`, it trains on them."""
     args = HyperSteerTrainingArguments(
         output_dir=str(tmp_path), report_to="none", eval_strategy="no", use_cpu=True, **arguments
     )
-    return HyperSteerTrainer(model=model, args=args)
+    if rows is None:
+        return HyperSteerTrainer(model=model, args=args, callbacks=callbacks)
+    return HyperSteerTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([tokenize_example(row, model.tokenizer, max_length=96) for row in rows]),
+        data_collator=HyperSteerDataCollator(tokenizer=model.tokenizer),
+        callbacks=callbacks,
+    )
 
 
 def _perturb(model, std=0.3):
@@ -284,28 +293,22 @@ def test_token_dropout_hides_steering_prompt_tokens_in_training_steps_only(tiny_
 
 def test_token_dropout_starts_after_the_given_fraction_of_steps_and_is_restored(tiny_tokenizer, tmp_path):
     model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prompt_token_dropout=0.3)
-    features = [tokenize_example(row, tiny_tokenizer, max_length=96) for row in ROWS]
     seen = []
 
     class RecordDropout(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             seen.append(model.hypernetwork.token_dropout)
 
-    trainer = HyperSteerTrainer(
-        model=model,
-        args=HyperSteerTrainingArguments(
-            output_dir=str(tmp_path),
-            report_to="none",
-            use_cpu=True,
-            max_steps=8,
-            per_device_train_batch_size=2,
-            token_dropout_start_ratio=0.5,
-            save_strategy="no",
-            plot_loss_curve=False,
-        ),
-        train_dataset=Dataset.from_list(features),
-        data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer),
+    trainer = _trainer(
+        model,
+        tmp_path,
+        rows=ROWS,
         callbacks=[RecordDropout()],
+        max_steps=8,
+        per_device_train_batch_size=2,
+        token_dropout_start_ratio=0.5,
+        save_strategy="no",
+        plot_loss_curve=False,
     )
     trainer.train()
     assert seen == [0.0] * 4 + [0.3] * 4
