@@ -64,6 +64,7 @@ from modeling_hypersteer.data import (
 from modeling_hypersteer.evaluation import (
     BASELINE_METHODS,
     METHODS,
+    PROMPT_PLACEMENTS,
     generate_samples,
     generation_tasks,
     model_fingerprint,
@@ -138,6 +139,14 @@ class EvaluationArguments:
     methods: str = field(
         default="hypersteer,prompt,none", metadata={"help": f"Comma-separated, from {list(METHODS)}."}
     )
+    prompt_placement: str = field(
+        default="user",
+        metadata={
+            "help": f"Where the `prompt` method puts its steering instruction, from {list(PROMPT_PLACEMENTS)}: before "
+            "the instruction in the user turn (every chat template has one; small chat models largely ignore a "
+            "system turn) or as a system turn (folded into the user turn when the template has no system role)."
+        },
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per sample."})
     do_sample: bool = field(default=True, metadata={"help": "Sample (AxBench) instead of greedy decoding."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (AxBench: 1.0)."})
@@ -203,6 +212,11 @@ class EvaluationArguments:
             raise ValueError(f"--methods has unknown entries {unknown}; choose from {list(METHODS)}.")
         if not self.factor_grid and set(self.method_list) & {"hypersteer", *BASELINE_METHODS}:
             raise ValueError("--steering_factors is empty; give e.g. 0.5,1.0,1.5,2.0.")
+        if self.prompt_placement not in PROMPT_PLACEMENTS:
+            raise ValueError(
+                f"--prompt_placement {self.prompt_placement!r} is not one of {list(PROMPT_PLACEMENTS)}; give user or "
+                "system."
+            )
         if self.baseline_vector_norm is not None and not 0 < self.baseline_vector_norm < float("inf"):
             raise ValueError(f"--baseline_vector_norm must be a positive number, got {self.baseline_vector_norm}.")
         if self.vector_baseline_steps < 1 or not self.vector_baseline_learning_rate > 0:
@@ -385,6 +399,7 @@ def _text_metric(args, model, tokenizer, data, concepts, concept_vectors) -> dic
         batch_size=args.batch_size,
         generations_path=Path(args.output_dir) / "text_metric_generations.jsonl",
         concept_vectors=concept_vectors,
+        prompt_placement=args.prompt_placement,
     )
     with open(Path(args.output_dir) / "text_metric_samples.jsonl", "w", encoding="utf-8") as handle:
         for sample in result.pop("samples"):
@@ -499,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
                     batch_size=args.batch_size,
                     max_length=args.max_length,
                     desc=f"Offline metric ({name})",
+                    prompt_placement=args.prompt_placement,
                 )
                 for method in baseline_methods:
                     baselines = summary.setdefault("offline_baselines", {}).setdefault(method, {})
@@ -517,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
                         desc=f"Offline metric ({name}, {method})",
                         concept_vectors=concept_vectors[method],
                         reference_row_losses=summary["offline"][name]["row_losses"],
+                        prompt_placement=args.prompt_placement,
                     )
             elif counts:
                 logger.warning(f"Only one {name} concept selected: the wrong-concept control needs two; skipped.")
@@ -556,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             seed=args.seed,
             concept_vectors=concept_vectors,
+            prompt_placement=args.prompt_placement,
         )
         client = _make_judge(args)
         try:

@@ -382,9 +382,12 @@ def add_distillation_rows(train_features, train_rows, concept_split, tokenizer, 
     return merged, summary
 
 
-def calibrate_default_steering_factor(model, tokenizer, raw, concept_split, model_args, output_dir: str) -> dict:
-    """Chooses `default_steering_factor` on the held-in concepts (see `calibrate_steering_factor`), stores it in the
-    model's config and rewrites `output_dir/config.json`; returns the calibration record for training_summary.json.
+def calibrate_default_steering_factor(
+    model, tokenizer, raw, concept_split, model_args, output_dir: str, prompt_placement: str = "user"
+) -> dict:
+    """Chooses `default_steering_factor` on the held-in concepts (see `calibrate_steering_factor`; prompting, the
+    fluency reference, places its instruction as `prompt_placement` says), stores it in the model's config and rewrites
+    `output_dir/config.json`; returns the calibration record for training_summary.json.
 
     The concept detector learns from the held-in concepts' responses and the negative rows only, so held-out concepts
     stay unseen by everything the saved model carries."""
@@ -406,6 +409,7 @@ def calibrate_default_steering_factor(model, tokenizer, raw, concept_split, mode
         max_new_tokens=model_args.calibration_max_new_tokens,
         batch_size=model_args.calibration_batch_size,
         seed=concept_split.seed,
+        prompt_placement=prompt_placement,
     )
     # Wall time depends on what else runs on the machine; CPU time is what the calibration itself costs.
     record["seconds"] = round(time.perf_counter() - start, 1)

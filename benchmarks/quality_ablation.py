@@ -15,6 +15,12 @@ Every experiment shares `benchmarks/quality/default_training_params.json` (SmolL
 evaluation rows are fixed by that split: every held-in concept's evaluation prompts (never trained on for that
 concept) and `--heldout_rows_per_concept` rows of every held-out concept. Each row of `results/quality.json` keeps the
 command, the configuration, the training minutes and both metrics, so the table can be regenerated.
+
+Prompting, the baseline every ratio divides by, puts its steering instruction where the experiment's
+`prompt_placement` says: `"user"` (the default, before the instruction in the user turn) or `"system"` (a system
+turn: what every experiment written before the option existed measured, and says). An experiment with `"rescores":
+NAME` trains nothing of its own: it scores experiment NAME's finished run (trained into NAME's folder if missing) with
+its own evaluation settings, e.g. the other prompt placement.
 """
 
 import argparse
@@ -55,7 +61,11 @@ RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "quality.json"
 PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps.png"
 SCALING_PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "concept_scaling.png"
 # Keys of an experiment file that describe it rather than set a training flag.
-META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of", "extra_training_data")
+META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of", "extra_training_data", "rescores")
+# Keys of an experiment file that set how it is scored, not how it is trained: they tell variants apart, but are no
+# training flag.
+EVALUATION_KEYS = ("prompt_placement",)
+DEFAULT_PROMPT_PLACEMENT = "user"
 SPLIT_KEY = "concept_split_seed"
 # Held-in concepts on unseen prompts; the split's held-out concepts; concepts of another data set (`--heldback_data`).
 EVALUATION_SETS = ("heldin", "heldout", "heldback")
@@ -68,6 +78,15 @@ def load_experiment(name: str) -> dict:
         raise ValueError(f"No experiment {name!r} ({path} is missing); known experiments: {known}.")
     defaults = json.loads((QUALITY_DIR / "default_training_params.json").read_text())
     overrides = json.loads(path.read_text())
+    if "rescores" in overrides:
+        training_keys = sorted(set(overrides) - {"description", "rescores", *EVALUATION_KEYS})
+        if training_keys:
+            raise ValueError(
+                f"Experiment {name!r} rescores {overrides['rescores']!r}, so it may set only evaluation keys "
+                f"{list(EVALUATION_KEYS)}; it also sets {training_keys}. Write a training experiment instead."
+            )
+        return {**load_experiment(overrides["rescores"]), **overrides}
+    overrides.setdefault("prompt_placement", DEFAULT_PROMPT_PLACEMENT)
     recipe_file = overrides.pop("recipe_file", None)
     if recipe_file:
         # The recipe experiment trains exactly what the shipped recipe file says.
@@ -78,7 +97,7 @@ def load_experiment(name: str) -> dict:
 def training_argv(config: dict, output_dir: Path) -> list[str]:
     argv = []
     for key, value in config.items():
-        if key not in META_KEYS:
+        if key not in (*META_KEYS, *EVALUATION_KEYS):
             argv += [f"--{key}", str(value)]
     checkpoint_every = config.get("checkpoint_every")
     saving = (
@@ -170,20 +189,28 @@ def add_extra_training_data(name: str, config: dict, rows: dict, work_dir: str) 
     }
 
 
-def reference_losses_path(args, name: str, rows: list[dict]) -> Path:
+def reference_losses_path(args, name: str, rows: list[dict], prompt_placement: str) -> Path:
     # Keyed by the rows themselves: another split or dataset must never reuse these losses.
     rows_key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(args.work_dir) / f"reference_row_losses_{name}_{args.eval_max_length}_{rows_key}.json"
+    return (
+        Path(args.work_dir) / f"reference_row_losses_{name}_{prompt_placement}_{args.eval_max_length}_{rows_key}.json"
+    )
 
 
 def score(
-    model, tokenizer, rows: dict[str, list[dict]], args, splits=("heldin", "heldout"), concept_vectors=None
+    model,
+    tokenizer,
+    rows: dict[str, list[dict]],
+    args,
+    prompt_placement: str,
+    splits=("heldin", "heldout"),
+    concept_vectors=None,
 ) -> dict:
     """Offline metric per split. The `none`/`prompt` losses do not depend on the model being compared, so they are
-    computed once per split and reused from `--work_dir`."""
+    computed once per split and placement and reused from `--work_dir`."""
     results = {}
     for name in splits:
-        cache = reference_losses_path(args, name, rows[name])
+        cache = reference_losses_path(args, name, rows[name], prompt_placement)
         reference = json.loads(cache.read_text()) if cache.is_file() else None
         metric = offline_steering_metric(
             model,
@@ -195,6 +222,7 @@ def score(
             desc=f"offline metric ({name})",
             concept_vectors=concept_vectors,
             reference_row_losses=reference,
+            prompt_placement=prompt_placement,
         )
         if reference is None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -215,13 +243,14 @@ def _flag_pairs(argv: list[str]) -> list[tuple[str, str]]:
 def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
     import train_hypersteer
 
-    output_dir = Path(args.work_dir) / name
+    output_dir = Path(args.work_dir) / config.get("rescores", name)
     argv = training_argv(config, output_dir)
     # Relative data paths in the defaults are relative to the repository root.
     os.chdir(REPO_ROOT)
     timing_file = output_dir / "ablation_training.json"
-    if args.reuse_trained and timing_file.is_file():
-        # Scoring a finished run again (e.g. after a crash in evaluation) costs no training.
+    if (args.reuse_trained or "rescores" in config) and timing_file.is_file():
+        # Scoring a finished run again (e.g. after a crash in evaluation, or with other evaluation settings) costs no
+        # training.
         timing = json.loads(timing_file.read_text())
         if _flag_pairs(timing["argv"]) != _flag_pairs(argv):
             raise ValueError(f"{output_dir} was trained with other arguments; remove it or drop --reuse_trained.")
@@ -243,7 +272,14 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
         "train_minutes": round(timing["minutes"], 2),
         "train_loss": timing["train_loss"],
         "command": "python train_hypersteer.py " + " ".join(argv),
-        **score(model, model.tokenizer, rows, args, splits=tuple(name for name in EVALUATION_SETS if rows.get(name))),
+        **score(
+            model,
+            model.tokenizer,
+            rows,
+            args,
+            config["prompt_placement"],
+            splits=tuple(name for name in EVALUATION_SETS if rows.get(name)),
+        ),
     }
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     if checkpoints:
@@ -266,7 +302,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
             checkpoint_model = HyperSteerModel.from_pretrained(
                 checkpoint, base_model=model.language_model, tokenizer=model.tokenizer
             )
-            scores = score(checkpoint_model, model.tokenizer, rows, args)
+            scores = score(checkpoint_model, model.tokenizer, rows, args, config["prompt_placement"])
             curve.append(
                 {
                     "step": int(checkpoint.name.split("-")[1]),
@@ -397,7 +433,14 @@ def run_prior(name: str, config: dict, rows: dict, args) -> dict:
             f"untrained, {config['steering_prior']} prior only at layer {config['steering_layer']}, norm {norm:.2f} "
             f"(HyperSteer run {config['match_norm_of']})"
         ),
-        **score(model, model.tokenizer, rows, args, splits=tuple(name for name in EVALUATION_SETS if rows.get(name))),
+        **score(
+            model,
+            model.tokenizer,
+            rows,
+            args,
+            config["prompt_placement"],
+            splits=tuple(name for name in EVALUATION_SETS if rows.get(name)),
+        ),
     }
 
 
@@ -443,7 +486,9 @@ def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
         command = f"one vector per concept, {config['max_steps']} steps x {config['per_device_train_batch_size']}, lr {config['learning_rate']}"
     train_minutes = (time.perf_counter() - start) / 60
     save_concept_vectors(vectors, Path(args.work_dir) / name, method=config["method"])
-    heldin = score(model, tokenizer, rows, args, splits=("heldin",), concept_vectors=vectors)["heldin"]
+    heldin = score(
+        model, tokenizer, rows, args, config["prompt_placement"], splits=("heldin",), concept_vectors=vectors
+    )["heldin"]
     norms = torch.stack(list(vectors.values())).norm(dim=-1)
     return {
         "train_minutes": round(train_minutes, 2),
@@ -640,7 +685,9 @@ def main(argv=None) -> None:
             )
         runners = {"diffmean": run_baseline, "vector": run_baseline, "prior": run_prior}
         runner = runners.get(config.get("method"), run_hypersteer)
-        result = runner(name, add_extra_training_data(name, config, rows, args.work_dir), rows, args)
+        result = runner(
+            name, add_extra_training_data(config.get("rescores", name), config, rows, args.work_dir), rows, args
+        )
         save_result(name, config, result)
         logger.info(
             f"{name}: held-in specificity {_ratio(result['heldin']['specificity_ratio'])} gain "

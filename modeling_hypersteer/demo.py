@@ -8,9 +8,10 @@ Ready-to-copy commands:
 
 The concept box takes one concept per line, optionally with its own factor after a bar (`pirate speech | 0.5`); lines
 without one use the slider's factor. Several lines compose as in `generate` (`sum_k factor_k * v_k`). Prompt steering
-puts the concepts in a system turn (`prompt_steering_system_prompt`, the evaluation's baseline; factors do not apply
-to it). The three answers come from ONE batched, greedy `generate` call (rows: the plain prompt unsteered, the prompt
-with the system turn unsteered, the plain prompt steered by HyperSteer) and stream token by token.
+writes the concepts into the user turn before the prompt (`prompt_steering_turns`, the evaluation's baseline; factors
+do not apply to it). The three answers come from ONE batched, greedy `generate` call (rows: the plain prompt
+unsteered, the prompt with the steering instruction unsteered, the plain prompt steered by HyperSteer) and stream
+token by token.
 
 "Export control vector" writes the current concepts as a llama.cpp control vector (see `modeling_hypersteer.export`);
 for `cross_attention` / `in_context` models the vector is the one for the prompt in the page.
@@ -32,14 +33,14 @@ from transformers.utils import logging
 
 from .cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
 from .data import format_prompt
-from .evaluation import prompt_steering_system_prompt
+from .evaluation import prompt_steering_turns
 from .export import _positional_model, export_control_vector
 from .modeling_hypersteer import HyperSteerModel
 
 
 logger = logging.get_logger(__name__)
 
-METHOD_LABELS = ("Unsteered", "Prompt-steered (system turn)", "HyperSteer")
+METHOD_LABELS = ("Unsteered", "Prompt-steered", "HyperSteer")
 MAX_CONCEPTS = 8
 
 
@@ -159,7 +160,7 @@ class SteeringDemo:
         names = [concept for concept, _ in concepts]
         texts = [
             format_prompt(self.tokenizer, user_prompt),
-            format_prompt(self.tokenizer, user_prompt, system_prompt=prompt_steering_system_prompt("; ".join(names))),
+            format_prompt(self.tokenizer, *prompt_steering_turns("; ".join(names), user_prompt)),
             format_prompt(self.tokenizer, user_prompt),
         ]
         padding_side = self.tokenizer.padding_side

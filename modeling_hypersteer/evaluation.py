@@ -3,8 +3,9 @@
 Methods compared on identical rows:
 
 * `hypersteer`: the HyperSteer model steered by the concept at each factor of a grid;
-* `prompt`: the frozen base with the concept put into the prompt by `PROMPT_STEERING_TEMPLATE` (a system turn, or the
-  user turn when the chat template has no system role);
+* `prompt`: the frozen base with the concept put into the prompt by `PROMPT_STEERING_TEMPLATE`, before the instruction
+  in the user turn (`prompt_placement="user"`, the default) or as a system turn (`"system"`; folded into the user turn
+  when the chat template has no system role, as Gemma-2's has none);
 * `none`: the frozen base, unsteered.
 
 The offline metric needs no judge. It is the mean cross-entropy of the concept data's target outputs under each method,
@@ -52,11 +53,34 @@ METHODS = ("hypersteer", "prompt", "none", "diffmean", "vector")
 # factor grid as HyperSteer, and exist only for concepts with training rows.
 BASELINE_METHODS = ("diffmean", "vector")
 SELECT_SPLIT, TEST_SPLIT = "select", "test"
+# Where the prompting baseline writes its steering instruction. The user turn is the default: every chat template has
+# one (a Gemma-2 system turn is folded into it exactly so, so both placements are the same prompt there), and small
+# chat models largely ignore a system turn: SmolLM2-135M-Instruct showed the concept in 2 of 24 greedy answers with it
+# (unsteered: 1) and in 7 of 24 with the user turn, so ratios against the system turn flatter HyperSteer.
+PROMPT_PLACEMENTS = ("user", "system")
 
 
 def prompt_steering_system_prompt(concept: str) -> str:
-    """The fixed prompt-steering instruction for `concept` (given as a system turn when the template has one)."""
+    """The fixed prompt-steering instruction for `concept` (see [`prompt_steering_turns`] for where it goes)."""
     return PROMPT_STEERING_TEMPLATE.format(concept=concept)
+
+
+def check_prompt_placement(placement: str) -> str:
+    if placement not in PROMPT_PLACEMENTS:
+        raise ValueError(f"Unknown prompt placement {placement!r}; choose from {list(PROMPT_PLACEMENTS)}.")
+    return placement
+
+
+def prompt_steering_turns(concept: str, instruction: str, placement: str = "user") -> tuple[str, str | None]:
+    """The prompting baseline's `(user turn, system turn)` for `instruction` steered toward `concept`.
+
+    `"user"`: the steering instruction, a blank line, then `instruction`, and no system turn; `"system"`: `instruction`
+    alone with the steering instruction as the system turn. Pass both to [`format_prompt`].
+    """
+    steering = prompt_steering_system_prompt(concept)
+    if check_prompt_placement(placement) == "user":
+        return f"{steering}\n\n{instruction}", None
+    return instruction, steering
 
 
 def concept_derangement(concepts: Iterable[str]) -> dict[str, str]:
@@ -157,6 +181,7 @@ def offline_steering_metric(
     desc: str = "Offline metric",
     concept_vectors: dict[str, torch.Tensor] | None = None,
     reference_row_losses: dict[str, list[float]] | None = None,
+    prompt_placement: str = "user",
 ) -> dict[str, Any]:
     """Loss of target outputs under each method, with the right concept and a wrong one.
 
@@ -171,15 +196,18 @@ def offline_steering_metric(
         reference_row_losses (`dict[str, list[float]]`, *optional*): per-row losses of the `none`, `prompt` and
             `prompt_wrong` conditions from an earlier call on the same rows and base (its `row_losses`); they do not
             depend on the hypernetwork, so comparing several models on the same rows pays for them once.
+        prompt_placement (`str`, *optional*, defaults to `"user"`): where the `prompt` conditions put the steering
+            instruction (see [`prompt_steering_turns`]).
 
     Returns:
         `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`: means over concepts
         of per-concept mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `undefined_ratios`
-        (why each undefined ratio is undefined, see [`steering_ratios`]), `num_rows`, `num_concepts` and `per_concept`
-        losses.
+        (why each undefined ratio is undefined, see [`steering_ratios`]), `steering_factor`, `prompt_placement`,
+        `num_rows`, `num_concepts` and `per_concept` losses.
 
     Steering prompts are cut to the model's `config.max_steering_prompt_length` tokens, as `generate` cuts them.
     """
+    check_prompt_placement(prompt_placement)
     rows = [dict(row) for row in rows]
     if not rows:
         raise ValueError("The offline metric needs at least one row with `input`, `output` and `output_concept`.")
@@ -199,13 +227,14 @@ def offline_steering_metric(
             features[f"hypersteer{suffix}"].append(
                 tokenize_example(example, tokenizer, max_length=max_length, max_steering_prompt_length=steering_length)
             )
+            user_turn, system_turn = prompt_steering_turns(concept, row["input"], prompt_placement)
             features[f"prompt{suffix}"].append(
                 tokenize_example(
-                    example,
+                    {**example, "input": user_turn},
                     tokenizer,
                     max_length=max_length,
                     max_steering_prompt_length=steering_length,
-                    system_prompt=prompt_steering_system_prompt(concept),
+                    system_prompt=system_turn,
                 )
             )
     features["none"] = features["hypersteer"]
@@ -261,6 +290,7 @@ def offline_steering_metric(
         "losses": losses,
         **steering_ratios(losses),
         "steering_factor": steering_factor,
+        "prompt_placement": prompt_placement,
         "num_rows": len(rows),
         "num_concepts": len(per_concept),
         "per_concept": per_concept,
@@ -368,9 +398,11 @@ def generate_samples(
     batch_size: int = 8,
     seed: int = 42,
     concept_vectors: dict[str, dict[str, torch.Tensor]] | None = None,
+    prompt_placement: str = "user",
 ) -> list[dict[str, Any]]:
     """Generate for every task, method and (for `hypersteer` and the baselines) factor, in batches, with a progress
-    bar. `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`.
+    bar. `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`; `prompt_placement` is
+    where `prompt` puts the steering instruction ([`prompt_steering_turns`]).
 
     Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
     rerun skips what is already there. Rows are reused only when they carry the same `run_key`
@@ -384,6 +416,7 @@ def generate_samples(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+    check_prompt_placement(prompt_placement)
     concept_vectors = concept_vectors or {}
     for method in set(methods) & set(BASELINE_METHODS):
         missing = sorted({task["concept"] for task in tasks} - set(concept_vectors.get(method, {})))
@@ -403,6 +436,7 @@ def generate_samples(
             temperature=temperature if do_sample else None,
             seed=seed if do_sample else None,
             batch_size=batch_size if do_sample else None,
+            prompt_placement=prompt_placement,
         )
         # A baseline's generations also depend on its vectors.
         run_keys = {
@@ -446,8 +480,11 @@ def generate_samples(
                     prompts = [
                         format_prompt(
                             tokenizer,
-                            job["instruction"],
-                            prompt_steering_system_prompt(job["concept"]) if method == "prompt" else None,
+                            *(
+                                prompt_steering_turns(job["concept"], job["instruction"], prompt_placement)
+                                if method == "prompt"
+                                else (job["instruction"], None)
+                            ),
                         )
                         for job in batch
                     ]
@@ -666,6 +703,8 @@ def side_by_side(
 __all__ = [
     "PROMPT_STEERING_TEMPLATE",
     "METHODS",
+    "PROMPT_PLACEMENTS",
+    "prompt_steering_turns",
     "concept_derangement",
     "offline_steering_metric",
     "generation_tasks",

@@ -435,8 +435,19 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
     return "\n".join(lines).rstrip()
 
 
+def _prompting_placement_text(placement: Any) -> str:
+    """Where the prompting baseline put its steering instruction, as a sentence (empty for results older than the
+    `prompt_placement` option, which all used a system turn but did not say so)."""
+    if placement == "user":
+        return " Prompting writes the concept's steering instruction before the instruction, in the user turn."
+    if placement == "system":
+        return " Prompting gives the concept's steering instruction as a system turn."
+    return ""
+
+
 def _offline_markdown(offline: Mapping[str, Any]) -> str:
     """Offline gain and specificity ratios per concept set; an undefined ratio shows its reason, not a number."""
+    placements = {result.get("prompt_placement") for result in offline.values() if isinstance(result, Mapping)}
     rows = []
     for name, result in offline.items():
         if not isinstance(result, Mapping):
@@ -461,7 +472,8 @@ def _offline_markdown(offline: Mapping[str, Any]) -> str:
         [
             "Offline metric (no judge): loss of held-out target responses. Gain ratio = (L_none − L_hypersteer) / "
             "(L_none − L_prompt); specificity ratio = (L_hypersteer,wrong − L_hypersteer) / (L_prompt,wrong − "
-            "L_prompt), with a wrong concept as the control:",
+            "L_prompt), with a wrong concept as the control."
+            + (_prompting_placement_text(placements.pop()) if len(placements) == 1 else ""),
             "",
             _table(
                 ("Concepts", "Count", "Gain ratio", "Specificity ratio", "L_hypersteer", "L_prompt", "L_none"), rows
@@ -497,7 +509,7 @@ def _text_metric_markdown(result: Mapping[str, Any]) -> str:
             "unsteered base's per-token NLL of the generation (fluency); distinct bigrams = distinct / all word "
             "bigrams (1 = no repetition). Gain ratio (HyperSteer's accuracy gain over unsteered / prompting's, factor "
             f"chosen on half of the instructions and reported on the other): {ratio}. It is not comparable with "
-            "published (LLM-judged) numbers.",
+            "published (LLM-judged) numbers." + _prompting_placement_text(result.get("prompt_placement")),
             "",
             _table(("Method", "Factor", "Detector accuracy", "Gain over none", "NLL", "Distinct bigrams"), rows),
         ]
@@ -538,7 +550,8 @@ def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
             f"Default steering factor: the calibration at the end of training {outcome} on "
             f"{len(calibration.get('concepts') or [])} held-in concepts x {len(calibration.get('instructions') or [])} "
             f"generic instructions ({calibration.get('max_new_tokens')} greedy tokens), by the judge-free text metric. "
-            f"Rule: {_inline(calibration.get('rule', ''))}.",
+            f"Rule: {_inline(calibration.get('rule', ''))}."
+            + _prompting_placement_text(calibration.get("prompt_placement")),
             "",
             _table(("Factor", "Detector accuracy", "NLL", "Distinct bigrams", "Within the fluency bound"), rows),
         ]

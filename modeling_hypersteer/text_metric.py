@@ -7,7 +7,7 @@ gets three numbers:
 * **concept detected** — a scikit-learn concept detector ([`ConceptDetector`]) trained on the concept data's own
   reference responses says whether the concept shows: `1[P(concept | text) >= 0.5]`, and the probability itself;
 * **fluency NLL** — the mean per-token negative log-likelihood of the generated tokens under the *unsteered* base
-  model, teacher-forced after the plain instruction prompt (no steering system prompt) ([`generation_nll`]);
+  model, teacher-forced after the plain instruction prompt (no steering instruction) ([`generation_nll`]);
 * **distinct-bigram share** — distinct word bigrams / word bigrams ([`distinct_bigram_share`]; 1.0 = no repetition).
   Degenerate repetition ("akin akin akin ...") has a *low* NLL, so NLL alone would reward it; the bigram share catches
   it, and a generation with a share below `DEGENERATE_DISTINCT_BIGRAMS` is counted as degenerate.
@@ -552,6 +552,7 @@ def text_metric(
     concept_vectors: dict[str, dict[str, torch.Tensor]] | None = None,
     nll_margin: float = DEFAULT_NLL_MARGIN,
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
+    prompt_placement: str = "user",
 ) -> dict[str, Any]:
     """Greedy generations for `num_instructions` generic instructions per concept, scored by the detector, the
     base's NLL and the distinct-bigram share (see the module docstring).
@@ -565,6 +566,8 @@ def text_metric(
             `num_instructions` are used, the first half selects the factor and the second half reports.
         generations_path (*optional*): JSONL cache of the generations (see `generate_samples`).
         concept_vectors (*optional*): the baselines' `{method: {concept: vector}}`.
+        prompt_placement (`str`, *optional*, defaults to `"user"`): where `prompt` puts the steering instruction
+            (see `evaluation.prompt_steering_turns`).
 
     Returns:
         `dict` with `rows` (per method and factor, all instructions, with `gain_over_none` and `gain_ratio` against
@@ -589,11 +592,13 @@ def text_metric(
         do_sample=False,
         batch_size=batch_size,
         concept_vectors=concept_vectors,
+        prompt_placement=prompt_placement,
     )
     scored = score_samples(samples, detector, model.language_model, tokenizer, batch_size=batch_size)
-    return summarize_text_metric(
+    result = summarize_text_metric(
         scored, nll_margin=nll_margin, distinct_fraction=distinct_fraction, instructions=chosen
     )
+    return {**result, "prompt_placement": prompt_placement}
 
 
 def _reference_row(rows: Sequence[dict]) -> dict | None:
@@ -700,6 +705,7 @@ def calibrate_steering_factor(
     nll_margin: float = DEFAULT_NLL_MARGIN,
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
     seed: int = 0,
+    prompt_placement: str = "user",
 ) -> tuple[float, dict[str, Any]]:
     """Chooses the factor at which the concept shows, within a fluency bound, on held-in concepts.
 
@@ -718,11 +724,14 @@ def calibrate_steering_factor(
         batch_size (`int`, *optional*, defaults to 24): generation and NLL batch size. One factor's generations for
             12 concepts x 2 instructions fit one batch; on CPU that halves the time of batches of 8 (SmolLM2-135M,
             48 tokens: 25 s against 48 s for 24 generations).
+        prompt_placement (`str`, *optional*, defaults to `"user"`): where the reference, prompting, puts the steering
+            instruction (see `evaluation.prompt_steering_turns`).
 
     Returns:
         `(factor, record)`: the chosen (or kept) factor and a JSON-ready record with `factor`, `chosen_by`
         (`"rule"` or `"kept_default"`), `grid`, `table` (per-factor numbers, with `passes` and why not),
-        `reference` (prompting's and the unsteered numbers), `rule`, `concepts`, `instructions` and `max_new_tokens`.
+        `reference` (prompting's and the unsteered numbers), `prompt_placement`, `rule`, `concepts`, `instructions`
+        and `max_new_tokens`.
 
     Raises:
         `ValueError` for an empty grid, a non-positive factor, fewer than `num_instructions` instructions, or rows
@@ -755,6 +764,7 @@ def calibrate_steering_factor(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         batch_size=batch_size,
+        prompt_placement=prompt_placement,
     )
     scored = score_samples(samples, detector, model.language_model, tokenizer, batch_size=batch_size)
     table = aggregate_scores(scored)
@@ -769,6 +779,7 @@ def calibrate_steering_factor(
         "grid": grid,
         "table": checked,
         "reference": {row["method"]: row for row in table if row["method"] in ("prompt", "none")},
+        "prompt_placement": prompt_placement,
         "rule": _rule_text(nll_margin, distinct_fraction),
         "concepts": concepts,
         "instructions": chosen,

@@ -76,12 +76,13 @@ def test_streamed_answers_are_the_unsteered_prompt_steered_and_hypersteer_rows(t
     from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 
     plain = format_prompt(tiny_tokenizer, "Explain sorting.")
-    system = format_prompt(
-        tiny_tokenizer, "Explain sorting.", prompt_steering_system_prompt("legal terms; pirate speech")
+    # The demo's prompt steering is the evaluation's baseline: the instruction before the prompt in the user turn.
+    prompted_prompt = format_prompt(
+        tiny_tokenizer, f"{prompt_steering_system_prompt('legal terms; pirate speech')}\n\nExplain sorting."
     )
     # The HyperSteer row has the longest prompt's padding removed only when prompts are equally long; the prompt row
     # is the longest, so it is unpadded and must match exactly.
-    assert prompted == alone(system, steering_factor=0.0, steering_vectors=torch.zeros(1, 32))
+    assert prompted == alone(prompted_prompt, steering_factor=0.0, steering_vectors=torch.zeros(1, 32))
     assert steered == alone(plain, steering_prompt=[["legal terms", "pirate speech"]], steering_factor=[[2.0, 0.5]])
     assert unsteered == alone(plain, steering_factor=0.0, steering_vectors=torch.zeros(1, 32))
     assert steered != unsteered

@@ -17,6 +17,7 @@ from modeling_hypersteer.data import (
     ConceptSplit,
     HyperSteerDataCollator,
     build_splits,
+    format_prompt,
     load_concept_data,
     tokenize_example,
 )
@@ -26,6 +27,8 @@ from modeling_hypersteer.evaluation import (
     generation_tasks,
     model_fingerprint,
     offline_steering_metric,
+    prompt_steering_system_prompt,
+    prompt_steering_turns,
     steering_ratios,
     summary_markdown,
 )
@@ -71,7 +74,9 @@ def test_derangement_maps_every_concept_to_another():
 
 
 def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_tokenizer, concept_rows):
-    result = offline_steering_metric(_model(tiny_tokenizer), tiny_tokenizer, concept_rows, max_length=256)
+    result = offline_steering_metric(
+        _model(tiny_tokenizer), tiny_tokenizer, concept_rows, max_length=256, prompt_placement="system"
+    )
     assert result["num_rows"] == len(concept_rows) and result["num_concepts"] == 4
     for concept_losses in result["per_concept"].values():
         assert set(concept_losses) == {"none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong"}
@@ -81,7 +86,8 @@ def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_to
     for condition, value in losses.items():
         per_concept = [concept_losses[condition] for concept_losses in result["per_concept"].values()]
         assert value == pytest.approx(sum(per_concept) / len(per_concept))
-    # On these rows prompting lowers the loss and a wrong concept raises it, so both ratios are defined.
+    # On these rows the random base's loss falls with a system-turn prompt and rises with a wrong concept, so both ratios
+    # are defined.
     assert result["undefined_ratios"] == {}
     assert result["gain_ratio"] == pytest.approx(
         (losses["none"] - losses["hypersteer"]) / (losses["none"] - losses["prompt"])
@@ -93,14 +99,74 @@ def test_offline_metric_is_finite_and_compares_methods_on_identical_rows(tiny_to
 
 def test_an_untrained_model_scores_exactly_like_no_steering(tiny_tokenizer, concept_rows):
     """v = 0 at init: the HyperSteer rows must give the unsteered losses, for the right and the wrong concept alike."""
+    # The system-turn placement: the one whose prompting lowers this random base's loss, so the gain ratio is defined.
     result = offline_steering_metric(
-        _model(tiny_tokenizer, active=False), tiny_tokenizer, concept_rows, max_length=256
+        _model(tiny_tokenizer, active=False), tiny_tokenizer, concept_rows, max_length=256, prompt_placement="system"
     )
     losses = result["losses"]
     assert losses["hypersteer"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["hypersteer_wrong"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["prompt"] != pytest.approx(losses["none"], abs=1e-4)
     assert result["gain_ratio"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_prompting_puts_its_instruction_before_the_user_turn_or_in_a_system_turn():
+    steering = prompt_steering_system_prompt("pirate speech")
+    assert prompt_steering_turns("pirate speech", "Explain sorting.") == (f"{steering}\n\nExplain sorting.", None)
+    assert prompt_steering_turns("pirate speech", "Explain sorting.", "system") == ("Explain sorting.", steering)
+    with pytest.raises(ValueError, match="'assistant'.*'user', 'system'"):
+        prompt_steering_turns("pirate speech", "Explain sorting.", "assistant")
+
+
+def test_the_offline_metric_scores_prompting_where_prompt_placement_puts_it(tiny_tokenizer, concept_rows):
+    """The `prompt` conditions are the rows' losses with the steering instruction placed as asked; nothing else moves."""
+    model = _model(tiny_tokenizer)
+    by_placement = {
+        placement: offline_steering_metric(
+            model, tiny_tokenizer, concept_rows, max_length=1024, prompt_placement=placement
+        )
+        for placement in ("user", "system")
+    }
+    user, system = by_placement["user"], by_placement["system"]
+    assert user["prompt_placement"] == "user" and system["prompt_placement"] == "system"
+    for condition in ("none", "hypersteer", "hypersteer_wrong"):
+        assert user["losses"][condition] == pytest.approx(system["losses"][condition])
+    assert user["losses"]["prompt"] != pytest.approx(system["losses"]["prompt"], abs=1e-4)
+    # The user placement is the plain metric run on rows whose instruction already carries the steering instruction.
+    written_in = [
+        {**row, "input": prompt_steering_turns(row["output_concept"], row["input"])[0]} for row in concept_rows
+    ]
+    unsteered = offline_steering_metric(model, tiny_tokenizer, written_in, max_length=1024, prompt_placement="user")
+    assert user["losses"]["prompt"] == pytest.approx(unsteered["losses"]["none"])
+    with pytest.raises(ValueError, match="Unknown prompt placement 'first'"):
+        offline_steering_metric(model, tiny_tokenizer, concept_rows, max_length=1024, prompt_placement="first")
+
+
+def test_generated_prompting_answers_follow_the_prompt_placement(tiny_tokenizer):
+    model = _model(tiny_tokenizer)
+    tasks = [{"concept": "pirate speech", "instruction": "Explain sorting.", "split": "test"}]
+
+    def alone(user_turn, system_turn):
+        inputs = tiny_tokenizer(
+            format_prompt(tiny_tokenizer, user_turn, system_turn), add_special_tokens=False, return_tensors="pt"
+        )
+        ids = model.language_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        return tiny_tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    for placement in ("user", "system"):
+        [sample] = generate_samples(
+            model,
+            tiny_tokenizer,
+            tasks,
+            ["prompt"],
+            [1.0],
+            max_new_tokens=6,
+            do_sample=False,
+            prompt_placement=placement,
+        )
+        assert sample["generation"] == alone(*prompt_steering_turns("pirate speech", "Explain sorting.", placement))
+    with pytest.raises(ValueError, match="Unknown prompt placement"):
+        generate_samples(model, tiny_tokenizer, tasks, ["prompt"], [1.0], prompt_placement="middle")
 
 
 def test_a_ratio_with_a_non_positive_denominator_is_undefined_with_its_reason():

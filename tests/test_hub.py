@@ -273,6 +273,7 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
         "gain_ratio": 1.28,
         "specificity_ratio": 0.05,
         "undefined_ratios": {},
+        "prompt_placement": "user",
     }
     undefined = {
         **offline,
@@ -308,6 +309,7 @@ def test_card_shows_recorded_numbers_only_and_counts_saved_weights(tmp_path):
         "| `heldout` | 3 | 1.2800 | 0.0500 | 1.3600 | 1.5000 | 2.0 |",
         "| `heldin` | 3 | undefined: prompting did not lower the loss (L_none - L_prompt = -0.1, not positive) | 0.0500 |",
         "| `num_instructions` | 12 |",
+        "Prompting writes the concept's steering instruction before the instruction, in the user turn.",
         "**Offline evaluation only.**",
         'repo_id = "path/to/this/checkpoint"',
     ):

@@ -445,10 +445,40 @@ def test_ablation_reuses_reference_losses_only_for_the_same_rows(tmp_path):
 
     rows = [{"input": "Say hi.", "output": "Hello.", "output_concept": CONCEPT_A}]
     other_split = [{**rows[0], "output_concept": CONCEPT_B}]
-    path = quality_ablation.reference_losses_path(Args, "heldout", rows)
-    assert path == quality_ablation.reference_losses_path(Args, "heldout", [dict(rows[0])])
-    assert path != quality_ablation.reference_losses_path(Args, "heldout", other_split)
-    assert path != quality_ablation.reference_losses_path(Args, "heldin", rows)
+    path = quality_ablation.reference_losses_path(Args, "heldout", rows, "user")
+    assert path == quality_ablation.reference_losses_path(Args, "heldout", [dict(rows[0])], "user")
+    assert path != quality_ablation.reference_losses_path(Args, "heldout", other_split, "user")
+    assert path != quality_ablation.reference_losses_path(Args, "heldin", rows, "user")
+    # Prompting's losses depend on where its instruction goes.
+    assert path != quality_ablation.reference_losses_path(Args, "heldout", rows, "system")
+
+
+def test_an_ablation_rescoring_experiment_scores_another_run_with_its_own_evaluation_settings(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    rescoring = quality_ablation.load_experiment("recipe_split2026_user_prompt")
+    trained = quality_ablation.load_experiment("recipe_split2026")
+    assert trained["prompt_placement"] == "system" and rescoring["prompt_placement"] == "user"
+    assert rescoring["rescores"] == "recipe_split2026"
+    # The same training run: no evaluation key or the link is a training flag.
+    assert quality_ablation.training_argv(rescoring, tmp_path) == quality_ablation.training_argv(trained, tmp_path)
+    assert "--prompt_placement" not in quality_ablation.training_argv(rescoring, tmp_path)
+
+    quality_dir = tmp_path / "quality"
+    (quality_dir / "experiments").mkdir(parents=True)
+    shutil.copy(quality_ablation.QUALITY_DIR / "default_training_params.json", quality_dir)
+    (quality_dir / "experiments" / "base.json").write_text('{"max_steps": 10}')
+    (quality_dir / "experiments" / "retrains.json").write_text('{"rescores": "base", "max_steps": 20}')
+    (quality_dir / "experiments" / "new.json").write_text('{"max_steps": 10}')
+    monkeypatch.setattr(quality_ablation, "QUALITY_DIR", quality_dir)
+    with pytest.raises(ValueError, match=r"rescores 'base'.*also sets \['max_steps'\]"):
+        quality_ablation.load_experiment("retrains")
+    # An experiment that does not say is scored against the package's default placement.
+    assert quality_ablation.load_experiment("new")["prompt_placement"] == "user"
 
 
 def test_ablation_extra_training_data_never_holds_a_scored_concept(tmp_path):

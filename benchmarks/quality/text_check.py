@@ -29,6 +29,7 @@ import evaluate_steering  # noqa: E402
 import train_hypersteer  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
+from modeling_hypersteer.evaluation import PROMPT_PLACEMENTS  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
 
 
@@ -50,6 +51,12 @@ def main(argv=None) -> dict:
         "order, which are among quality_ablation.py's held-back set); '' to skip.",
     )
     parser.add_argument("--heldback_concepts", type=int, default=12)
+    parser.add_argument(
+        "--prompt_placement",
+        default="user",
+        choices=PROMPT_PLACEMENTS,
+        help="Where prompting (the reference of the calibration and the metric) puts its steering instruction.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -70,6 +77,7 @@ def main(argv=None) -> dict:
         ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE),
         model_args,
         str(run_dir),
+        prompt_placement=args.prompt_placement,
     )
     factor = model.config.default_steering_factor
     result = {"run_dir": str(run_dir), "calibration": calibration, "factor": factor}
@@ -104,6 +112,8 @@ def main(argv=None) -> dict:
                 "--text_metric_max_new_tokens",
                 str(args.max_new_tokens),
                 "--no_save_summary_to_model",
+                "--prompt_placement",
+                args.prompt_placement,
             ]
         )
         result[concepts] = evaluation["text_metric"]
