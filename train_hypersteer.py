@@ -382,6 +382,17 @@ def add_distillation_rows(train_features, train_rows, concept_split, tokenizer, 
     return merged, summary
 
 
+def calibration_rows(raw, concept_split) -> list[dict]:
+    """The rows the factor calibration's concept detector learns from: the held-in concepts' responses and the negative
+    rows, so held-out concepts stay unseen by everything the saved model carries."""
+    heldin = set(concept_split.heldin_concepts)
+    return [
+        {"output": output, "output_concept": concept, "is_negative": negative}
+        for output, concept, negative in zip(raw["output"], raw["output_concept"], raw["is_negative"])
+        if negative or concept in heldin
+    ]
+
+
 def calibrate_default_steering_factor(
     model, tokenizer, raw, concept_split, model_args, output_dir: str, prompt_placement: str = "user"
 ) -> dict:
@@ -391,12 +402,7 @@ def calibrate_default_steering_factor(
 
     The concept detector learns from the held-in concepts' responses and the negative rows only, so held-out concepts
     stay unseen by everything the saved model carries."""
-    heldin = set(concept_split.heldin_concepts)
-    rows = [
-        {"output": output, "output_concept": concept, "is_negative": negative}
-        for output, concept, negative in zip(raw["output"], raw["output_concept"], raw["is_negative"])
-        if negative or concept in heldin
-    ]
+    rows = calibration_rows(raw, concept_split)
     model.eval()
     start, cpu_start = time.perf_counter(), time.process_time()
     factor, record = calibrate_steering_factor(

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import quality_ablation  # noqa: E402
 
+import train_hypersteer  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
 from modeling_hypersteer.evaluation import PROMPT_PLACEMENTS  # noqa: E402
@@ -118,12 +119,8 @@ def main(argv=None) -> dict:
     raw = load_concept_data([quality_ablation.data_path(source) for source in summary["sources"]])
     split = ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE)
     heldin = set(split.heldin_concepts)
-    # The detector learns from the held-in concepts' responses and the negative rows, as the calibration's does.
-    rows = [
-        {"output": output, "output_concept": concept, "is_negative": negative}
-        for output, concept, negative in zip(raw["output"], raw["output_concept"], raw["is_negative"])
-        if negative or concept in heldin
-    ]
+    # The detector learns from the rows the training run's calibration uses.
+    rows = train_hypersteer.calibration_rows(raw, split)
     row = {"name": args.name, "run_dir": str(run_dir), "prompt_placement": args.prompt_placement, "variants": {}}
     for variant in variants:
         model = HyperSteerModel.from_pretrained(run_dir).eval()
