@@ -27,6 +27,7 @@ import quality_ablation  # noqa: E402
 
 import evaluate_steering  # noqa: E402
 import train_hypersteer  # noqa: E402
+from quickstart import recipe_settings  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
 from modeling_hypersteer.evaluation import PROMPT_PLACEMENTS  # noqa: E402
@@ -40,7 +41,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True, help="A finished training run (model, split and summary).")
     parser.add_argument("--name", required=True, help="Row name in results/text_metric.json.")
-    parser.add_argument("--calibration_factors", default="1,2,4,8")
+    parser.add_argument(
+        "--calibration_factors",
+        default=recipe_settings()["calibration_factors"],
+        help="Candidate factors (default: the recipe file's grid, what the recipe command calibrates over).",
+    )
     parser.add_argument("--heldin_concepts", type=int, default=12, help="Held-in concepts scored in text.")
     parser.add_argument("--instructions_per_concept", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=48)
