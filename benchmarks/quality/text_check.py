@@ -27,11 +27,11 @@ import quality_ablation  # noqa: E402
 
 import evaluate_steering  # noqa: E402
 import train_hypersteer  # noqa: E402
-from quickstart import recipe_settings  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
 from modeling_hypersteer.evaluation import PROMPT_PLACEMENTS  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
+from quickstart import recipe_settings  # noqa: E402
 
 
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "text_metric.json"
