@@ -153,7 +153,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch_two_processes(arguments: list[str], attempts: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def _launch_two_processes(
+    arguments: list[str], attempts: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """Runs `accelerate launch` with two CPU processes, killing the whole process group of a launch that hangs.
 
     A gloo rendezvous on a loaded machine has, rarely, left one rank waiting forever for a peer that never connected
@@ -198,7 +200,9 @@ def _launch_two_processes(arguments: list[str], attempts: int = 2, timeout: floa
             os.killpg(launch.pid, signal.SIGKILL)
             _, stderr = launch.communicate()
             hangs.append(stderr[-2000:])
-            warnings.warn(f"Two-process launch hung for {timeout} s and was killed; stderr tail:\n{stderr[-2000:]}")
+            warnings.warn(
+                f"Two-process launch hung for {timeout} s and was killed; stderr tail:\n{hangs[-1]}", stacklevel=2
+            )
     pytest.fail(f"Every two-process launch hung ({attempts} of {attempts}); stderr tails:\n" + "\n---\n".join(hangs))
 
 
