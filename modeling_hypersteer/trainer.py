@@ -98,6 +98,12 @@ class HyperSteerTrainingArguments(TrainingArguments):
             Fraction of the training steps that run before the model's `steering_prompt_token_dropout` starts (0: from
             the first step). Hiding description tokens slows the contrast's take-off; starting later lets it first
             learn to tell whole descriptions apart.
+        train_steering_factor_max (`float`, *optional*):
+            When set, each training row's steering factor (the data's `steering_factor` column, 1.0 on concept rows;
+            else the model's `default_steering_factor`) is multiplied by its own draw, uniform in
+            `[1, train_steering_factor_max]`, in the LM and contrast terms alike. Trained at one factor, a vector is
+            free to be fragile at the larger ones `generate` may use (text that repeats itself); over a range it must
+            keep real text likely at all of them. Evaluation steers at the rows' own factors.
         logits_on_labels_only (`bool`, *optional*, defaults to `False`):
             Compute the LM head in training only from the position before the first label on (the loss is the
             same); saves the head's cost on prompt tokens. Evaluation keeps full logits for `compute_metrics`.
@@ -164,6 +170,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
             "the first step), so the contrast first learns to tell whole descriptions apart."
         },
     )
+    train_steering_factor_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "Multiply each training row's steering factor (1.0 on concept rows) by a draw uniform in [1, this "
+            "value], so the vectors stay good at the larger factors generate may use (default: no draw)."
+        },
+    )
     logits_on_labels_only: bool = field(
         default=False,
         metadata={
@@ -201,6 +214,11 @@ class HyperSteerTrainingArguments(TrainingArguments):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if not 0.0 < self.contrast_beta < float("inf"):
             raise ValueError(f"`contrast_beta` must be a finite number > 0, got {self.contrast_beta!r}.")
+        if self.train_steering_factor_max is not None and not 1.0 <= self.train_steering_factor_max < float("inf"):
+            raise ValueError(
+                f"`train_steering_factor_max` must be a finite number >= 1 (the largest multiple of a row's factor "
+                f"to train at) or unset, got {self.train_steering_factor_max!r}."
+            )
         if not 0.0 <= self.token_dropout_start_ratio < 1.0:
             raise ValueError(
                 f"`token_dropout_start_ratio` must be in [0, 1) (a fraction of the training steps), got "
@@ -310,6 +328,8 @@ class HyperSteerTrainer(Trainer):
                 )
             inputs["contrast_steering_input_ids"] = contrast_ids
             inputs["contrast_steering_attention_mask"] = contrast_mask
+        if model.training and args.train_steering_factor_max is not None:
+            inputs["steering_factor"] = self._training_steering_factors(model, inputs)
         if model.training and args.logits_on_labels_only and "labels" in inputs:
             inputs["logits_to_keep"] = logits_to_keep_for_labels(inputs["labels"])
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -361,6 +381,20 @@ class HyperSteerTrainer(Trainer):
                 outputs.steering_gates.detach()[real_tokens].float().mean()
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _training_steering_factors(self, model, inputs: dict) -> torch.Tensor:
+        """Each row's factor times its own draw, uniform in `[1, train_steering_factor_max]`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size,)`.
+        """
+        input_ids = inputs["input_ids"]
+        factors = inputs.get("steering_factor")
+        if factors is None:
+            default = self.accelerator.unwrap_model(model).config.default_steering_factor
+            factors = torch.full((input_ids.shape[0],), default, device=input_ids.device)
+        draws = torch.rand(input_ids.shape[0], device=input_ids.device, dtype=torch.float32)
+        return factors.float() * (1.0 + (self.args.train_steering_factor_max - 1.0) * draws)
 
     def _distillation_term(self, model, outputs, inputs, distillation, distilled) -> torch.Tensor:
         """Mean KL between the guided teacher distribution and the steered model over distillation rows' responses.

@@ -321,6 +321,38 @@ def test_token_dropout_start_ratio_is_a_fraction_below_one(tmp_path, value):
         HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", token_dropout_start_ratio=value)
 
 
+def test_training_rows_are_steered_at_their_factor_times_a_draw_up_to_the_maximum(tiny_tokenizer, tmp_path):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    _perturb(model)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["steering_factor"]), with_kwargs=True
+    )
+    trainer = _trainer(model, tmp_path, train_steering_factor_max=2.5)
+    batch = _batch(tiny_tokenizer, ROWS * 4)
+    # Concept rows at 1.0, a negative row at 0 (unsteered) and one at -1, as the data's column may hold.
+    row_factors = torch.tensor([1.0] * 14 + [0.0, -1.0])
+    batch["steering_factor"] = row_factors.clone()
+    model.train()
+    augmented = trainer.compute_loss(model, batch)
+    draws = seen[-1][:14]
+    assert (draws >= 1.0).all() and (draws <= 2.5).all() and draws.std() > 0.1
+    assert seen[-1][14] == 0.0 and -2.5 <= seen[-1][15] <= -1.0
+    # The drawn factors reach the steering: the same rows at their own factors give another loss.
+    assert not torch.isclose(augmented, _trainer(model, tmp_path).compute_loss(model, batch))
+    torch.testing.assert_close(seen[-1], row_factors)
+    model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+    torch.testing.assert_close(seen[-1], row_factors)
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, float("inf"), float("nan")])
+def test_train_steering_factor_max_must_be_a_number_of_at_least_one(tmp_path, value):
+    with pytest.raises(ValueError, match="train_steering_factor_max"):
+        HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", train_steering_factor_max=value)
+
+
 def test_token_dropout_start_without_token_dropout_warns(tiny_tokenizer, tmp_path, caplog):
     model = _model(tiny_tokenizer, hypernet_type="no_context")
     with caplog.at_level(logging.WARNING):
