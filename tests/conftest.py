@@ -4,6 +4,7 @@ Everything here is built in-process from configs or from files on local disk; no
 """
 
 import os
+import socket
 import string
 from pathlib import Path
 
@@ -127,6 +128,13 @@ def save_tiny_base(path, tokenizer, architecture: str = "llama"):
     build_tiny_base(architecture, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (a fixed port collides with another run of the suite on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cli_arguments(**flags) -> list[str]:

@@ -5,11 +5,10 @@ download is not used. The screenshot is written to `$HYPERSTEER_ARTIFACTS_DIR` (
 """
 
 import shutil
-import socket
 
 import pytest
 import torch
-from conftest import build_tiny_base
+from conftest import build_tiny_base, free_port
 
 from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.demo import DemoInputError, DemoSettings, SteeringDemo, build_demo, parse_concepts
@@ -102,12 +101,6 @@ def test_a_stream_closed_early_stops_its_generation_and_releases_the_model(tiny_
     assert all(answer for answer in list(demo.stream_answers("legal terms", 1.0, "Explain sorting."))[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (`apt-get install -y chromium`; .ci/run does it)")
 def test_demo_in_a_real_browser(tmp_path, tiny_tokenizer, artifacts_dir):
     pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
@@ -116,7 +109,7 @@ def test_demo_in_a_real_browser(tmp_path, tiny_tokenizer, artifacts_dir):
 
     model = _tiny_model(tiny_tokenizer)
     page_app = build_demo(model, DemoSettings(max_new_tokens=12, max_steering_factor=5.0))
-    port = _free_port()
+    port = free_port()
     page_app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with sync_api.sync_playwright() as playwright:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_base
+from conftest import REPO_ROOT, build_tiny_base, free_port
 
 from modeling_hypersteer import HyperSteerModel
 
@@ -31,17 +31,11 @@ LEGAL, CODE, MATH = "references to legal terminology", "C/C++ syntax", "mathemat
 STARTUP_TIMEOUT_S = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m modeling_hypersteer.serve MODEL ...` as a subprocess on a free loopback port."""
 
     def __init__(self, model_dir, log_path, api_key=None, **flags):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "modeling_hypersteer.serve", str(model_dir), "--port", str(self.port)]
         for key, value in flags.items():

@@ -3,14 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from conftest import REPO_ROOT, build_tiny_base, cli_arguments, save_tiny_base
+from conftest import REPO_ROOT, build_tiny_base, cli_arguments, free_port, save_tiny_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -146,13 +145,6 @@ def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5)
 
 
-def _free_port() -> int:
-    # A fixed port collides with another run of the suite on the same machine (another worktree, another user).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _launch_two_processes(
     arguments: list[str], attempts: int = 2, timeout: float = 240
 ) -> subprocess.CompletedProcess:
@@ -178,7 +170,7 @@ def _launch_two_processes(
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            str(_free_port()),
+            str(free_port()),
             str(REPO_ROOT / "train_hypersteer.py"),
             "--use_cpu",
             *arguments,
