@@ -798,6 +798,16 @@ def calibrate_steering_factor(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Fixed per method, so prompting's dashed level never shares a colour with a steered method's line.
+METHOD_COLORS = {
+    "hypersteer": "tab:blue",
+    "vector": "tab:purple",
+    "diffmean": "tab:green",
+    "prompt": "tab:orange",
+    "none": "tab:gray",
+}
+
+
 def plot_text_metric(result: Mapping[str, Any], path) -> Any:
     """Detector accuracy, fluency NLL and distinct-bigram share against the factor, one line per method with a factor
     grid and a dashed level for `prompt` and `none`."""
@@ -825,11 +835,17 @@ def plot_text_metric(result: Mapping[str, Any], path) -> Any:
                     factors[-1],
                     linestyles="--",
                     label=method,
-                    colors="tab:gray" if method == "none" else "tab:orange",
+                    colors=METHOD_COLORS[method],
                 )
             else:
                 points.sort()
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                axis.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    label=method,
+                    color=METHOD_COLORS.get(method),
+                )
         axis.set_xlabel("steering factor")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

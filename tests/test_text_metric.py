@@ -13,9 +13,10 @@ import train_hypersteer
 from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer import text_metric as text_metric_module
 from modeling_hypersteer.data import format_prompt
-from modeling_hypersteer.evaluation import summary_markdown
+from modeling_hypersteer.evaluation import METHODS, summary_markdown
 from modeling_hypersteer.model_card import write_model_card
 from modeling_hypersteer.text_metric import (
+    METHOD_COLORS,
     ConceptDetector,
     check_factor_grid,
     distinct_bigram_share,
@@ -316,3 +317,9 @@ def test_text_metric_flags_are_checked():
         evaluate_steering.main(
             ["--model", "x", "--output_dir", "y", "--text_metric", "--text_metric_instructions_per_concept", "1"]
         )
+
+
+def test_every_method_has_its_own_plot_colour():
+    assert set(METHODS) <= set(METHOD_COLORS)
+    colours = [METHOD_COLORS[method] for method in METHODS]
+    assert len(set(colours)) == len(colours)
