@@ -891,6 +891,7 @@ def text_metric_markdown(result: Mapping[str, Any]) -> str:
 __all__ = [
     "DEGENERATE_DISTINCT_BIGRAMS",
     "GENERIC_INSTRUCTIONS",
+    "METHOD_COLORS",
     "ConceptDetector",
     "aggregate_scores",
     "calibrate_steering_factor",
