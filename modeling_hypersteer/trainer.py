@@ -388,13 +388,12 @@ class HyperSteerTrainer(Trainer):
         Returns:
             `torch.FloatTensor` of shape `(batch_size,)`.
         """
-        input_ids = inputs["input_ids"]
-        factors = inputs.get("steering_factor")
-        if factors is None:
-            default = self.accelerator.unwrap_model(model).config.default_steering_factor
-            factors = torch.full((input_ids.shape[0],), default, device=input_ids.device)
-        draws = torch.rand(input_ids.shape[0], device=input_ids.device, dtype=torch.float32)
-        return factors.float() * (1.0 + (self.args.train_steering_factor_max - 1.0) * draws)
+        batch_size, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
+        # The model's own reading of a missing or scalar factor (its default), so training draws around what it steers.
+        requests = self.accelerator.unwrap_model(model)._requests()
+        factors = requests.steering_factors(batch_size, inputs.get("steering_factor"), device)
+        draws = torch.rand(batch_size, device=device, dtype=torch.float32)
+        return factors * (1.0 + (self.args.train_steering_factor_max - 1.0) * draws)
 
     def _distillation_term(self, model, outputs, inputs, distillation, distilled) -> torch.Tensor:
         """Mean KL between the guided teacher distribution and the steered model over distillation rows' responses.
