@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 
@@ -48,6 +49,7 @@ from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
+from modeling_hypersteer.baselines import concept_vector_training_arguments, train_concept_vectors
 from modeling_hypersteer.cli import DTYPE_CHOICES, resolve_dtype
 from modeling_hypersteer.cli import parse_arguments as parse_cli_arguments
 from modeling_hypersteer.configuration_hypersteer import (
@@ -382,6 +384,39 @@ def add_distillation_rows(train_features, train_rows, concept_split, tokenizer, 
     return merged, summary
 
 
+def train_concept_vector_targets(model, tokenizer, train_rows, training_args, max_length: int) -> dict:
+    """One vector per training concept trained with the LM loss alone on the training rows: the targets of
+    `--concept_vector_loss_weight` (see `HyperSteerTrainingArguments`)."""
+    rows = [dict(row) for row in train_rows if not row["is_negative"]]
+    with tempfile.TemporaryDirectory() as scratch:
+        vector_args = concept_vector_training_arguments(
+            scratch,
+            training_args.concept_vector_steps,
+            training_args.concept_vector_learning_rate,
+            training_args.seed,
+            use_cpu=training_args.use_cpu,
+            bf16=training_args.bf16,
+            fp16=training_args.fp16,
+            logging_steps=training_args.logging_steps,
+            disable_tqdm=training_args.disable_tqdm,
+            dataloader_pin_memory=training_args.dataloader_pin_memory,
+        )
+        return train_concept_vectors(model, tokenizer, rows, vector_args, max_length=max_length)
+
+
+def concept_vector_summary(vectors: dict, training_args) -> dict:
+    """What `training_summary.json` records of the per-concept target vectors."""
+    norms = torch.stack([vector.norm() for vector in vectors.values()])
+    return {
+        "concepts": len(vectors),
+        "steps": training_args.concept_vector_steps,
+        "learning_rate": training_args.concept_vector_learning_rate,
+        "scale": training_args.concept_vector_scale,
+        "loss_weight": training_args.concept_vector_loss_weight,
+        "norm_mean": round(norms.mean().item(), 3),
+    }
+
+
 def calibration_rows(raw, concept_split) -> list[dict]:
     """The rows the factor calibration's concept detector learns from: the held-in concepts' responses and the negative
     rows, so held-out concepts stay unseen by everything the saved model carries."""
@@ -518,6 +553,13 @@ def main(argv: list[str] | None = None) -> dict:
             # checkpoint; the remote code must already be there for those revisions to load.
             HyperSteerModel.save_remote_code(training_args.output_dir)
 
+    concept_vectors = concept_vector_record = None
+    if training_args.concept_vector_loss_weight > 0:
+        concept_vectors = train_concept_vector_targets(
+            model, tokenizer, splits["train"], training_args, max_length=data_args.max_length
+        )
+        concept_vector_record = concept_vector_summary(concept_vectors, training_args)
+        logger.info(f"Trained the per-concept target vectors: {concept_vector_record}")
     trainer = HyperSteerTrainer(
         model=model,
         args=training_args,
@@ -525,6 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_sets or None,
         data_collator=HyperSteerDataCollator(tokenizer=tokenizer),
         processing_class=tokenizer,
+        concept_vectors=concept_vectors,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -565,6 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "sources": data_args.dataset_name_or_path,
                     "world_size": training_args.world_size,
                     "distillation": distillation_summary,
+                    "concept_vector_targets": concept_vector_record,
                     "rank_fingerprints": rank_fingerprints,
                     # Evaluation rebuilds the splits with exactly these settings, so held-in evaluation rows are
                     # never rows the model was trained on.

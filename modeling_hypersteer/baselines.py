@@ -180,6 +180,24 @@ class _ConceptIndexCollator(HyperSteerDataCollator):
         return batch
 
 
+def concept_vector_training_arguments(
+    output_dir: str | os.PathLike, steps: int, learning_rate: float, seed: int, **kwargs
+) -> TrainingArguments:
+    """The [`TrainingArguments`] of per-concept vectors: `steps` AdamW steps of batch 4, nothing saved or reported, on
+    an accelerator when there is one; `kwargs` (e.g. `bf16=True`, `use_cpu=True`) are passed on."""
+    kwargs.setdefault("use_cpu", not torch.cuda.is_available())
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=learning_rate,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        **kwargs,
+    )
+
+
 def train_concept_vectors(
     model: HyperSteerModel, tokenizer, rows: Sequence[dict], training_args: TrainingArguments, max_length: int = 128
 ) -> dict[str, torch.Tensor]:
@@ -195,6 +213,8 @@ def train_concept_vectors(
         feature = tokenize_example(dict(row), tokenizer, max_length=max_length)
         if feature is not None:
             features.append({**feature, "concept_index": index[row["output_concept"]]})
+    # The vectors' model freezes all of `model`, whose hypernetwork may be trained next.
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     vector_model = ConceptVectorModel(model, concepts)
     trainer = Trainer(
         model=vector_model,
@@ -204,8 +224,12 @@ def train_concept_vectors(
     )
     # `Trainer.train()` leaves `model` in training mode, in which its later measurements would differ (dropout, and
     # HyperSteer's running statistics would follow every training-mode pass).
-    with restored_training_modes(model):
-        trainer.train()
+    try:
+        with restored_training_modes(model):
+            trainer.train()
+    finally:
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
     return vector_model.as_dict()
 
 
@@ -287,16 +311,7 @@ def baseline_concept_vectors(
         norm = vector_norm or mean_steering_vector_norm(model, tokenizer, reference_rows)
         vectors = diffmean_vectors(model, tokenizer, list(train_rows), list(negative_rows), norm=norm)
     else:
-        training_args = TrainingArguments(
-            output_dir=str(folder / "run"),
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            learning_rate=learning_rate,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-        )
+        training_args = concept_vector_training_arguments(folder / "run", steps, learning_rate, seed)
         vectors = train_concept_vectors(model, tokenizer, list(train_rows), training_args, max_length=max_length)
     save_concept_vectors(vectors, folder, method=method, **settings)
     return vectors
@@ -305,6 +320,7 @@ def baseline_concept_vectors(
 __all__ = [
     "ConceptVectorModel",
     "baseline_concept_vectors",
+    "concept_vector_training_arguments",
     "diffmean_vectors",
     "load_concept_vectors",
     "mean_response_residual",

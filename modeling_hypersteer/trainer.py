@@ -7,6 +7,7 @@ Checkpoints are hypernetwork-sized because `HyperSteerModel.save_pretrained` wri
 
 import copy
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from transformers.utils import logging
 
 from .data import DISTILLATION_COLUMNS
 from .model_card import DEFAULT_LICENSE, write_model_card
-from .modeling_hypersteer import per_row_causal_lm_loss
+from .modeling_hypersteer import per_row_causal_lm_loss, tokenize_steering_prompts
 from .utils import pyplot
 
 
@@ -64,6 +65,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
     hypernetwork makes from the other row's steering prompt *on row `i`'s own context* (only the layers above the
     steering layer run again), and `b` the shared offset when the model has one.
 
+    Per-concept vector targets (`concept_vector_loss_weight > 0`, with `concept_vectors=` given to
+    [`HyperSteerTrainer`]): one free vector per training concept trained with the LM loss alone shows its concept in
+    generated text far more than the hypernetwork's vectors do at the same fluency. The term pulls each row's vector
+    `v_i` (before the steering factor) toward `s * t_{c_i}`, its concept's trained vector `t` times
+    `concept_vector_scale`, by the relative squared error `||v_i - s t||^2 / ||s t||^2` averaged over the rows whose
+    concept has a target.
+
     Teacher-free distillation (`distillation_loss_weight > 0`, needs distillation rows from
     [`~modeling_hypersteer.data.tokenize_distillation_dataset`] in the training set). Such a row is a real text steered
     by two concept descriptions `d` and `d'` that need no response of their own; the teacher is the frozen base with
@@ -87,6 +95,14 @@ class HyperSteerTrainingArguments(TrainingArguments):
             Sharpness of the contrast's log-sigmoid on the per-row loss gap (nats).
         diversity_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the mean cosine similarity between steering vectors of different concepts in a batch.
+        concept_vector_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the per-concept vector term (0 turns it off); needs `concept_vectors=` in [`HyperSteerTrainer`].
+        concept_vector_scale (`float`, *optional*, defaults to 1.0):
+            `s` of the per-concept vector term: the hypernetwork's vector at factor 1 is pulled toward `s` times the
+            concept's trained vector, so that a trained vector's best factor `f` becomes the hypernetwork's `f / s`.
+        concept_vector_steps (`int`, *optional*, defaults to 250), concept_vector_learning_rate (`float`, *optional*,
+            defaults to 0.05): how `train_hypersteer.py` trains the per-concept vectors (batch 4, the LM loss alone)
+            on the training rows before the hypernetwork, when `concept_vector_loss_weight > 0`.
         distillation_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the teacher-free distillation term on distillation rows (0 turns it off).
         distillation_guidance (`float`, *optional*, defaults to 4.0):
@@ -142,6 +158,25 @@ class HyperSteerTrainingArguments(TrainingArguments):
     diversity_loss_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the mean cosine similarity between steering vectors of different concepts."},
+    )
+    concept_vector_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the term pulling each row's steering vector toward concept_vector_scale times its "
+            "concept's LM-trained vector (one free vector per training concept, trained before the hypernetwork). "
+            "0 turns it off."
+        },
+    )
+    concept_vector_scale: float = field(
+        default=1.0,
+        metadata={"help": "Multiple of a concept's trained vector that its steering vector at factor 1 is pulled to."},
+    )
+    concept_vector_steps: int = field(
+        default=250,
+        metadata={"help": "Training steps (batch 4) of the per-concept vectors, when concept_vector_loss_weight > 0."},
+    )
+    concept_vector_learning_rate: float = field(
+        default=0.05, metadata={"help": "AdamW learning rate of the per-concept vectors."}
     )
     distillation_loss_weight: float = field(
         default=0.0,
@@ -208,10 +243,22 @@ class HyperSteerTrainingArguments(TrainingArguments):
             )
         if not -float("inf") < self.distillation_guidance < float("inf"):
             raise ValueError(f"`distillation_guidance` must be a finite number, got {self.distillation_guidance!r}.")
-        for name in ("contrast_loss_weight", "diversity_loss_weight", "distillation_loss_weight"):
+        for name in (
+            "contrast_loss_weight",
+            "diversity_loss_weight",
+            "distillation_loss_weight",
+            "concept_vector_loss_weight",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value < float("inf"):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if not 0.0 < self.concept_vector_scale < float("inf"):
+            raise ValueError(f"`concept_vector_scale` must be a finite number > 0, got {self.concept_vector_scale!r}.")
+        if self.concept_vector_steps < 1 or not 0.0 < self.concept_vector_learning_rate < float("inf"):
+            raise ValueError(
+                f"`concept_vector_steps` must be >= 1 and `concept_vector_learning_rate` a finite number > 0, got "
+                f"{self.concept_vector_steps!r} and {self.concept_vector_learning_rate!r}."
+            )
         if not 0.0 < self.contrast_beta < float("inf"):
             raise ValueError(f"`contrast_beta` must be a finite number > 0, got {self.contrast_beta!r}.")
         if self.train_steering_factor_max is not None and not 1.0 <= self.train_steering_factor_max < float("inf"):
@@ -259,7 +306,15 @@ class HyperSteerTrainer(Trainer):
     """
 
     def __init__(
-        self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, *more, **kwargs
+        self,
+        model=None,
+        args=None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        *more,
+        concept_vectors: Mapping[str, torch.Tensor] | None = None,
+        **kwargs,
     ):
         if args is None:
             # The parent would build plain `TrainingArguments`, without this trainer's objective fields.
@@ -275,6 +330,23 @@ class HyperSteerTrainer(Trainer):
             args.do_eval = False
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, *more, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.concept_vector_targets = None
+        if args.concept_vector_loss_weight > 0:
+            if not concept_vectors:
+                raise ValueError(
+                    f"`concept_vector_loss_weight={args.concept_vector_loss_weight}` needs `concept_vectors=` (a dict "
+                    "from each training concept to its trained vector, e.g. from "
+                    "`modeling_hypersteer.baselines.train_concept_vectors`); pass them or set the weight to 0."
+                )
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self.concept_vector_targets = ConceptVectorTargets(
+                concept_vectors,
+                self.processing_class or unwrapped.tokenizer,
+                unwrapped.config.max_steering_prompt_length,
+                unwrapped.config.hidden_size,
+            )
+        elif concept_vectors:
+            logger.warning("`concept_vectors` are unused: `concept_vector_loss_weight` is 0.")
         if args.token_dropout_start_ratio > 0:
             if not getattr(self.model.config, "steering_prompt_token_dropout", 0.0):
                 logger.warning(
@@ -372,6 +444,17 @@ class HyperSteerTrainer(Trainer):
             if similarity is not None and model.training:
                 loss = loss + aux_scale * args.diversity_loss_weight * similarity
                 self._metrics[mode]["cross_concept_cosine"].append(similarity.detach())
+        if self.concept_vector_targets is not None:
+            rows, targets = self.concept_vector_targets(
+                inputs["steering_input_ids"], inputs.get("steering_attention_mask")
+            )
+            if len(rows) > 0:
+                vectors = outputs.steering_vectors[rows].float()
+                targets = args.concept_vector_scale * targets.to(vectors.device)
+                error = (vectors - targets).pow(2).sum(-1) / targets.pow(2).sum(-1).clamp(min=1e-6)
+                if model.training:
+                    loss = loss + aux_scale * args.concept_vector_loss_weight * error.mean()
+                self._metrics[mode]["concept_vector_loss"].append(error.detach().mean())
         # Kept as tensors: converting to floats here would add a host sync to every step.
         vectors = outputs.steering_vectors.detach()
         self._metrics[mode]["steering_vector_norm"].append(vectors.float().norm(dim=-1).mean())
@@ -465,6 +548,8 @@ class HyperSteerTrainer(Trainer):
             names.append("cross_concept_cosine")
         if self.args.distillation_loss_weight > 0:
             names.append("distillation_loss")
+        if self.concept_vector_targets is not None:
+            names.append("concept_vector_loss")
         return names
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -517,6 +602,58 @@ class HyperSteerTrainer(Trainer):
             tags=tags,
             dataset_names=[datasets] if isinstance(datasets, str) else datasets,
         )
+
+
+class ConceptVectorTargets:
+    """Each training concept's target steering vector, found for a row from its steering-prompt tokens.
+
+    Args:
+        vectors (`Mapping[str, torch.Tensor]`): concept description -> vector of shape `(hidden_size,)`.
+        tokenizer: the tokenizer the training rows' steering prompts were made with.
+        max_steering_prompt_length (`int`): their truncation length (the model config's).
+        hidden_size (`int`): the model's; every vector must have it.
+    """
+
+    def __init__(self, vectors: Mapping[str, torch.Tensor], tokenizer, max_steering_prompt_length: int, hidden_size):
+        concepts = list(vectors)
+        shapes = {concept: tuple(vectors[concept].shape) for concept in concepts}
+        wrong = {concept: shape for concept, shape in shapes.items() if shape != (hidden_size,)}
+        if wrong:
+            raise ValueError(
+                f"Concept vectors must have shape ({hidden_size},) (the model's hidden size); got {len(wrong)} others, "
+                f"e.g. {dict(list(wrong.items())[:3])}."
+            )
+        tokens = tokenize_steering_prompts(tokenizer, concepts, max_steering_prompt_length)
+        self.position = {
+            tuple(ids[mask.bool()].tolist()): position
+            for position, (ids, mask) in enumerate(
+                zip(tokens["steering_input_ids"], tokens["steering_attention_mask"])
+            )
+        }
+        self.vectors = torch.stack([vectors[concept].detach().float().cpu() for concept in concepts])
+
+    def __call__(
+        self, steering_input_ids: torch.Tensor, steering_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows whose steering prompt is a concept with a target, and their targets.
+
+        Args:
+            steering_input_ids (`torch.LongTensor` of shape `(batch_size, steering_sequence_length)`).
+            steering_attention_mask (`torch.Tensor` of the same shape, *optional*).
+
+        Returns:
+            `torch.LongTensor` of shape `(num_rows,)` (on the inputs' device) and `torch.FloatTensor` of shape
+            `(num_rows, hidden_size)` (on CPU).
+        """
+        if steering_attention_mask is None:
+            steering_attention_mask = torch.ones_like(steering_input_ids)
+        rows, positions = [], []
+        for row, (ids, mask) in enumerate(zip(steering_input_ids.tolist(), steering_attention_mask.tolist())):
+            position = self.position.get(tuple(token for token, keep in zip(ids, mask) if keep))
+            if position is not None:
+                rows.append(row)
+                positions.append(position)
+        return torch.tensor(rows, dtype=torch.long, device=steering_input_ids.device), self.vectors[positions]
 
 
 def steering_prompt_groups(
@@ -643,4 +780,4 @@ def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["HyperSteerTrainer", "HyperSteerTrainingArguments", "plot_loss_curves"]
+__all__ = ["ConceptVectorTargets", "HyperSteerTrainer", "HyperSteerTrainingArguments", "plot_loss_curves"]

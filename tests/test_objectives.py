@@ -22,6 +22,7 @@ from modeling_hypersteer.baselines import (
 from modeling_hypersteer.data import HyperSteerDataCollator, tokenize_example
 from modeling_hypersteer.modeling_hypersteer import _CACHE_FIELD, HyperSteerRunningCenter, _drop_tokens
 from modeling_hypersteer.trainer import (
+    ConceptVectorTargets,
     HyperSteerTrainer,
     HyperSteerTrainingArguments,
     cross_concept_cosine,
@@ -64,19 +65,20 @@ def _batch(tokenizer, rows):
     return HyperSteerDataCollator(tokenizer=tokenizer)(features)
 
 
-def _trainer(model, tmp_path, rows=None, callbacks=None, **arguments):
+def _trainer(model, tmp_path, rows=None, callbacks=None, concept_vectors=None, **arguments):
     """A CPU trainer; with `rows`, it trains on them."""
     args = HyperSteerTrainingArguments(
         output_dir=str(tmp_path), report_to="none", eval_strategy="no", use_cpu=True, **arguments
     )
     if rows is None:
-        return HyperSteerTrainer(model=model, args=args, callbacks=callbacks)
+        return HyperSteerTrainer(model=model, args=args, callbacks=callbacks, concept_vectors=concept_vectors)
     return HyperSteerTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list([tokenize_example(row, model.tokenizer, max_length=96) for row in rows]),
         data_collator=HyperSteerDataCollator(tokenizer=model.tokenizer),
         callbacks=callbacks,
+        concept_vectors=concept_vectors,
     )
 
 
@@ -191,6 +193,53 @@ def test_diversity_term_lowers_the_cosine_between_concepts(tiny_tokenizer, tmp_p
             return cross_concept_cosine(model(**batch).steering_vectors, groups).item()
 
     assert cosine_after_training(5.0) < cosine_after_training(0.0) - 0.1
+
+
+def test_concept_vector_targets_are_found_by_a_rows_steering_prompt(tiny_tokenizer):
+    target = torch.arange(32, dtype=torch.float32)
+    batch = _batch(tiny_tokenizer, ROWS)
+    targets = ConceptVectorTargets({CONCEPT_A: target}, tiny_tokenizer, 64, hidden_size=32)
+    rows, vectors = targets(batch["steering_input_ids"], batch["steering_attention_mask"])
+    # Rows 1 and 3 are another concept, which has no target: they are left out, not given a zero target.
+    assert rows.tolist() == [0, 2]
+    torch.testing.assert_close(vectors, torch.stack([target, target]))
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        ConceptVectorTargets({CONCEPT_A: torch.zeros(16)}, tiny_tokenizer, 64, hidden_size=32)
+
+
+def test_concept_vector_term_pulls_each_concepts_vector_toward_its_target(tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    targets = {CONCEPT_A: torch.randn(32), CONCEPT_B: torch.randn(32)}
+    trainer = _trainer(
+        model, tmp_path, concept_vectors=targets, concept_vector_loss_weight=5.0, concept_vector_scale=2.0
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(tiny_tokenizer, ROWS)
+    model.train()
+    errors = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        trainer.compute_loss(model, batch).backward()
+        optimizer.step()
+        errors.append(torch.stack(trainer._metrics["train"]["concept_vector_loss"]).mean().item())
+        trainer._metrics["train"].clear()
+    assert errors[-1] < 0.5 * errors[0], errors
+    model.eval()
+    with torch.no_grad():
+        vectors = model.compute_steering_vectors(steering_prompt=[CONCEPT_A, CONCEPT_B])
+    own = torch.nn.functional.cosine_similarity(vectors, torch.stack([targets[CONCEPT_A], targets[CONCEPT_B]]))
+    swapped = torch.nn.functional.cosine_similarity(vectors, torch.stack([targets[CONCEPT_B], targets[CONCEPT_A]]))
+    assert (own > swapped).all(), (own, swapped)
+
+
+def test_concept_vector_weight_and_vectors_go_together(tiny_tokenizer, tmp_path, caplog):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    with pytest.raises(ValueError, match="concept_vectors="):
+        _trainer(model, tmp_path, concept_vector_loss_weight=1.0)
+    with caplog.at_level(logging.WARNING):
+        _trainer(model, tmp_path, concept_vectors={CONCEPT_A: torch.zeros(32)})
+    assert "`concept_vectors` are unused" in caplog.text
 
 
 def test_mean_pooling_and_offset_are_padding_invariant(tiny_tokenizer):
@@ -422,7 +471,16 @@ def test_prior_model_round_trips(tiny_tokenizer, tmp_path, prior):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("contrast_loss_weight", -1.0), ("diversity_loss_weight", float("nan")), ("contrast_beta", 0.0)]
+    "field, value",
+    [
+        ("contrast_loss_weight", -1.0),
+        ("diversity_loss_weight", float("nan")),
+        ("contrast_beta", 0.0),
+        ("concept_vector_loss_weight", -1.0),
+        ("concept_vector_scale", 0.0),
+        ("concept_vector_steps", 0),
+        ("concept_vector_learning_rate", float("inf")),
+    ],
 )
 def test_objective_weights_are_validated(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
@@ -668,6 +726,8 @@ def test_concept_vectors_train_and_round_trip(tiny_tokenizer, tmp_path):
     for concept in vectors:
         torch.testing.assert_close(loaded[concept], vectors[concept])
     assert not any(p.requires_grad for p in model.language_model.parameters())
+    # The hypernetwork, frozen while the vectors trained, can be trained next.
+    assert all(p.requires_grad for p in model.hypernetwork.parameters())
 
 
 def test_running_center_tracks_training_batches_and_is_frozen_in_eval(tiny_tokenizer, tmp_path):
@@ -941,3 +1001,27 @@ def test_statistics_are_reduced_over_processes(tmp_path):
     for name, buffer in reference.state_dict().items():
         torch.testing.assert_close(ranks[0][name], buffer, rtol=1e-6, atol=1e-6)
     assert ranks[0]["num_updates"].item() == 3
+
+
+def test_vector_regression_probe_fits_the_map_and_scores_retrieval():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import probe_vector_regression as probe
+
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    mapping = torch.randn(8, 5)
+    targets = features @ mapping
+    queries = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    # With more training concepts than feature dimensions and almost no penalty, a linear map is recovered exactly.
+    torch.testing.assert_close(
+        probe.kernel_ridge(features, targets, queries, 1e-6), queries @ mapping, atol=1e-3, rtol=0
+    )
+    # A heavy penalty shrinks the predictions toward zero.
+    assert probe.kernel_ridge(features, targets, queries, 1e4).abs().max() < 0.01
+    cosines = probe.centred_cosines(queries @ mapping, queries @ mapping, torch.zeros(5))
+    scores = probe.summary(cosines)
+    assert scores["own_cosine"] == pytest.approx(1.0) and scores["retrieval_accuracy"] == 1.0
+    shuffled = probe.summary(cosines[torch.tensor([1, 0, 3, 2, 5, 4])])
+    assert shuffled["retrieval_accuracy"] == 0.0 and shuffled["own_cosine"] < 1.0

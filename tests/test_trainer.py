@@ -83,6 +83,34 @@ def test_end_to_end_run_learns_and_saves_a_loadable_hypernetwork(tiny_base_dir, 
     assert loaded.config.base_model_name_or_path == str(tiny_base_dir)
 
 
+def test_concept_vector_targets_are_trained_first_and_pull_the_hypernetwork(tiny_base_dir, concept_file, tmp_path):
+    output_dir = tmp_path / "run"
+    train_hypersteer.main(
+        _arguments(
+            tiny_base_dir,
+            concept_file,
+            output_dir,
+            hypernet_type="no_context",
+            concept_vector_loss_weight=1.0,
+            concept_vector_steps=5,
+            concept_vector_learning_rate=0.05,
+            eval_strategy="no",
+            save_strategy="no",
+            max_steps=20,
+        )
+    )
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    errors = [entry["concept_vector_loss"] for entry in state["log_history"] if "concept_vector_loss" in entry]
+    # Every training row's concept has a target (a missing one would leave the term unlogged), and it is learned.
+    assert len(errors) == 20
+    assert sum(errors[-5:]) / 5 < sum(errors[:5]) / 5, errors
+    # The vectors' own training saves nothing into the model's folder; the summary says how they were made.
+    assert not list(output_dir.glob("checkpoint-*"))
+    record = json.loads((output_dir / "training_summary.json").read_text())["concept_vector_targets"]
+    split = json.loads((output_dir / "concept_split.json").read_text())
+    assert record["concepts"] == len(split["heldin_concepts"]) and record["steps"] == 5 and record["norm_mean"] > 0
+
+
 def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(tiny_tokenizer, concept_file, tmp_path):
     base = build_tiny_base("gemma2", len(tiny_tokenizer))
     model = HyperSteerModel.from_base_model(
