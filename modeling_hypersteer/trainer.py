@@ -614,7 +614,9 @@ class ConceptVectorTargets:
         hidden_size (`int`): the model's; every vector must have it.
     """
 
-    def __init__(self, vectors: Mapping[str, torch.Tensor], tokenizer, max_steering_prompt_length: int, hidden_size):
+    def __init__(
+        self, vectors: Mapping[str, torch.Tensor], tokenizer, max_steering_prompt_length: int, hidden_size: int
+    ):
         concepts = list(vectors)
         shapes = {concept: tuple(vectors[concept].shape) for concept in concepts}
         wrong = {concept: shape for concept, shape in shapes.items() if shape != (hidden_size,)}
