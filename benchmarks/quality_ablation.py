@@ -499,12 +499,18 @@ def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
     }
 
 
+def record_run(path: Path, name: str, row: dict, **fields) -> None:
+    """Store `row` as run `name` of the results file at `path` (`{"runs": {...}}`, created when missing), keeping the
+    other runs; `fields` set top-level keys beside `runs`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    results["runs"][name] = row
+    results.update(fields)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def save_result(name: str, config: dict, result: dict) -> None:
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
-    results["runs"][name] = {"config": config, **result}
-    results["machine"] = machine_info()
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    record_run(RESULTS_PATH, name, {"config": config, **result}, machine=machine_info())
 
 
 def _ratio(value) -> str:

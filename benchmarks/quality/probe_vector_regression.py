@@ -165,9 +165,7 @@ def main(argv=None) -> dict:
     print(json.dumps(result, indent=2), flush=True)
 
     if args.name:
-        results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
-        results["runs"][args.name] = result
-        RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+        quality_ablation.record_run(RESULTS_PATH, args.name, result)
     return result
 
 

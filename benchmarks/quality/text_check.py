@@ -122,10 +122,7 @@ def main(argv=None) -> dict:
             ]
         )
         result[concepts] = evaluation["text_metric"]
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
-    results["runs"][args.name] = result
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    quality_ablation.record_run(RESULTS_PATH, args.name, result)
     return result
 
 

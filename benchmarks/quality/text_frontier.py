@@ -147,10 +147,7 @@ def main(argv=None) -> dict:
             f"{method}: detector accuracy {reference['detector_accuracy']:.3f}, probability "
             f"{reference['detector_probability']:.3f}, NLL {reference['nll']:.2f}"
         )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {"runs": {}}
-    results["runs"][args.name] = row
-    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    quality_ablation.record_run(RESULTS_PATH, args.name, row)
     plot_frontier(row, RESULTS_PATH.parent / f"text_frontier_{args.name}.png")
     return row
 
