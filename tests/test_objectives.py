@@ -2,6 +2,7 @@
 offset, the lexical path, the recipe file and the per-concept baselines."""
 
 import copy
+import json
 import logging
 
 import pytest
@@ -80,6 +81,21 @@ def _trainer(model, tmp_path, rows=None, callbacks=None, concept_vectors=None, *
         callbacks=callbacks,
         concept_vectors=concept_vectors,
     )
+
+
+def _train_steps(model, trainer, batch, steps, learning_rate, metric=None) -> list[float]:
+    """`steps` AdamW steps of `trainer`'s objective on one batch; the mean of `metric` logged at each step, if given."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    model.train()
+    values = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        trainer.compute_loss(model, batch).backward()
+        optimizer.step()
+        if metric is not None:
+            values.append(torch.stack(trainer._metrics["train"][metric]).mean().item())
+        trainer._metrics["train"].clear()
+    return values
 
 
 def _perturb(model, std=0.3):
@@ -161,16 +177,7 @@ def test_contrast_gradient_vanishes_when_every_row_has_the_same_concept(tiny_tok
 def test_contrast_training_separates_right_from_wrong_concept(tiny_tokenizer, tmp_path):
     model = _model(tiny_tokenizer, hypernet_type="no_context")
     trainer = _trainer(model, tmp_path, contrast_loss_weight=1.0, learning_rate=1e-2)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = _batch(tiny_tokenizer, ROWS)
-    model.train()
-    gaps = []
-    for _ in range(15):
-        optimizer.zero_grad()
-        trainer.compute_loss(model, batch).backward()
-        optimizer.step()
-        gaps.append(torch.stack(trainer._metrics["train"]["contrast_gap"]).mean().item())
-        trainer._metrics["train"].clear()
+    gaps = _train_steps(model, trainer, _batch(tiny_tokenizer, ROWS), 15, 1e-2, metric="contrast_gap")
     assert gaps[-1] > gaps[0] + 0.05
 
 
@@ -183,12 +190,7 @@ def test_diversity_term_lowers_the_cosine_between_concepts(tiny_tokenizer, tmp_p
         model = _model(tiny_tokenizer, hypernet_type="no_context")
         _perturb(model, std=0.05)
         trainer = _trainer(model, tmp_path, diversity_loss_weight=weight)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-        model.train()
-        for _ in range(10):
-            optimizer.zero_grad()
-            trainer.compute_loss(model, batch).backward()
-            optimizer.step()
+        _train_steps(model, trainer, batch, 10, 3e-3)
         with torch.no_grad():
             return cross_concept_cosine(model(**batch).steering_vectors, groups).item()
 
@@ -214,16 +216,7 @@ def test_concept_vector_term_pulls_each_concepts_vector_toward_its_target(tiny_t
     trainer = _trainer(
         model, tmp_path, concept_vectors=targets, concept_vector_loss_weight=5.0, concept_vector_scale=2.0
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = _batch(tiny_tokenizer, ROWS)
-    model.train()
-    errors = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        trainer.compute_loss(model, batch).backward()
-        optimizer.step()
-        errors.append(torch.stack(trainer._metrics["train"]["concept_vector_loss"]).mean().item())
-        trainer._metrics["train"].clear()
+    errors = _train_steps(model, trainer, _batch(tiny_tokenizer, ROWS), 30, 1e-2, metric="concept_vector_loss")
     assert errors[-1] < 0.5 * errors[0], errors
     model.eval()
     with torch.no_grad():
@@ -1025,3 +1018,17 @@ def test_vector_regression_probe_fits_the_map_and_scores_retrieval():
     assert scores["own_cosine"] == pytest.approx(1.0) and scores["retrieval_accuracy"] == 1.0
     shuffled = probe.summary(cosines[torch.tensor([1, 0, 3, 2, 5, 4])])
     assert shuffled["retrieval_accuracy"] == 0.0 and shuffled["own_cosine"] < 1.0
+
+
+def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    path = tmp_path / "results" / "runs.json"
+    quality_ablation.record_run(path, "first", {"value": 1})
+    quality_ablation.record_run(path, "second", {"value": 2}, machine={"cores": 2})
+    quality_ablation.record_run(path, "first", {"value": 3})
+    results = json.loads(path.read_text())
+    assert results == {"runs": {"first": {"value": 3}, "second": {"value": 2}}, "machine": {"cores": 2}}
