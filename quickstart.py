@@ -31,6 +31,7 @@ from modeling_hypersteer import HyperSteerModel
 from modeling_hypersteer.cli import parse_arguments
 from modeling_hypersteer.data import ConceptSplit, build_splits, format_prompt, load_concept_data
 from modeling_hypersteer.evaluation import model_fingerprint, offline_steering_metric, side_by_side
+from modeling_hypersteer.text_metric import GENERIC_INSTRUCTIONS
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE
 
 
@@ -70,13 +71,8 @@ RECIPE_OBJECTIVE_KEYS = (
     "calibrate_steering_factor",
     "calibration_factors",
 )
-# Written for the report; none of these instructions appears in the bundled training data.
-UNSEEN_INSTRUCTIONS = (
-    "Describe your ideal weekend in two sentences.",
-    "What makes someone a good friend?",
-    "Give me a tip for staying focused while studying.",
-    "Why do people enjoy travelling?",
-)
+# The text metric's first four instructions: none appears in the bundled training data or in the factor calibration.
+UNSEEN_INSTRUCTIONS = GENERIC_INSTRUCTIONS[:4]
 
 
 @dataclass

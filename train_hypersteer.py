@@ -73,7 +73,7 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 from modeling_hypersteer.smollm2 import smollm2_path
-from modeling_hypersteer.text_metric import calibrate_steering_factor, check_factor_grid
+from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, calibrate_steering_factor, check_factor_grid
 from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
 
@@ -195,10 +195,14 @@ class ModelArguments:
         default="1,2,4,8", metadata={"help": "Comma-separated candidate factors of the calibration (each > 0)."}
     )
     calibration_concepts: int = field(
-        default=12, metadata={"help": "Held-in concepts the calibration generates for (bounds its cost)."}
+        default=8, metadata={"help": "Held-in concepts the calibration generates for (bounds its cost)."}
     )
     calibration_instructions: int = field(
-        default=2, metadata={"help": "Generic instructions per concept in the calibration (at least 2)."}
+        default=6,
+        metadata={
+            "help": "Instructions per concept in the calibration, 2 to 6, from its own pool "
+            "(text_metric.CALIBRATION_INSTRUCTIONS), which no text-metric evaluation uses."
+        },
     )
     calibration_max_new_tokens: int = field(default=48, metadata={"help": "Greedy tokens per calibration generation."})
     calibration_batch_size: int = field(
@@ -245,6 +249,11 @@ class ModelArguments:
             for flag, (value, minimum) in counts.items():
                 if value < minimum:
                     raise ValueError(f"{flag} must be >= {minimum}, got {value}.")
+            if self.calibration_instructions > len(CALIBRATION_INSTRUCTIONS):
+                raise ValueError(
+                    f"--calibration_instructions must be <= {len(CALIBRATION_INSTRUCTIONS)} (the calibration's "
+                    f"instruction pool), got {self.calibration_instructions}."
+                )
 
 
 @dataclass

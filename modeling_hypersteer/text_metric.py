@@ -64,6 +64,19 @@ GENERIC_INSTRUCTIONS = (
     "What are the benefits of learning a new language?",
     "Describe a pleasant walk in a park.",
 )
+# The factor calibration's own instructions, written like the ones above but none of them: the fluency bound is
+# prompting's NLL on the calibration's instructions + a margin, and prompting's NLL moves by half a nat between small
+# sets of instructions (1.87 on the first two generic instructions, 1.36 on the first four), so a calibration on two of
+# the evaluation's instructions shipped factors whose text broke the bound on the other two. Six instructions no
+# evaluation uses give a steadier bound, and the calibrated factor is then reported on prompts it was not chosen on.
+CALIBRATION_INSTRUCTIONS = (
+    "How would you cheer up a friend who had a bad day?",
+    "Describe your favourite meal and why you like it.",
+    "What is a good habit to build this year?",
+    "Write a short message inviting a colleague to lunch.",
+    "Explain how to plan a small birthday party.",
+    "What do you enjoy about the first snow of winter?",
+)
 # Reference responses run to hundreds of words, generations to tens: the detector learns from windows of this many
 # words (see `ConceptDetector.fit`).
 DETECTOR_WINDOW_WORDS = 40
@@ -697,11 +710,11 @@ def calibrate_steering_factor(
     tokenizer,
     rows: Iterable[Mapping[str, Any]],
     factors: Sequence[float],
-    num_concepts: int | None = 12,
-    num_instructions: int = 2,
+    num_concepts: int | None = 8,
+    num_instructions: int = 6,
     max_new_tokens: int = 48,
     batch_size: int = 24,
-    instructions: Sequence[str] = GENERIC_INSTRUCTIONS,
+    instructions: Sequence[str] = CALIBRATION_INSTRUCTIONS,
     nll_margin: float = DEFAULT_NLL_MARGIN,
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
     seed: int = 0,
@@ -709,8 +722,9 @@ def calibrate_steering_factor(
 ) -> tuple[float, dict[str, Any]]:
     """Chooses the factor at which the concept shows, within a fluency bound, on held-in concepts.
 
-    `num_concepts` concepts of `rows` (a seeded sample) are steered with every factor of `factors` on
-    `num_instructions` generic instructions each, next to prompting and the unsteered base, and scored by the text
+    `num_concepts` concepts of `rows` (a seeded sample) are steered with every factor of `factors` on the first
+    `num_instructions` of `instructions` each (by default [`CALIBRATION_INSTRUCTIONS`], none of which the text metric
+    reports on), next to prompting and the unsteered base, and scored by the text
     metric (see the module docstring). The factor with the highest detector accuracy among those whose fluency NLL is
     within `nll_margin` nats of prompting's and whose distinct-bigram share is at least `distinct_fraction` of
     prompting's wins, ties going to the smaller factor ([`select_steering_factor`]). When none passes, the model's
@@ -722,8 +736,8 @@ def calibrate_steering_factor(
             concepts) plus any negative rows; they train the concept detector.
         factors (`Sequence[float]`): the candidate factors, each finite and positive.
         batch_size (`int`, *optional*, defaults to 24): generation and NLL batch size. One factor's generations for
-            12 concepts x 2 instructions fit one batch; on CPU that halves the time of batches of 8 (SmolLM2-135M,
-            48 tokens: 25 s against 48 s for 24 generations).
+            8 concepts x 6 instructions are two batches; on CPU batches of 24 take half the time of batches of 8
+            (SmolLM2-135M, 48 tokens: 25 s against 48 s for 24 generations).
         prompt_placement (`str`, *optional*, defaults to `"user"`): where the reference, prompting, puts the steering
             instruction (see `evaluation.prompt_steering_turns`).
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_base, cli_arguments, save_tiny_base
+from conftest import REPO_ROOT, build_tiny_base, cli_arguments, save_tiny_base
 
 import evaluate_steering
 import train_hypersteer
@@ -16,6 +16,8 @@ from modeling_hypersteer.data import format_prompt
 from modeling_hypersteer.evaluation import METHODS, summary_markdown
 from modeling_hypersteer.model_card import write_model_card
 from modeling_hypersteer.text_metric import (
+    CALIBRATION_INSTRUCTIONS,
+    GENERIC_INSTRUCTIONS,
     METHOD_COLORS,
     ConceptDetector,
     check_factor_grid,
@@ -241,6 +243,9 @@ def test_training_with_calibration_saves_the_chosen_factor(calibrated_dir):
     )
     split = json.loads((calibrated_dir / "concept_split.json").read_text())
     assert set(record["concepts"]) <= set(split["heldin_concepts"])
+    # Calibrated on its own instructions, so the text metric reports the factor on prompts it was not chosen on.
+    assert record["instructions"] == list(CALIBRATION_INSTRUCTIONS)
+    assert not set(record["instructions"]) & set(GENERIC_INSTRUCTIONS)
     # The saved choice is the rule's choice on the recorded numbers.
     expected, _ = select_steering_factor(record["table"], record["reference"]["prompt"])
     assert record["factor"] == (expected if expected is not None else 1.0)
@@ -257,6 +262,8 @@ def test_calibration_flags_are_checked_before_training(tiny_tokenizer, tmp_path)
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", ","])
     with pytest.raises(ValueError, match="--calibration_instructions must be >= 2, got 1"):
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_instructions", "1"])
+    with pytest.raises(ValueError, match="--calibration_instructions must be <= 6 .* got 7"):
+        train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_instructions", "7"])
     with pytest.raises(ValueError, match="'1,two'"):
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", "1,two"])
 
@@ -323,3 +330,39 @@ def test_every_method_has_its_own_plot_colour():
     assert set(METHODS) <= set(METHOD_COLORS)
     colours = [METHOD_COLORS[method] for method in METHODS]
     assert len(set(colours)) == len(colours)
+
+
+def test_calibration_transfer_pairs_runs_and_checks_the_bound_on_the_evaluation():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import calibration_transfer
+
+    def run(factor, nll, distinct, accuracy):
+        rows = [
+            {"method": "hypersteer", "nll": nll, "distinct_bigrams": distinct, "detector_accuracy": accuracy},
+            {"method": "prompt", "nll": 1.3, "distinct_bigrams": 0.9, "detector_accuracy": 8 / 48},
+            {"method": "none", "nll": 0.8, "distinct_bigrams": 0.8, "detector_accuracy": 1 / 48},
+        ]
+        for row in rows:
+            row["num_samples"] = 48
+        return {"factor": factor, "calibration": {"reference": {"prompt": {"nll": 1.9}}}, "heldin": {"rows": rows}}
+
+    runs = {
+        "fluent": run(1.0, 1.5, 0.9, 2 / 48),
+        "fluent_cal8x6": run(1.0, 1.5, 0.9, 2 / 48),
+        "broken": run(4.0, 2.0, 0.9, 15 / 48),  # NLL above 1.3 + 0.5
+        "broken_cal8x6": run(2.0, 1.7, 0.9, 6 / 48),
+        "repetitive": run(8.0, 1.0, 0.6, 9 / 48),  # distinct bigrams below 0.75 x 0.9
+        "recipe_prior48": run(2.0, 2.2, 0.9, 7 / 48),
+        "recipe_split42_cal8x6": run(1.0, 1.26, 0.95, 1 / 48),
+    }
+    table = {row["run"]: row for row in calibration_transfer.transfer_table(runs)}
+    assert set(table) == {"fluent", "broken", "recipe_prior48"}  # "repetitive" has no recalibrated row
+    assert table["fluent"]["old"]["within_bound"] and table["fluent"]["new"]["within_bound"]
+    assert not table["broken"]["old"]["within_bound"] and table["broken"]["new"]["within_bound"]
+    assert table["broken"]["old"]["detected"] == 15 and table["broken"]["new"]["factor"] == 2.0
+    assert table["recipe_prior48"]["new"]["detected"] == 1
+    assert not calibration_transfer.evaluation_outcome(runs["repetitive"])["within_bound"]
+    text = calibration_transfer.markdown(list(table.values()))
+    assert "old 1 of 3, new 3 of 3" in text and "**outside**" in text

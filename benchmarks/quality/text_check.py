@@ -46,6 +46,23 @@ def main(argv=None) -> dict:
         default=recipe_settings()["calibration_factors"],
         help="Candidate factors (default: the recipe file's grid, what the recipe command calibrates over).",
     )
+    parser.add_argument(
+        "--calibration_concepts",
+        type=int,
+        default=train_hypersteer.ModelArguments.calibration_concepts,
+        help="Held-in concepts of the calibration (default: train_hypersteer.py's).",
+    )
+    parser.add_argument(
+        "--calibration_instructions",
+        type=int,
+        default=train_hypersteer.ModelArguments.calibration_instructions,
+        help="Instructions per concept of the calibration (default: train_hypersteer.py's).",
+    )
+    parser.add_argument(
+        "--concept_sets",
+        default="heldin,heldout,heldback",
+        help="Comma-separated concept sets scored at the calibrated factor (of heldin, heldout, heldback).",
+    )
     parser.add_argument("--heldin_concepts", type=int, default=12, help="Held-in concepts scored in text.")
     parser.add_argument("--instructions_per_concept", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=48)
@@ -74,6 +91,8 @@ def main(argv=None) -> dict:
         base_model_name_or_path=train_hypersteer.SMOLLM2_ALIAS,
         calibrate_steering_factor=True,
         calibration_factors=args.calibration_factors,
+        calibration_concepts=args.calibration_concepts,
+        calibration_instructions=args.calibration_instructions,
     )
     calibration = train_hypersteer.calibrate_default_steering_factor(
         model,
@@ -90,12 +109,18 @@ def main(argv=None) -> dict:
         "heldin": ["--concepts", "heldin", "--max_concepts", str(args.heldin_concepts)],
         "heldout": ["--concepts", "heldout"],
     }
-    if args.heldback_data:
+    concept_sets = [name.strip() for name in args.concept_sets.split(",") if name.strip()]
+    unknown = sorted(set(concept_sets) - {"heldin", "heldout", "heldback"})
+    if unknown or not concept_sets:
+        parser.error(f"--concept_sets takes heldin, heldout and/or heldback, got {args.concept_sets!r}.")
+    if args.heldback_data and "heldback" in concept_sets:
         heldback_data = quality_ablation.data_path(args.heldback_data)
         # Named, since the run's own split knows nothing of these concepts.
         heldback = quality_ablation.heldback_concepts(load_concept_data(heldback_data), args.heldback_concepts)
         selections["heldback"] = ["--dataset_name_or_path", heldback_data, "--concepts", "|".join(heldback)]
     for concepts, selection in selections.items():
+        if concepts not in concept_sets:
+            continue
         evaluation = evaluate_steering.main(
             [
                 "--model",
