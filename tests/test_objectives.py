@@ -1020,6 +1020,36 @@ def test_vector_regression_probe_fits_the_map_and_scores_retrieval():
     assert shuffled["retrieval_accuracy"] == 0.0 and shuffled["own_cosine"] < 1.0
 
 
+def test_training_free_direction_probe_reads_the_prior_and_weights_rare_words(tiny_tokenizer):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import probe_training_free_directions as probe
+
+    model = _model(tiny_tokenizer, hypernet_type="no_context", steering_prior="lexical", steering_prior_init_norm=8.0)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    # Uniform weights give exactly the lexical prior's u(s) (the model's vectors at the start, divided by the norm).
+    uniform = probe.weighted_lexical_directions(model, [CONCEPT_A, CONCEPT_B], torch.ones(vocab_size))
+    vectors = model.compute_steering_vectors(steering_prompt=[CONCEPT_A, CONCEPT_B]).float()
+    torch.testing.assert_close(uniform, vectors / 8.0, atol=1e-4, rtol=1e-4)
+
+    descriptions = ["terms related to cats", "terms related to ships", "terms related to law"]
+    idf = probe.idf_token_weights(tiny_tokenizer, descriptions, vocab_size)
+    shared = tiny_tokenizer(" related", add_special_tokens=False)["input_ids"][0]
+    rare = tiny_tokenizer(" cats", add_special_tokens=False)["input_ids"][0]
+    assert idf[shared] == pytest.approx(0.0) and idf[rare] > idf[shared]
+    # Tokens every description shares drop out: "terms related to cats" points where " cats" alone does.
+    with_prefix, alone = probe.weighted_lexical_directions(model, ["terms related to cats", " cats"], idf)
+    torch.testing.assert_close(with_prefix, alone, atol=1e-5, rtol=1e-5)
+    uniform = probe.weighted_lexical_directions(model, ["terms related to cats", " cats"], torch.ones(vocab_size))
+    assert (uniform[0] @ uniform[1]).item() < 0.99
+
+    # Own-centred cosines: a direction set that is the targets up to a shared offset and scale scores 1 with itself.
+    targets = torch.randn(5, 32)
+    cosines = probe.own_centred_cosines(3 * targets + 7, targets, heldin=[0, 1, 2, 3, 4], rows=[0, 1, 2, 3, 4])
+    torch.testing.assert_close(cosines.diagonal(), torch.ones(5), atol=1e-5, rtol=0)
+
+
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
     import sys
 

@@ -83,20 +83,24 @@ def summary(cosines: torch.Tensor) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_vector_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of [`trained_concept_vectors`]."""
     parser.add_argument("--run_dir", required=True, help="A finished training run (its split and HyperSteer vectors).")
     parser.add_argument("--output_dir", required=True, help="Where the trained vectors and generations are kept.")
     parser.add_argument("--heldback_data", default="../shared/data/axbench_more/concept_llama")
     parser.add_argument("--heldback_concepts", type=int, default=24)
     parser.add_argument("--steps", type=int, default=400, help="Training steps (batch 4) of the per-concept vectors.")
     parser.add_argument("--learning_rate", type=float, default=0.05)
-    parser.add_argument("--ridges", default="0.01,0.1,1,10", help="Penalties tried by leave-one-out on held-in.")
-    parser.add_argument("--name", default=None, help="Row name in results/probe_vector_regression.json.")
-    args = parser.parse_args(argv)
-    transformers.utils.logging.set_verbosity_warning()
 
-    run_dir, output_dir = Path(args.run_dir), Path(args.output_dir)
+
+def trained_concept_vectors(model, run_dir: Path, output_dir: Path, args) -> tuple[dict, list[str], dict]:
+    """One LM-trained vector per concept (the `vector` baseline, kept in `output_dir/vectors` and reused from there)
+    for the run's held-in concepts and, as targets only, its held-out and the held-back concepts.
+
+    Returns:
+        `(vectors, heldin_concepts, never_concepts)`: `{concept: (hidden_size,) tensor}`, the sorted held-in concepts
+        and `{"heldout": [...], "heldback": [...]}`.
+    """
     training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
     data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
     split = ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE)
@@ -111,8 +115,6 @@ def main(argv=None) -> dict:
     ]
     keys = ("input", "output", "output_concept")
     rows = [{key: row[key] for key in keys} for row in train_rows + heldout_rows + heldback_rows]
-
-    model = HyperSteerModel.from_pretrained(run_dir).eval()
     vectors = baseline_concept_vectors(
         "vector",
         model,
@@ -125,7 +127,20 @@ def main(argv=None) -> dict:
         learning_rate=args.learning_rate,
     )
     heldin_concepts = sorted({row["output_concept"] for row in train_rows})
-    never_concepts = {"heldout": sorted(heldout), "heldback": sorted(heldback)}
+    return vectors, heldin_concepts, {"heldout": sorted(heldout), "heldback": sorted(heldback)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_vector_arguments(parser)
+    parser.add_argument("--ridges", default="0.01,0.1,1,10", help="Penalties tried by leave-one-out on held-in.")
+    parser.add_argument("--name", default=None, help="Row name in results/probe_vector_regression.json.")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.set_verbosity_warning()
+
+    run_dir = Path(args.run_dir)
+    model = HyperSteerModel.from_pretrained(run_dir).eval()
+    vectors, heldin_concepts, never_concepts = trained_concept_vectors(model, run_dir, Path(args.output_dir), args)
     targets = {name: torch.stack([vectors[c] for c in concepts]) for name, concepts in never_concepts.items()}
     heldin_targets = torch.stack([vectors[c] for c in heldin_concepts])
     centre = heldin_targets.mean(0)

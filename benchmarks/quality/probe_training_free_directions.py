@@ -1,0 +1,213 @@
+"""Probe: can a direction read from the frozen base, with no training, stand in for a concept's LM-trained vector?
+
+Never-trained descriptions get from HyperSteer little more than what such a direction gives them (the lexical prior),
+and the vectors that do show a concept in text are trained per concept (`probe_vector_regression.py`). This probe
+measures four training-free directions per concept against those trained vectors, and alone in text:
+
+* `lexical`: the lexical prior's `u(s)`, the mean output embedding of the description's tokens, centred on the
+  vocabulary mean;
+* `lexical_idf`: the same mean weighted by each token's inverse document frequency over a large description list
+  (Concept16K), so the words every description uses ("references", "related", "terms", "the") count for little;
+* `prompted_last`: the base's residual at the steering layer over the last prompt tokens when the concept is asked for
+  in the user turn (as the prompting baseline asks), minus the same without it, averaged over instructions;
+* `prompted_answer`: the same difference over the tokens of the base's own unsteered answer (teacher-forced).
+
+Against the trained vectors: the cosine of each concept's direction with its own vector, both centred on their
+held-in means (the shared part says nothing about which concept it is), and retrieval (own vector nearest). In text:
+each direction alone, scaled to `--text_norm` times each `--text_factors` value, on the run's first 12 held-in concepts
+(for this probe every concept is untrained), against prompting and the unsteered base.
+
+    python benchmarks/quality/probe_training_free_directions.py --run_dir /tmp/hq4/recipe_prior48_600 \
+        --output_dir /tmp/hq5/vector_regression --name recipe_prior48_600
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+
+import quality_ablation  # noqa: E402
+from probe_vector_regression import add_vector_arguments, summary, trained_concept_vectors  # noqa: E402
+
+from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.data import format_prompt, load_concept_data  # noqa: E402
+from modeling_hypersteer.data.distillation import load_concept_descriptions  # noqa: E402
+from modeling_hypersteer.evaluation import prompt_steering_turns  # noqa: E402
+from modeling_hypersteer.modeling_hypersteer import (  # noqa: E402
+    HyperSteerPrior,
+    steering_layer_output,
+    tokenize_steering_prompts,
+)
+from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, ConceptDetector, text_metric  # noqa: E402
+from modeling_hypersteer.utils import TRAINING_SUMMARY_FILE  # noqa: E402
+
+
+RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "probe_training_free_directions.json"
+# Where the prompted difference is read: the last tokens of the prompt (the assistant header the reply starts from).
+PROMPT_TAIL_TOKENS = 3
+
+
+def idf_token_weights(tokenizer, descriptions: list[str], vocab_size: int) -> torch.Tensor:
+    """`(vocab_size,)` inverse document frequency `log((N + 1) / (df + 1))` of every token over `descriptions`."""
+    document_frequency = Counter()
+    for description in descriptions:
+        document_frequency.update(set(tokenizer(description, add_special_tokens=False)["input_ids"]))
+    weights = torch.full((vocab_size,), math.log(len(descriptions) + 1))
+    for token_id, count in document_frequency.items():
+        weights[token_id] = math.log((len(descriptions) + 1) / (count + 1))
+    return weights
+
+
+@torch.no_grad()
+def weighted_lexical_directions(model, concepts: list[str], token_weights: torch.Tensor) -> torch.Tensor:
+    """`(num_concepts, hidden_size)` unit directions: the `token_weights`-weighted mean output embedding of each
+    description's concept tokens, centred on the vocabulary mean. All-ones weights give the lexical prior's `u(s)`."""
+    output_embeddings = model.get_output_embeddings().weight.detach().float()
+    tokens = tokenize_steering_prompts(model.tokenizer, concepts, model.config.max_steering_prompt_length)
+    input_ids, attention_mask = tokens["steering_input_ids"], tokens["steering_attention_mask"]
+    mask = HyperSteerPrior.concept_token_mask(model.language_model, input_ids, attention_mask).float()
+    weights = mask * token_weights[input_ids]
+    mean = (output_embeddings[input_ids] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)
+    return F.normalize(mean - output_embeddings.mean(0), dim=-1)
+
+
+@torch.no_grad()
+def prompted_directions(model, concepts: list[str], instructions: list[str]) -> dict[str, torch.Tensor]:
+    """`{"prompted_last", "prompted_answer"}`: `(num_concepts, hidden_size)` mean differences of the steering layer's
+    residual with and without the concept asked for in the user turn (see the module docstring)."""
+    tokenizer, language_model, layer = model.tokenizer, model.language_model, model.config.steering_layer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        plain = [format_prompt(tokenizer, instruction) for instruction in instructions]
+        encoded = tokenizer(plain, return_tensors="pt", padding=True, add_special_tokens=False)
+        generated = language_model.generate(**encoded, max_new_tokens=24, do_sample=False)
+        answers = [
+            tokenizer(text, add_special_tokens=False)["input_ids"]
+            for text in tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
+        answer_length = min(len(answer) for answer in answers)
+        answers = [tokenizer.decode(answer[:answer_length]) for answer in answers]
+
+        def states(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            def residual(texts):
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                return steering_layer_output(language_model, layer, batch["input_ids"], batch["attention_mask"])
+
+            tail = residual(prompts)[:, -PROMPT_TAIL_TOKENS:].float().mean(1)
+            answer = residual([p + a for p, a in zip(prompts, answers)])[:, -answer_length:].float().mean(1)
+            return tail, answer
+
+        plain_tail, plain_answer = states(plain)
+        last, over_answer = [], []
+        for concept in concepts:
+            tail, answer = states(
+                [
+                    format_prompt(tokenizer, *prompt_steering_turns(c, i))
+                    for c, i in zip([concept] * len(instructions), instructions)
+                ]
+            )
+            last.append((tail - plain_tail).mean(0))
+            over_answer.append((answer - plain_answer).mean(0))
+    finally:
+        tokenizer.padding_side = padding_side
+    return {"prompted_last": torch.stack(last), "prompted_answer": torch.stack(over_answer)}
+
+
+def own_centred_cosines(directions: torch.Tensor, targets: torch.Tensor, heldin: list[int], rows: list[int]):
+    """Cosines of `directions[rows]` with `targets[rows]`, each centred on its own held-in mean."""
+    directions = directions - directions[heldin].mean(0)
+    targets = targets - targets[heldin].mean(0)
+    return F.normalize(directions[rows], dim=-1) @ F.normalize(targets[rows], dim=-1).T
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_vector_arguments(parser)
+    parser.add_argument(
+        "--idf_descriptions",
+        default="../shared/data/axbench_more/concept16k/descriptions.jsonl",
+        help="Description list whose document frequencies weight `lexical_idf`.",
+    )
+    parser.add_argument("--text_norm", type=float, default=32.0, help="Norm of each direction at factor 1 in text.")
+    parser.add_argument("--text_factors", default="1,2,4", help="Factors of the text check ('' to skip it).")
+    parser.add_argument("--text_concepts", type=int, default=12, help="Held-in concepts of the text check.")
+    parser.add_argument("--name", default=None, help="Row name in results/probe_training_free_directions.json.")
+    args = parser.parse_args(argv)
+    transformers.utils.logging.set_verbosity_warning()
+
+    run_dir, output_dir = Path(args.run_dir), Path(args.output_dir)
+    model = HyperSteerModel.from_pretrained(run_dir).eval()
+    vectors, heldin_concepts, never_concepts = trained_concept_vectors(model, run_dir, output_dir, args)
+    concepts = heldin_concepts + never_concepts["heldout"] + never_concepts["heldback"]
+    groups, start = {}, 0
+    for name, members in [("heldin", heldin_concepts), *never_concepts.items()]:
+        groups[name] = list(range(start, start + len(members)))
+        start += len(members)
+    targets = torch.stack([vectors[concept] for concept in concepts]).float()
+
+    descriptions = load_concept_descriptions(quality_ablation.data_path(args.idf_descriptions))
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    idf = idf_token_weights(model.tokenizer, descriptions, vocab_size)
+    directions = {
+        "lexical": weighted_lexical_directions(model, concepts, torch.ones(vocab_size)),
+        "lexical_idf": weighted_lexical_directions(model, concepts, idf),
+        **prompted_directions(model, concepts, list(CALIBRATION_INSTRUCTIONS)),
+    }
+    result = {
+        "run_dir": str(run_dir),
+        "command": "python benchmarks/quality/probe_training_free_directions.py " + " ".join(argv or sys.argv[1:]),
+        "idf_descriptions": len(descriptions),
+        "directions": {},
+    }
+    for kind, direction in directions.items():
+        pairwise = F.normalize(direction, dim=-1) @ F.normalize(direction, dim=-1).T
+        result["directions"][kind] = {
+            "norm": round(direction.norm(dim=-1).mean().item(), 2),
+            "pairwise_cosine": round(pairwise.fill_diagonal_(float("nan")).nanmean().item(), 4),
+            **{
+                name: summary(own_centred_cosines(direction, targets, groups["heldin"], rows))
+                for name, rows in groups.items()
+            },
+        }
+
+    factors = [float(value) for value in args.text_factors.split(",") if value.strip()]
+    if factors:
+        training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
+        data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
+        text_concepts = heldin_concepts[: args.text_concepts]
+        detector = ConceptDetector.from_rows(data, concepts=text_concepts)
+        for kind, direction in directions.items():
+            steering = {c: F.normalize(direction[concepts.index(c)], dim=-1) * args.text_norm for c in text_concepts}
+            metric = text_metric(
+                model,
+                model.tokenizer,
+                detector,
+                text_concepts,
+                ["vector", "prompt", "none"],
+                factors,
+                max_new_tokens=48,
+                generations_path=output_dir / f"training_free_{kind}.jsonl",
+                concept_vectors={"vector": steering},
+            )
+            keys = ("method", "factor", "detector_accuracy", "detector_probability", "nll", "distinct_bigrams")
+            result["directions"][kind]["text"] = [{key: row.get(key) for key in keys} for row in metric["rows"]]
+    print(json.dumps(result, indent=2), flush=True)
+    if args.name:
+        quality_ablation.record_run(RESULTS_PATH, args.name, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
