@@ -24,9 +24,9 @@ metric needs no LLM judge, so it runs on any machine; it is *not* comparable wit
 judged AxBench protocol of `evaluate_steering.py`.
 
 Instructions: a fixed list of generic instructions ([`GENERIC_INSTRUCTIONS`]), the same for every concept and
-method. They were written for this metric, not taken from the concept data, and name no concept, so the concept
-shows only when the method puts it there, and the unsteered accuracy is the detector's false-positive rate on
-identical prompts.
+method; the factor calibration draws from a pool of its own ([`CALIBRATION_INSTRUCTIONS`]). Both were written for
+this metric, not taken from the concept data, and name no concept, so the concept shows only when the method puts it
+there, and the unsteered accuracy is the detector's false-positive rate on identical prompts.
 
 This module is library code (it needs scikit-learn); the remote code never imports it.
 """
@@ -64,11 +64,11 @@ GENERIC_INSTRUCTIONS = (
     "What are the benefits of learning a new language?",
     "Describe a pleasant walk in a park.",
 )
-# The factor calibration's own instructions, written like the ones above but none of them: the fluency bound is
-# prompting's NLL on the calibration's instructions + a margin, and prompting's NLL moves by half a nat between small
-# sets of instructions (1.87 on the first two generic instructions, 1.36 on the first four), so a calibration on two of
-# the evaluation's instructions shipped factors whose text broke the bound on the other two. Six instructions no
-# evaluation uses give a steadier bound, and the calibrated factor is then reported on prompts it was not chosen on.
+# The factor calibration's own instructions, written like the ones above but none of them. The fluency bound is
+# prompting's NLL on the calibration's answers + a margin, and prompting's NLL per instruction spans 0.7-2.1 nats on
+# SmolLM2-135M: calibrated on the first two instructions above (prompting 1.77-1.95 there, 1.31-1.44 on the first
+# four), 6 of 10 runs shipped a factor whose text broke the bound on the evaluation's instructions; on these six, 0 of
+# 10 (README, "The calibration's own instructions"). The factor is then also reported on prompts it was not chosen on.
 CALIBRATION_INSTRUCTIONS = (
     "How would you cheer up a friend who had a bad day?",
     "Describe your favourite meal and why you like it.",
