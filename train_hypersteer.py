@@ -180,7 +180,7 @@ class ModelArguments:
         default=None, metadata={"help": "Attention implementation of the base ('eager', 'sdpa', ...)."}
     )
     # Steering-factor calibration after training: the saved `default_steering_factor` is the one at which the concept
-    # shows, so `generate(steering_prompt=...)` without a factor steers visibly.
+    # shows most within a fluency bound, so `generate(steering_prompt=...)` without a factor steers as far as it can.
     calibrate_steering_factor: bool = field(
         default=False,
         metadata={

@@ -67,8 +67,8 @@ GENERIC_INSTRUCTIONS = (
 # The factor calibration's own instructions, written like the ones above but none of them. The fluency bound is
 # prompting's NLL on the calibration's answers + a margin, and prompting's NLL per instruction spans 0.7-2.1 nats on
 # SmolLM2-135M: calibrated on the first two instructions above (prompting 1.77-1.95 there, 1.31-1.44 on the first
-# four), 6 of 10 runs shipped a factor whose text broke the bound on the evaluation's instructions; on these six, 0 of
-# 10 (README, "The calibration's own instructions"). The factor is then also reported on prompts it was not chosen on.
+# four), 6 of 11 runs shipped a factor whose text broke the bound on the evaluation's instructions; on these six, 0 of
+# 11 (README, "The calibration's own instructions"). The factor is then also reported on prompts it was not chosen on.
 CALIBRATION_INSTRUCTIONS = (
     "How would you cheer up a friend who had a bad day?",
     "Describe your favourite meal and why you like it.",
