@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
 
 import quality_ablation  # noqa: E402
-from probe_vector_regression import add_vector_arguments, summary, trained_concept_vectors  # noqa: E402
+from probe_vector_regression import add_vector_arguments, centred_cosines, summary, trained_concept_vectors  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import format_prompt, load_concept_data  # noqa: E402
@@ -83,11 +83,20 @@ def weighted_lexical_directions(model, concepts: list[str], token_weights: torch
     return F.normalize(mean - output_embeddings.mean(0), dim=-1)
 
 
+def _steering_layer_residual(model, texts: list[str]) -> torch.Tensor:
+    """`(len(texts), sequence_length, hidden_size)` float32 residual of the base at the steering layer, padded as the
+    tokenizer pads."""
+    batch = model.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return steering_layer_output(
+        model.language_model, model.config.steering_layer, batch["input_ids"], batch["attention_mask"]
+    ).float()
+
+
 @torch.no_grad()
 def prompted_directions(model, concepts: list[str], instructions: list[str]) -> dict[str, torch.Tensor]:
     """`{"prompted_last", "prompted_answer"}`: `(num_concepts, hidden_size)` mean differences of the steering layer's
     residual with and without the concept asked for in the user turn (see the module docstring)."""
-    tokenizer, language_model, layer = model.tokenizer, model.language_model, model.config.steering_layer
+    tokenizer, language_model = model.tokenizer, model.language_model
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         plain = [format_prompt(tokenizer, instruction) for instruction in instructions]
@@ -101,21 +110,17 @@ def prompted_directions(model, concepts: list[str], instructions: list[str]) -> 
         answers = [tokenizer.decode(answer[:answer_length]) for answer in answers]
 
         def states(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-            def residual(texts):
-                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                return steering_layer_output(language_model, layer, batch["input_ids"], batch["attention_mask"])
-
-            tail = residual(prompts)[:, -PROMPT_TAIL_TOKENS:].float().mean(1)
-            answer = residual([p + a for p, a in zip(prompts, answers)])[:, -answer_length:].float().mean(1)
-            return tail, answer
+            tail = _steering_layer_residual(model, prompts)[:, -PROMPT_TAIL_TOKENS:].mean(1)
+            with_answers = [prompt + answer for prompt, answer in zip(prompts, answers)]
+            return tail, _steering_layer_residual(model, with_answers)[:, -answer_length:].mean(1)
 
         plain_tail, plain_answer = states(plain)
         last, over_answer = [], []
         for concept in concepts:
             tail, answer = states(
                 [
-                    format_prompt(tokenizer, *prompt_steering_turns(c, i))
-                    for c, i in zip([concept] * len(instructions), instructions)
+                    format_prompt(tokenizer, *prompt_steering_turns(concept, instruction))
+                    for instruction in instructions
                 ]
             )
             last.append((tail - plain_tail).mean(0))
@@ -127,9 +132,8 @@ def prompted_directions(model, concepts: list[str], instructions: list[str]) -> 
 
 def own_centred_cosines(directions: torch.Tensor, targets: torch.Tensor, heldin: list[int], rows: list[int]):
     """Cosines of `directions[rows]` with `targets[rows]`, each centred on its own held-in mean."""
-    directions = directions - directions[heldin].mean(0)
-    targets = targets - targets[heldin].mean(0)
-    return F.normalize(directions[rows], dim=-1) @ F.normalize(targets[rows], dim=-1).T
+    centred = directions[rows] - directions[heldin].mean(0)
+    return centred_cosines(centred, targets[rows] - targets[heldin].mean(0), torch.zeros(directions.shape[-1]))
 
 
 def main(argv=None) -> dict:
