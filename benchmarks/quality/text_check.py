@@ -80,6 +80,10 @@ def main(argv=None) -> dict:
         help="Where prompting (the reference of the calibration and the metric) puts its steering instruction.",
     )
     args = parser.parse_args(argv)
+    concept_sets = [name.strip() for name in args.concept_sets.split(",") if name.strip()]
+    unknown = sorted(set(concept_sets) - {"heldin", "heldout", "heldback"})
+    if unknown or not concept_sets:
+        parser.error(f"--concept_sets takes heldin, heldout and/or heldback, got {args.concept_sets!r}.")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
@@ -109,10 +113,6 @@ def main(argv=None) -> dict:
         "heldin": ["--concepts", "heldin", "--max_concepts", str(args.heldin_concepts)],
         "heldout": ["--concepts", "heldout"],
     }
-    concept_sets = [name.strip() for name in args.concept_sets.split(",") if name.strip()]
-    unknown = sorted(set(concept_sets) - {"heldin", "heldout", "heldback"})
-    if unknown or not concept_sets:
-        parser.error(f"--concept_sets takes heldin, heldout and/or heldback, got {args.concept_sets!r}.")
     if args.heldback_data and "heldback" in concept_sets:
         heldback_data = quality_ablation.data_path(args.heldback_data)
         # Named, since the run's own split knows nothing of these concepts.
