@@ -1,5 +1,6 @@
 """Training: HyperSteerTrainer and train_hypersteer.py on real AxBench rows with a tiny random base."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import psutil
 import pytest
 import torch
 from conftest import REPO_ROOT, build_tiny_base, cli_arguments, free_port, save_tiny_base
@@ -217,7 +219,13 @@ def _launch_two_processes(
             stdout, stderr = launch.communicate(timeout=timeout)
             return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
         except subprocess.TimeoutExpired:
+            # The ranks run in sessions of their own (torch's elastic agent starts them so): kill the whole tree, or a
+            # surviving rank keeps the pipes open and `communicate()` below waits for it forever.
+            ranks = psutil.Process(launch.pid).children(recursive=True)
             os.killpg(launch.pid, signal.SIGKILL)
+            for rank in ranks:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.kill()
             _, stderr = launch.communicate()
             hangs.append(stderr[-2000:])
             warnings.warn(
