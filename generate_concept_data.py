@@ -2,9 +2,10 @@
 """Generate concept-steering training data with a teacher LLM, in the AxBench schema.
 
 For every concept description, a fixed random sample of instructions is answered by a teacher model asked to weave
-the concept into its answer. Each row is `input` (the instruction), `output` (the teacher's answer),
-`output_concept` (the concept), `concept_id`, `category` ("positive"), `concept_genre` and `source` (the teacher):
-the format `train_hypersteer.py` reads.
+the concept into its answer, or (`--response_style about`) paired with text the teacher writes about the concept
+itself, which a small local model can write for any description. Each row is `input` (the instruction), `output` (the
+teacher's answer), `output_concept` (the concept), `concept_id`, `category` ("positive"), `concept_genre` and `source`
+(the teacher): the format `train_hypersteer.py` reads.
 
 Runs are resumable and never pay twice: each finished row is appended to `<output>.partial.jsonl` as soon as it
 arrives and every API answer is cached in `<output>.teacher_cache.sqlite`, so rerunning the same command after a
@@ -31,6 +32,12 @@ python generate_concept_data.py --concepts_file my_concepts.txt --instructions_f
 python generate_concept_data.py --teacher_backend hf --teacher_model /models/SmolLM2-1.7B-Instruct \
     --concepts_file my_concepts.txt --instructions_file my_instructions.txt --temperature 0 --batch_size 16 \
     --output_path data/my_concepts_smollm2.parquet
+
+# No paid teacher: the base being steered writes text *about* each concept (rows for thousands of descriptions):
+python generate_concept_data.py --teacher_backend hf --response_style about \
+    --teacher_model $(python -c 'from modeling_hypersteer.smollm2 import smollm2_path; print(smollm2_path())') \
+    --concepts_file ../shared/data/axbench_more/concept16k/descriptions.jsonl --max_concepts 1000 \
+    --examples_per_concept 4 --temperature 0.7 --max_new_tokens 320 --output_path data/concept1000_about.parquet
 
 # All arguments from a JSON or YAML file (command-line flags override it):
 python generate_concept_data.py generation_args.json
@@ -62,6 +69,7 @@ from modeling_hypersteer.concept_data import (
     load_instructions,
     plan_pairs,
     read_finished_rows,
+    teacher_prompts,
     write_parquet_atomically,
 )
 
@@ -91,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     concepts = load_concepts(args.concepts_file, args.max_concepts)
     instructions = load_instructions(args.instructions_file)
     pairs = plan_pairs(concepts, instructions, args.examples_per_concept, args.seed)
-    finished = read_finished_rows(args.partial_path, args.teacher_model)
+    finished = read_finished_rows(args.partial_path, args.row_source)
     pending = [pair for pair in pairs if (pair[0].concept, pair[1]) not in finished]
     logger.info(
         f"{len(concepts)} concepts x {len(pairs) // len(concepts)} instructions = {len(pairs)} rows; "
@@ -99,17 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.teacher_model!r} ({args.teacher_backend})."
     )
 
-    writer = RowWriter(args.partial_path, args.teacher_model)
+    writer = RowWriter(args.partial_path, args.row_source)
     try:
         if pending:
-            if args.teacher_backend == "openai":
-                generate_with_openai(args, pending, writer)
-            else:
-                generate_with_hf(args, pending, writer)
+            generate = generate_with_openai if args.teacher_backend == "openai" else generate_with_hf
+            generate(args, pending, teacher_prompts(pairs, pending, args.response_style), writer)
     finally:
         writer.close()
 
-    finished = read_finished_rows(args.partial_path, args.teacher_model)
+    finished = read_finished_rows(args.partial_path, args.row_source)
     # Ids and genres come from the current concepts file (a row is keyed by its concept text and instruction).
     rows = [
         {**finished[(concept.concept, instruction)], "concept_id": concept.concept_id, "concept_genre": concept.genre}

@@ -3,7 +3,8 @@
 `generate_concept_data.py`).
 
 For every concept description, a fixed random sample of instructions ([`plan_pairs`]) is answered by a teacher asked
-to weave the concept into its answer ([`build_teacher_prompt`]): an OpenAI-compatible endpoint
+to weave the concept into its answer, or (`--response_style about`) paired with text the teacher writes about the
+concept itself ([`teacher_prompts`]): an OpenAI-compatible endpoint
 ([`generate_with_openai`]) or a local HF chat model ([`generate_with_hf`]). Each finished row goes at once to a JSONL
 progress file through a [`RowWriter`], so a killed run resumes ([`read_finished_rows`]); the final parquet is written
 atomically ([`write_parquet_atomically`]).
@@ -14,6 +15,7 @@ An answer is only written when it is complete: failed requests, empty answers an
 
 import os
 import random
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ logger = logging.get_logger(__name__)
 
 BUNDLED_INSTRUCTIONS = Path(__file__).resolve().parent / "resources" / "quickstart_concepts.jsonl"
 TEACHER_BACKENDS = ("openai", "hf")
+RESPONSE_STYLES = ("answer", "about")
 OUTPUT_COLUMNS = ("input", "output", "output_concept", "concept_id", "category", "concept_genre", "source")
 
 TEACHER_PROMPT_TEMPLATE = """Answer the instruction below, and make the following concept clearly present in your \
@@ -40,6 +43,20 @@ Concept: {concept}
 Instruction: {instruction}
 
 Reply with the answer only: no preface, no title, and no remark about the concept or about these directions."""
+
+# `--response_style about`: the k-th row of a concept asks for the k-th of these (cycling), so a concept's rows are
+# different kinds of text about it. A small local base writes on-topic text this way, where it rarely weaves a
+# concept into the answer to an unrelated instruction; vectors trained on such text show the concept in generations.
+ABOUT_PROMPT_TEMPLATES = (
+    "Write a short paragraph about the following topic: {concept}",
+    "Write three sentences that a person interested in this might say: {concept}",
+    "Explain to a friend what this is about, with an example: {concept}",
+    "Write a short story in which this plays a central part: {concept}",
+    "Write a brief news report whose main subject is this: {concept}",
+    "List five examples of this, one per line: {concept}",
+    "Write a short dialogue between two people about this: {concept}",
+    "Describe an everyday situation in which this comes up: {concept}",
+)
 
 
 @dataclass
@@ -75,6 +92,16 @@ class ConceptDataArguments:
     seed: int = field(
         default=42,
         metadata={"help": "Seed of the per-concept instruction sampling and of the HF teacher's sampling."},
+    )
+    response_style: str = field(
+        default="answer",
+        metadata={
+            "help": "`answer`: the teacher answers each instruction with the concept woven in (AxBench's rows; needs "
+            "a capable teacher). `about`: each row pairs the instruction with text the teacher writes about the "
+            "concept itself (a paragraph, a story, a dialogue, examples...), which even the small base being "
+            "steered writes on topic: rows for any description without a paid teacher.",
+            "choices": list(RESPONSE_STYLES),
+        },
     )
     teacher_backend: str = field(
         default="openai",
@@ -127,6 +154,14 @@ class ConceptDataArguments:
     def __post_init__(self):
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher_backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}.")
+        if self.response_style not in RESPONSE_STYLES:
+            raise ValueError(f"--response_style must be one of {RESPONSE_STYLES}, got {self.response_style!r}.")
+        if self.response_style == "about" and self.examples_per_concept > len(ABOUT_PROMPT_TEMPLATES):
+            # More would repeat a request, which an API cache (or greedy decoding) answers with the same text.
+            raise ValueError(
+                f"--response_style about writes at most {len(ABOUT_PROMPT_TEMPLATES)} rows per concept (one per kind "
+                f"of text), got --examples_per_concept {self.examples_per_concept}; lower it or add concepts."
+            )
         if Path(self.output_path).suffix != ".parquet":
             raise ValueError(f"--output_path must end in .parquet, got {self.output_path!r}.")
         if self.max_concepts is not None and self.max_concepts < 1:
@@ -141,6 +176,11 @@ class ConceptDataArguments:
                 "--teacher_base_url is for --teacher_backend openai; with --teacher_backend hf, --teacher_model is a "
                 f"local model directory (got --teacher_base_url {self.teacher_base_url!r})."
             )
+
+    @property
+    def row_source(self) -> str:
+        """The rows' `source`: the teacher, marked when its text is about the concept rather than an answer."""
+        return self.teacher_model if self.response_style == "answer" else f"{self.teacher_model} (about)"
 
     @property
     def partial_path(self) -> Path:
@@ -186,7 +226,8 @@ def load_concepts(path: str, max_concepts: int | None = None) -> list[Concept]:
 
     - text: one description per line; ids are the positions (0-based) of the non-empty lines;
     - JSONL: one object per line with `concept` (and optionally `concept_id`, `concept_genre`, or AxBench's
-      `concept_genres_map`); ids default to the line position;
+      `concept_genres_map`), or Concept16K's `description` (with `feature_index` as the id); ids default to the line
+      position;
     - AxBench data rows (JSONL or parquet with `output_concept` and `concept_id`, e.g. a `train_data.parquet`): the
       distinct concepts of the positive rows.
 
@@ -206,14 +247,14 @@ def load_concepts(path: str, max_concepts: int | None = None) -> list[Concept]:
 
     concepts: list[Concept] = []
     for position, record in enumerate(records):
-        key = "concept" if "concept" in record else "output_concept"
+        key = next((key for key in ("concept", "output_concept", "description") if key in record), "concept")
         text = record.get(key)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(
                 f"--concepts_file {path!r}: record {position} has no non-empty string `concept` (or "
-                f"`output_concept`) field (keys: {sorted(record)})."
+                f"`output_concept`, or Concept16K's `description`) field (keys: {sorted(record)})."
             )
-        concept_id = record.get("concept_id", position)
+        concept_id = record.get("concept_id", record.get("feature_index", position))
         if isinstance(concept_id, bool) or not isinstance(concept_id, int):
             raise ValueError(
                 f"--concepts_file {path!r}: record {position} has a non-integer concept_id {concept_id!r}."
@@ -312,6 +353,30 @@ def build_teacher_prompt(concept: str, instruction: str) -> str:
     return TEACHER_PROMPT_TEMPLATE.format(concept=concept, instruction=instruction)
 
 
+def teacher_prompts(
+    pairs: Sequence[tuple[Concept, str]], pending: Sequence[tuple[Concept, str]], response_style: str
+) -> list[str]:
+    """The teacher's user message for every pair of `pending` (a subset of the plan `pairs`).
+
+    With `"about"`, a pair's message depends on its position among its concept's pairs in the whole plan, not in
+    `pending`, so a resumed run asks what the first run would have asked.
+    """
+    if response_style == "answer":
+        return [build_teacher_prompt(concept.concept, instruction) for concept, instruction in pending]
+    if response_style != "about":
+        raise ValueError(f"`response_style` must be one of {RESPONSE_STYLES}, got {response_style!r}.")
+    position, seen = {}, defaultdict(int)
+    for concept, instruction in pairs:
+        position[(concept.concept, instruction)] = seen[concept.concept]
+        seen[concept.concept] += 1
+    return [
+        ABOUT_PROMPT_TEMPLATES[position[(concept.concept, instruction)] % len(ABOUT_PROMPT_TEMPLATES)].format(
+            concept=concept.concept
+        )
+        for concept, instruction in pending
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Progress file
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,8 +391,9 @@ def read_finished_rows(partial_path: Path, source: str) -> dict[tuple[str, str],
     for row in read_jsonl(partial_path, allow_truncated_last_line=True):
         if row.get("source") != source:
             raise ValueError(
-                f"{partial_path} holds rows generated by {row.get('source')!r}, not by --teacher_model {source!r}. "
-                "Choose another --output_path, or delete that file to start over."
+                f"{partial_path} holds rows generated by {row.get('source')!r}, not by {source!r} (--teacher_model, "
+                "marked `(about)` with --response_style about). Choose another --output_path, or delete that file "
+                "to start over."
             )
         finished[(row["output_concept"], row["input"])] = row
     return finished
@@ -390,8 +456,11 @@ class RowWriter:
 # ---------------------------------------------------------------------------------------------------------------
 # Teachers
 # ---------------------------------------------------------------------------------------------------------------
-def generate_with_openai(args: ConceptDataArguments, pending: list[tuple[Concept, str]], writer: RowWriter) -> None:
-    """Answers `pending` through an OpenAI-compatible endpoint; each answer is written as soon as it arrives."""
+def generate_with_openai(
+    args: ConceptDataArguments, pending: list[tuple[Concept, str]], prompts: Sequence[str], writer: RowWriter
+) -> None:
+    """Sends `prompts` (one per pair of `pending`) to an OpenAI-compatible endpoint; each answer is written as soon as
+    it arrives."""
     from modeling_hypersteer.openai_client import CachedChatClient, ChatRequest, ChatResult
 
     client = CachedChatClient(
@@ -407,11 +476,11 @@ def generate_with_openai(args: ConceptDataArguments, pending: list[tuple[Concept
     )
     requests = [
         ChatRequest(
-            messages=[{"role": "user", "content": build_teacher_prompt(concept.concept, instruction)}],
+            messages=[{"role": "user", "content": prompt}],
             temperature=args.temperature,
             max_tokens=args.max_new_tokens,
         )
-        for concept, instruction in pending
+        for prompt in prompts
     ]
 
     def on_result(index: int, result: ChatResult) -> None:
@@ -433,8 +502,11 @@ def generate_with_openai(args: ConceptDataArguments, pending: list[tuple[Concept
     logger.info(f"Teacher requests sent: {client.requests_sent}; answers from the cache: {client.cache_hits}.")
 
 
-def generate_with_hf(args: ConceptDataArguments, pending: list[tuple[Concept, str]], writer: RowWriter) -> None:
-    """Answers `pending` with a local causal LM (chat template, left-padded batches, one `generate` per batch)."""
+def generate_with_hf(
+    args: ConceptDataArguments, pending: list[tuple[Concept, str]], prompts: Sequence[str], writer: RowWriter
+) -> None:
+    """Sends `prompts` (one per pair of `pending`) to a local causal LM (chat template, left-padded batches, one
+    `generate` per batch)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.logging import tqdm
@@ -462,12 +534,10 @@ def generate_with_hf(args: ConceptDataArguments, pending: list[tuple[Concept, st
     if sampling:
         generation_kwargs["temperature"] = args.temperature
 
-    batches = [pending[start : start + args.batch_size] for start in range(0, len(pending), args.batch_size)]
-    for batch in tqdm(batches, desc="Teacher (hf)"):
-        conversations = [
-            [{"role": "user", "content": build_teacher_prompt(concept.concept, instruction)}]
-            for concept, instruction in batch
-        ]
+    starts = range(0, len(pending), args.batch_size)
+    for start in tqdm(starts, desc="Teacher (hf)"):
+        batch = pending[start : start + args.batch_size]
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts[start : start + args.batch_size]]
         encoded = tokenizer.apply_chat_template(
             conversations, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
         ).to(device)
@@ -515,13 +585,16 @@ def write_parquet_atomically(rows: Sequence[dict[str, Any]], path: Path) -> None
 
 
 __all__ = [
+    "ABOUT_PROMPT_TEMPLATES",
     "BUNDLED_INSTRUCTIONS",
     "OUTPUT_COLUMNS",
+    "RESPONSE_STYLES",
     "TEACHER_BACKENDS",
     "Concept",
     "ConceptDataArguments",
     "RowWriter",
     "build_teacher_prompt",
+    "teacher_prompts",
     "generate_with_hf",
     "generate_with_openai",
     "load_concepts",

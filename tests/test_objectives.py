@@ -17,6 +17,7 @@ from modeling_hypersteer import HyperSteerConfig, HyperSteerModel, tokenize_stee
 from modeling_hypersteer.baselines import (
     diffmean_vectors,
     load_concept_vectors,
+    mean_response_residual,
     save_concept_vectors,
     train_concept_vectors,
 )
@@ -1048,6 +1049,29 @@ def test_training_free_direction_probe_reads_the_prior_and_weights_rare_words(ti
     targets = torch.randn(5, 32)
     cosines = probe.own_centred_cosines(3 * targets + 7, targets, heldin=[0, 1, 2, 3, 4], rows=[0, 1, 2, 3, 4])
     torch.testing.assert_close(cosines.diagonal(), torch.ones(5), atol=1e-5, rtol=0)
+
+    # Self-written DiffMean: each concept's mean residual over its own text, centred on the held-in concepts' mean.
+    rows = [
+        {"input": "Describe a cat.", "output": text, "output_concept": concept}
+        for concept, texts in ((CONCEPT_A, ["cats purr", "a cat naps"]), (CONCEPT_B, ["ships sail", "a ship docks"]))
+        for text in texts
+    ]
+    directions = probe.self_written_directions(model, [CONCEPT_A, CONCEPT_B], [0, 1], rows)
+    torch.testing.assert_close(directions.sum(0), torch.zeros(directions.shape[-1]), atol=1e-4, rtol=0)
+    own_mean = mean_response_residual(model, tiny_tokenizer, rows[:2])
+    torch.testing.assert_close(
+        directions[0], own_mean - (own_mean + mean_response_residual(model, tiny_tokenizer, rows[2:])) / 2
+    )
+
+    # The self-written texts of the vector probe: `rows_per_concept` per concept, cycling over the requested kinds.
+    import argparse
+
+    import probe_self_written_vectors
+
+    settings = argparse.Namespace(templates=2, rows_per_concept=3, max_new_tokens=4, temperature=1.0, seed=0)
+    samples = probe_self_written_vectors.self_written_samples(model, [CONCEPT_A, CONCEPT_B], settings)
+    assert sorted(samples) == sorted([CONCEPT_A, CONCEPT_B]) and all(len(texts) == 3 for texts in samples.values())
+    assert model.tokenizer.padding_side == "right"
 
 
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):

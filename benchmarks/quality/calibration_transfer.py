@@ -40,7 +40,11 @@ RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "text_metric.json"
 SPREAD_PATH = REPO_ROOT / "benchmarks" / "results" / "calibration_instructions.json"
 SUFFIX = "_cal8x6"
 # Runs no longer on disk, paired with the run of the same config and seed that the recipe command trained again.
-RETRAINED = {"recipe_prior48": "recipe_split42_cal8x6", "recipe_prior48_split7_grid15": "recipe_split7_cal8x6"}
+RETRAINED = {
+    "recipe_prior48": "recipe_split42_cal8x6",
+    "recipe_prior48_split7_grid15": "recipe_split7_cal8x6",
+    "recipe_prior48_split13_grid15": "recipe_split13_cal8x6",
+}
 # Written like the others, used by nothing but this measurement: a third sample of the same kind of request.
 OTHER_INSTRUCTIONS = (
     "Tell me about a hobby you would like to try.",

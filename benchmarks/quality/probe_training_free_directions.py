@@ -10,7 +10,12 @@ measures four training-free directions per concept against those trained vectors
   (Concept16K), so the words every description uses ("references", "related", "terms", "the") count for little;
 * `prompted_last`: the base's residual at the steering layer over the last prompt tokens when the concept is asked for
   in the user turn (as the prompting baseline asks), minus the same without it, averaged over instructions;
-* `prompted_answer`: the same difference over the tokens of the base's own unsteered answer (teacher-forced).
+* `prompted_answer`: the same difference over the tokens of the base's own unsteered answer (teacher-forced);
+* `self_written`: DiffMean over text *about* the concept that the base writes itself, for any description: the mean
+  residual over its greedy answers to `SELF_WRITTEN_TEMPLATES` (asked to write about the description), minus the same
+  mean over the held-in concepts (a fixed reference at inference);
+* `diffmean_rows`: AxBench's DiffMean over the concept's real rows (positive responses minus the negatives), for
+  reference: what text about the concept gives when it is written well.
 
 Against the trained vectors: the cosine of each concept's direction with its own vector, both centred on their
 held-in means (the shared part says nothing about which concept it is), and retrieval (own vector nearest). In text:
@@ -42,9 +47,11 @@ import quality_ablation  # noqa: E402
 from probe_vector_regression import add_vector_arguments, centred_cosines, summary, trained_concept_vectors  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
+from modeling_hypersteer.baselines import diffmean_vectors, mean_response_residual  # noqa: E402
+from modeling_hypersteer.concept_data import ABOUT_PROMPT_TEMPLATES  # noqa: E402
 from modeling_hypersteer.data import format_prompt, load_concept_data  # noqa: E402
 from modeling_hypersteer.data.distillation import load_concept_descriptions  # noqa: E402
-from modeling_hypersteer.evaluation import prompt_steering_turns  # noqa: E402
+from modeling_hypersteer.evaluation import generate_samples, prompt_steering_turns  # noqa: E402
 from modeling_hypersteer.modeling_hypersteer import (  # noqa: E402
     HyperSteerPrior,
     steering_layer_output,
@@ -57,6 +64,11 @@ from modeling_hypersteer.utils import TRAINING_SUMMARY_FILE  # noqa: E402
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "probe_training_free_directions.json"
 # Where the prompted difference is read: the last tokens of the prompt (the assistant header the reply starts from).
 PROMPT_TAIL_TOKENS = 3
+# Requests that make the base write about a description (its own text about the concept, for `self_written`).
+SELF_WRITTEN_TEMPLATES = ABOUT_PROMPT_TEMPLATES[:3]
+
+
+DIRECTIONS = ("lexical", "lexical_idf", "prompted_last", "prompted_answer", "self_written", "diffmean_rows")
 
 
 def idf_token_weights(tokenizer, descriptions: list[str], vocab_size: int) -> torch.Tensor:
@@ -130,6 +142,57 @@ def prompted_directions(model, concepts: list[str], instructions: list[str]) -> 
     return {"prompted_last": torch.stack(last), "prompted_answer": torch.stack(over_answer)}
 
 
+def self_written_rows(model, concepts: list[str], output_dir: Path, max_new_tokens: int) -> list[dict]:
+    """Rows `{input, output, output_concept}`: the base's greedy answer to every `SELF_WRITTEN_TEMPLATES` request for
+    every concept (kept in `output_dir/self_written.jsonl` and reused from there)."""
+    tasks = [
+        {"concept": concept, "instruction": template.format(concept=concept), "split": "test"}
+        for concept in concepts
+        for template in SELF_WRITTEN_TEMPLATES
+    ]
+    samples = generate_samples(
+        model,
+        model.tokenizer,
+        tasks,
+        ["none"],
+        [0.0],
+        generations_path=output_dir / "self_written.jsonl",
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        batch_size=16,
+    )
+    return [
+        {"input": sample["instruction"], "output": sample["generation"], "output_concept": sample["concept"]}
+        for sample in samples
+    ]
+
+
+def self_written_directions(model, concepts: list[str], heldin: list[int], rows: list[dict]) -> torch.Tensor:
+    """`(num_concepts, hidden_size)`: each concept's mean residual over its self-written `rows`, minus the mean of
+    those over the `heldin` concepts."""
+    by_concept = {concept: [row for row in rows if row["output_concept"] == concept] for concept in concepts}
+    means = torch.stack([mean_response_residual(model, model.tokenizer, by_concept[concept]) for concept in concepts])
+    return means - means[heldin].mean(0)
+
+
+def vector_text_rows(model, detector, concepts, vectors, factors, generations_path) -> list[dict]:
+    """The text metric's rows for `vectors` (`{concept: vector}`, method `vector`, at every factor) against prompting
+    and the unsteered base: 48 greedy tokens for each concept's instructions."""
+    metric = text_metric(
+        model,
+        model.tokenizer,
+        detector,
+        concepts,
+        ["vector", "prompt", "none"],
+        factors,
+        max_new_tokens=48,
+        generations_path=generations_path,
+        concept_vectors={"vector": vectors},
+    )
+    keys = ("method", "factor", "detector_accuracy", "detector_probability", "nll", "distinct_bigrams")
+    return [{key: row.get(key) for key in keys} for row in metric["rows"]]
+
+
 def own_centred_cosines(directions: torch.Tensor, targets: torch.Tensor, heldin: list[int], rows: list[int]):
     """Cosines of `directions[rows]` with `targets[rows]`, each centred on its own held-in mean."""
     centred = directions[rows] - directions[heldin].mean(0)
@@ -147,6 +210,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--text_norm", type=float, default=32.0, help="Norm of each direction at factor 1 in text.")
     parser.add_argument("--text_factors", default="1,2,4", help="Factors of the text check ('' to skip it).")
     parser.add_argument("--text_concepts", type=int, default=12, help="Held-in concepts of the text check.")
+    parser.add_argument(
+        "--self_written_tokens", type=int, default=64, help="Tokens of each self-written answer (`self_written`)."
+    )
+    parser.add_argument(
+        "--directions",
+        default="lexical,lexical_idf,prompted_last,prompted_answer,self_written,diffmean_rows",
+        help="Directions to measure (comma-separated).",
+    )
     parser.add_argument("--name", default=None, help="Row name in results/probe_training_free_directions.json.")
     args = parser.parse_args(argv)
     transformers.utils.logging.set_verbosity_warning()
@@ -161,14 +232,38 @@ def main(argv=None) -> dict:
         start += len(members)
     targets = torch.stack([vectors[concept] for concept in concepts]).float()
 
+    kinds = [kind.strip() for kind in args.directions.split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - set(DIRECTIONS))
+    if unknown:
+        parser.error(f"--directions: unknown {unknown}; choose from {list(DIRECTIONS)}.")
     descriptions = load_concept_descriptions(quality_ablation.data_path(args.idf_descriptions))
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    idf = idf_token_weights(model.tokenizer, descriptions, vocab_size)
-    directions = {
-        "lexical": weighted_lexical_directions(model, concepts, torch.ones(vocab_size)),
-        "lexical_idf": weighted_lexical_directions(model, concepts, idf),
-        **prompted_directions(model, concepts, list(CALIBRATION_INSTRUCTIONS)),
-    }
+    directions = {}
+    if "lexical" in kinds:
+        directions["lexical"] = weighted_lexical_directions(model, concepts, torch.ones(vocab_size))
+    if "lexical_idf" in kinds:
+        idf = idf_token_weights(model.tokenizer, descriptions, vocab_size)
+        directions["lexical_idf"] = weighted_lexical_directions(model, concepts, idf)
+    if {"prompted_last", "prompted_answer"} & set(kinds):
+        prompted = prompted_directions(model, concepts, list(CALIBRATION_INSTRUCTIONS))
+        directions.update({kind: prompted[kind] for kind in ("prompted_last", "prompted_answer") if kind in kinds})
+    if "self_written" in kinds:
+        rows = self_written_rows(model, concepts, output_dir, args.self_written_tokens)
+        directions["self_written"] = self_written_directions(model, concepts, groups["heldin"], rows)
+    training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
+    data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
+    if "diffmean_rows" in kinds:
+        heldback_data = load_concept_data(quality_ablation.data_path(args.heldback_data))
+        wanted = set(concepts)
+        positives = [
+            dict(row)
+            for source in (data, heldback_data)
+            for row in source
+            if not row["is_negative"] and row["output_concept"] in wanted
+        ]
+        negatives = [dict(row) for row in data if row["is_negative"]]
+        diffmean = diffmean_vectors(model, model.tokenizer, positives, negatives, norm=1.0)
+        directions["diffmean_rows"] = torch.stack([diffmean[concept] for concept in concepts])
     result = {
         "run_dir": str(run_dir),
         "command": "python benchmarks/quality/probe_training_free_directions.py " + " ".join(argv or sys.argv[1:]),
@@ -188,25 +283,13 @@ def main(argv=None) -> dict:
 
     factors = [float(value) for value in args.text_factors.split(",") if value.strip()]
     if factors:
-        training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
-        data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
         text_concepts = heldin_concepts[: args.text_concepts]
         detector = ConceptDetector.from_rows(data, concepts=text_concepts)
         for kind, direction in directions.items():
             steering = {c: F.normalize(direction[concepts.index(c)], dim=-1) * args.text_norm for c in text_concepts}
-            metric = text_metric(
-                model,
-                model.tokenizer,
-                detector,
-                text_concepts,
-                ["vector", "prompt", "none"],
-                factors,
-                max_new_tokens=48,
-                generations_path=output_dir / f"training_free_{kind}.jsonl",
-                concept_vectors={"vector": steering},
+            result["directions"][kind]["text"] = vector_text_rows(
+                model, detector, text_concepts, steering, factors, output_dir / f"training_free_{kind}.jsonl"
             )
-            keys = ("method", "factor", "detector_accuracy", "detector_probability", "nll", "distinct_bigrams")
-            result["directions"][kind]["text"] = [{key: row.get(key) for key in keys} for row in metric["rows"]]
     print(json.dumps(result, indent=2), flush=True)
     if args.name:
         quality_ablation.record_run(RESULTS_PATH, args.name, result)

@@ -93,6 +93,15 @@ def add_vector_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning_rate", type=float, default=0.05)
 
 
+def positive_training_rows(run_dir: Path) -> tuple:
+    """`(data, split, rows)`: a finished run's data (its `sources`), concept split and positive training rows."""
+    training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
+    data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
+    split = ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE)
+    train_rows = [dict(row) for row in build_splits(data, split, **training["split_settings"])["train"]]
+    return data, split, [row for row in train_rows if not row["is_negative"]]
+
+
 def trained_concept_vectors(model, run_dir: Path, output_dir: Path, args) -> tuple[dict, list[str], dict]:
     """One LM-trained vector per concept (the `vector` baseline, kept in `output_dir/vectors` and reused from there)
     for the run's held-in concepts and, as targets only, its held-out and the held-back concepts.
@@ -101,11 +110,7 @@ def trained_concept_vectors(model, run_dir: Path, output_dir: Path, args) -> tup
         `(vectors, heldin_concepts, never_concepts)`: `{concept: (hidden_size,) tensor}`, the sorted held-in concepts
         and `{"heldout": [...], "heldback": [...]}`.
     """
-    training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
-    data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
-    split = ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE)
-    train_rows = [dict(row) for row in build_splits(data, split, **training["split_settings"])["train"]]
-    train_rows = [row for row in train_rows if not row["is_negative"]]
+    data, split, train_rows = positive_training_rows(run_dir)
     heldout = set(split.heldout_concepts)
     heldout_rows = [dict(row) for row in data if row["output_concept"] in heldout and not row["is_negative"]]
     heldback_data = load_concept_data(quality_ablation.data_path(args.heldback_data))
