@@ -1069,9 +1069,13 @@ def test_training_free_direction_probe_reads_the_prior_and_weights_rare_words(ti
     import probe_self_written_vectors
 
     settings = argparse.Namespace(templates=2, rows_per_concept=3, max_new_tokens=4, temperature=1.0, seed=0)
-    samples = probe_self_written_vectors.self_written_samples(model, [CONCEPT_A, CONCEPT_B], settings)
+    side, model.tokenizer.padding_side = model.tokenizer.padding_side, "right"
+    try:
+        samples = probe_self_written_vectors.self_written_samples(model, [CONCEPT_A, CONCEPT_B], settings)
+        assert model.tokenizer.padding_side == "right"  # generation pads on the left, then the caller's side is back
+    finally:
+        model.tokenizer.padding_side = side
     assert sorted(samples) == sorted([CONCEPT_A, CONCEPT_B]) and all(len(texts) == 3 for texts in samples.values())
-    assert model.tokenizer.padding_side == "right"
 
 
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
