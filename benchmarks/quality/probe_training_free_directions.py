@@ -2,7 +2,7 @@
 
 Never-trained descriptions get from HyperSteer little more than what such a direction gives them (the lexical prior),
 and the vectors that do show a concept in text are trained per concept (`probe_vector_regression.py`). This probe
-measures four training-free directions per concept against those trained vectors, and alone in text:
+measures six directions per concept, none trained for that concept, against those trained vectors, and alone in text:
 
 * `lexical`: the lexical prior's `u(s)`, the mean output embedding of the description's tokens, centred on the
   vocabulary mean;
@@ -44,7 +44,13 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
 
 import quality_ablation  # noqa: E402
-from probe_vector_regression import add_vector_arguments, centred_cosines, summary, trained_concept_vectors  # noqa: E402
+from probe_vector_regression import (  # noqa: E402
+    add_vector_arguments,
+    centred_cosines,
+    positive_training_rows,
+    summary,
+    trained_concept_vectors,
+)
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.baselines import diffmean_vectors, mean_response_residual  # noqa: E402
@@ -58,7 +64,6 @@ from modeling_hypersteer.modeling_hypersteer import (  # noqa: E402
     tokenize_steering_prompts,
 )
 from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, ConceptDetector, text_metric  # noqa: E402
-from modeling_hypersteer.utils import TRAINING_SUMMARY_FILE  # noqa: E402
 
 
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "probe_training_free_directions.json"
@@ -220,6 +225,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--name", default=None, help="Row name in results/probe_training_free_directions.json.")
     args = parser.parse_args(argv)
+    kinds = [kind.strip() for kind in args.directions.split(",") if kind.strip()]
+    unknown = sorted(set(kinds) - set(DIRECTIONS))
+    if unknown:
+        parser.error(f"--directions: unknown {unknown}; choose from {list(DIRECTIONS)}.")
     transformers.utils.logging.set_verbosity_warning()
 
     run_dir, output_dir = Path(args.run_dir), Path(args.output_dir)
@@ -232,10 +241,6 @@ def main(argv=None) -> dict:
         start += len(members)
     targets = torch.stack([vectors[concept] for concept in concepts]).float()
 
-    kinds = [kind.strip() for kind in args.directions.split(",") if kind.strip()]
-    unknown = sorted(set(kinds) - set(DIRECTIONS))
-    if unknown:
-        parser.error(f"--directions: unknown {unknown}; choose from {list(DIRECTIONS)}.")
     descriptions = load_concept_descriptions(quality_ablation.data_path(args.idf_descriptions))
     vocab_size = model.get_output_embeddings().weight.shape[0]
     directions = {}
@@ -250,8 +255,7 @@ def main(argv=None) -> dict:
     if "self_written" in kinds:
         rows = self_written_rows(model, concepts, output_dir, args.self_written_tokens)
         directions["self_written"] = self_written_directions(model, concepts, groups["heldin"], rows)
-    training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
-    data = load_concept_data([quality_ablation.data_path(source) for source in training["sources"]])
+    data = positive_training_rows(run_dir)[0]
     if "diffmean_rows" in kinds:
         heldback_data = load_concept_data(quality_ablation.data_path(args.heldback_data))
         wanted = set(concepts)
