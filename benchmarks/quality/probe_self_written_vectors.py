@@ -28,9 +28,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
 
-import quality_ablation  # noqa: E402
 from probe_training_free_directions import vector_text_rows  # noqa: E402
-from probe_vector_regression import positive_training_rows  # noqa: E402
+from probe_vector_regression import positive_training_rows, report  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.baselines import baseline_concept_vectors  # noqa: E402
@@ -135,10 +134,7 @@ def main(argv=None) -> dict:
             "norm": round(torch.stack([vectors[c] for c in concepts]).norm(dim=-1).mean().item(), 2),
             "text": vector_text_rows(model, detector, concepts, vectors, factors, output_dir / f"text_{kind}.jsonl"),
         }
-    print(json.dumps(result, indent=2), flush=True)
-    if args.name:
-        quality_ablation.record_run(RESULTS_PATH, args.name, result)
-    return result
+    return report(result, RESULTS_PATH, args.name)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ each direction alone, scaled to `--text_norm` times each `--text_factors` value,
 """
 
 import argparse
-import json
 import math
 import sys
 from collections import Counter
@@ -48,6 +47,7 @@ from probe_vector_regression import (  # noqa: E402
     add_vector_arguments,
     centred_cosines,
     positive_training_rows,
+    report,
     summary,
     trained_concept_vectors,
 )
@@ -241,12 +241,13 @@ def main(argv=None) -> dict:
         start += len(members)
     targets = torch.stack([vectors[concept] for concept in concepts]).float()
 
-    descriptions = load_concept_descriptions(quality_ablation.data_path(args.idf_descriptions))
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    directions = {}
+    directions, idf_descriptions = {}, None
     if "lexical" in kinds:
         directions["lexical"] = weighted_lexical_directions(model, concepts, torch.ones(vocab_size))
     if "lexical_idf" in kinds:
+        descriptions = load_concept_descriptions(quality_ablation.data_path(args.idf_descriptions))
+        idf_descriptions = len(descriptions)
         idf = idf_token_weights(model.tokenizer, descriptions, vocab_size)
         directions["lexical_idf"] = weighted_lexical_directions(model, concepts, idf)
     if {"prompted_last", "prompted_answer"} & set(kinds):
@@ -271,7 +272,7 @@ def main(argv=None) -> dict:
     result = {
         "run_dir": str(run_dir),
         "command": "python benchmarks/quality/probe_training_free_directions.py " + " ".join(argv or sys.argv[1:]),
-        "idf_descriptions": len(descriptions),
+        **({"idf_descriptions": idf_descriptions} if idf_descriptions else {}),
         "directions": {},
     }
     for kind, direction in directions.items():
@@ -294,10 +295,7 @@ def main(argv=None) -> dict:
             result["directions"][kind]["text"] = vector_text_rows(
                 model, detector, text_concepts, steering, factors, output_dir / f"training_free_{kind}.jsonl"
             )
-    print(json.dumps(result, indent=2), flush=True)
-    if args.name:
-        quality_ablation.record_run(RESULTS_PATH, args.name, result)
-    return result
+    return report(result, RESULTS_PATH, args.name)
 
 
 if __name__ == "__main__":

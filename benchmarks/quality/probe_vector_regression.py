@@ -93,6 +93,14 @@ def add_vector_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning_rate", type=float, default=0.05)
 
 
+def report(result: dict, results_path: Path, name: str | None) -> dict:
+    """Print a probe's `result` and, when `name` is given, record it as that run of `results_path`."""
+    print(json.dumps(result, indent=2), flush=True)
+    if name:
+        quality_ablation.record_run(results_path, name, result)
+    return result
+
+
 def positive_training_rows(run_dir: Path) -> tuple:
     """`(data, split, rows)`: a finished run's data (its `sources`), concept split and positive training rows."""
     training = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
@@ -182,11 +190,7 @@ def main(argv=None) -> dict:
             "hypersteer": summary(centred_cosines(hypersteer, targets[name], centre)),
             "vector_norm": round(targets[name].norm(dim=-1).mean().item(), 2),
         }
-    print(json.dumps(result, indent=2), flush=True)
-
-    if args.name:
-        quality_ablation.record_run(RESULTS_PATH, args.name, result)
-    return result
+    return report(result, RESULTS_PATH, args.name)
 
 
 if __name__ == "__main__":
