@@ -47,6 +47,7 @@ import torch
 import transformers
 from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers.trainer_utils import TrainOutput
 
 from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer.baselines import concept_vector_training_arguments, train_concept_vectors
@@ -74,7 +75,12 @@ from modeling_hypersteer.data import (
 from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 from modeling_hypersteer.smollm2 import smollm2_path
 from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, calibrate_steering_factor, check_factor_grid
-from modeling_hypersteer.trainer import HyperSteerTrainer, HyperSteerTrainingArguments, plot_loss_curves
+from modeling_hypersteer.trainer import (
+    HyperSteerTrainer,
+    HyperSteerTrainingArguments,
+    fit_readout_to_concept_vectors,
+    plot_loss_curves,
+)
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE, split_sources
 
 
@@ -503,6 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.distillation_loss_weight} and descriptions {data_args.distillation_descriptions!r}."
         )
 
+    if training_args.max_steps == 0 and not training_args.fit_readout:
+        raise ValueError(
+            "--max_steps 0 trains nothing: it keeps the closed-form readout of --fit_readout, so pass --fit_readout "
+            "or a number of steps > 0."
+        )
+
     set_seed(training_args.seed)
 
     base, tokenizer, base_path = load_base_model(model_args)
@@ -562,13 +574,18 @@ def main(argv: list[str] | None = None) -> dict:
             # checkpoint; the remote code must already be there for those revisions to load.
             HyperSteerModel.save_remote_code(training_args.output_dir)
 
-    concept_vectors = concept_vector_record = None
-    if training_args.concept_vector_loss_weight > 0:
+    concept_vectors = concept_vector_record = readout_record = None
+    if training_args.concept_vector_loss_weight > 0 or training_args.fit_readout:
         concept_vectors = train_concept_vector_targets(
             model, tokenizer, splits["train"], training_args, max_length=data_args.max_length
         )
         concept_vector_record = concept_vector_summary(concept_vectors, training_args)
         logger.info(f"Trained the per-concept target vectors: {concept_vector_record}")
+    if training_args.fit_readout:
+        readout_record = fit_readout_to_concept_vectors(
+            model, concept_vectors, training_args.readout_ridge_values, normalize=training_args.fit_readout_norm
+        )
+        logger.info(f"Fitted the hypernetwork's readout to the per-concept vectors: {readout_record}")
     trainer = HyperSteerTrainer(
         model=model,
         args=training_args,
@@ -576,9 +593,13 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_sets or None,
         data_collator=HyperSteerDataCollator(tokenizer=tokenizer),
         processing_class=tokenizer,
-        concept_vectors=concept_vectors,
+        concept_vectors=concept_vectors if training_args.concept_vector_loss_weight > 0 else None,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.max_steps == 0:
+        # `--fit_readout` made the whole model (checked above): there is nothing to train.
+        train_result = TrainOutput(global_step=0, training_loss=float("nan"), metrics={})
+    else:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     rank_fingerprints = hypernetwork_fingerprints(trainer)
     if any(fingerprint != rank_fingerprints[0] for fingerprint in rank_fingerprints):
@@ -618,6 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "world_size": training_args.world_size,
                     "distillation": distillation_summary,
                     "concept_vector_targets": concept_vector_record,
+                    "readout_fit": readout_record,
                     "rank_fingerprints": rank_fingerprints,
                     # Evaluation rebuilds the splits with exactly these settings, so held-in evaluation rows are
                     # never rows the model was trained on.

@@ -91,6 +91,12 @@ class HyperSteerConfig(PreTrainedConfig):
             The learned map `A` of the prior term: `"matrix"`, a full `hidden_size x hidden_size` matrix; `"scalar"`,
             `A = a * I` with one learned scale `a`. A scalar cannot learn which concepts it was trained on, so the
             prior's direction reaches a never-trained description exactly as it reaches a trained one.
+        readout_norm (`float`, *optional*):
+            When set, the concept part `W_o norm(pool(...))` of every vector is rescaled to this L2 norm before the
+            shared offset and the prior are added. A linear readout shrinks the vector of a description unlike every
+            training description toward the offset (ridge regression predicts the mean far from its data); at a fixed
+            norm it keeps only the direction. `fit_readout` with `fit_readout_norm` sets it to the mean norm of the
+            training concepts' targets about their mean.
         steering_prompt_token_dropout (`float`, *optional*, defaults to 0.0):
             In training only, the probability that each steering-prompt token is hidden from the hypernetwork's
             blocks (every row keeps at least one token). Each description is then seen as many partial descriptions,
@@ -139,6 +145,7 @@ class HyperSteerConfig(PreTrainedConfig):
     steering_prior: str = "none"
     steering_prior_init_norm: float = 16.0
     steering_prior_map: str = "matrix"
+    readout_norm: float | None = None
     steering_prompt_token_dropout: float = 0.0
     default_steering_factor: float = 1.0
     max_steering_prompt_length: int = 64
@@ -173,6 +180,8 @@ class HyperSteerConfig(PreTrainedConfig):
             lambda v: 0 <= v < math.inf,
             "a finite number >= 0",
         )
+        if self.readout_norm is not None:
+            _check_number("readout_norm", self.readout_norm, lambda v: 0 < v < math.inf, "a finite number > 0 or None")
         _check_number(
             "steering_prompt_token_dropout",
             self.steering_prompt_token_dropout,

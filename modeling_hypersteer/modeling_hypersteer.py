@@ -432,6 +432,8 @@ class HyperSteerHypernetwork(nn.Module):
 
         v = W_o norm(pool(blocks(s, x)) [- m])  [+ b]  [+ A u(s)]
 
+    (with `readout_norm`, the first term is rescaled to that norm)
+
     `m` is a running mean of the pooled features (`center_pooled_features`; with `standardize_pooled_features` every
     coordinate is also divided by its running standard deviation), `b` a learned concept-free offset
     (`shared_steering_offset`) and `A u(s)` the prior term (`steering_prior`): `u(s)` is a unit-norm, training-free
@@ -469,6 +471,7 @@ class HyperSteerHypernetwork(nn.Module):
         self.token_gate = HyperSteerTokenGate(config) if config.token_gate else None
         self.pooling = config.hypernet_pooling
         self.token_dropout = config.steering_prompt_token_dropout
+        self.readout_norm = config.readout_norm
         if config.center_pooled_features:
             self.feature_center = HyperSteerRunningCenter(
                 config.hidden_size,
@@ -546,6 +549,8 @@ class HyperSteerHypernetwork(nn.Module):
         if self.feature_center is not None:
             pooled = self.feature_center(pooled, statistics_mask)
         vectors = self.output_projection(self.norm(pooled))
+        if self.readout_norm is not None:
+            vectors = self.readout_norm * F.normalize(vectors, dim=-1)
         if self.steering_offset is not None:
             vectors = vectors + self.steering_offset
         if self.prior_projection is not None:

@@ -7,7 +7,7 @@ Checkpoints are hypernetwork-sized because `HyperSteerModel.save_pretrained` wri
 
 import copy
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +102,15 @@ class HyperSteerTrainingArguments(TrainingArguments):
             concept's trained vector, so that a trained vector's best factor `f` becomes the hypernetwork's `f / s`.
         concept_vector_steps (`int`, *optional*, defaults to 250), concept_vector_learning_rate (`float`, *optional*,
             defaults to 0.05): how `train_hypersteer.py` trains the per-concept vectors (batch 4, the LM loss alone)
-            on the training rows before the hypernetwork, when `concept_vector_loss_weight > 0`.
+            on the training rows before the hypernetwork, when `concept_vector_loss_weight > 0` or `fit_readout`.
+        fit_readout (`bool`, *optional*, defaults to `False`):
+            Before training, fit the hypernetwork's readout to the per-concept vectors in closed form
+            ([`fit_readout_to_concept_vectors`]; the vectors are trained as for `concept_vector_loss_weight`). With
+            `max_steps=0`, `train_hypersteer.py` saves the fitted model without training it.
+        fit_readout_norm (`bool`, *optional*, defaults to `False`):
+            With `fit_readout`, also fix the norm of every vector's concept part (`HyperSteerConfig.readout_norm`).
+        readout_ridges (`str`, *optional*, defaults to `"0.01,0.03,0.1,0.3,1"`):
+            The ridge penalties `fit_readout` chooses from by leave-one-out cosine over the training concepts.
         distillation_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the teacher-free distillation term on distillation rows (0 turns it off).
         distillation_guidance (`float`, *optional*, defaults to 4.0):
@@ -173,10 +181,33 @@ class HyperSteerTrainingArguments(TrainingArguments):
     )
     concept_vector_steps: int = field(
         default=250,
-        metadata={"help": "Training steps (batch 4) of the per-concept vectors, when concept_vector_loss_weight > 0."},
+        metadata={
+            "help": "Training steps (batch 4) of the per-concept vectors, when concept_vector_loss_weight > 0 or "
+            "--fit_readout."
+        },
     )
     concept_vector_learning_rate: float = field(
         default=0.05, metadata={"help": "AdamW learning rate of the per-concept vectors."}
+    )
+    fit_readout: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, set the hypernetwork's readout (output projection, shared offset, feature "
+            "statistics) in closed form so each training concept's description maps to its LM-trained vector (kernel "
+            "ridge; see fit_readout_to_concept_vectors). With --max_steps 0 the fitted model is saved untrained."
+        },
+    )
+    fit_readout_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "With --fit_readout, rescale every vector's concept part to the training targets' mean norm about "
+            "their mean (HyperSteerConfig.readout_norm), so a description unlike the training ones is not shrunk "
+            "toward the shared offset."
+        },
+    )
+    readout_ridges: str = field(
+        default="0.01,0.03,0.1,0.3,1",
+        metadata={"help": "Comma-separated ridge penalties of --fit_readout; leave-one-out picks one."},
     )
     distillation_loss_weight: float = field(
         default=0.0,
@@ -259,6 +290,13 @@ class HyperSteerTrainingArguments(TrainingArguments):
                 f"`concept_vector_steps` must be >= 1 and `concept_vector_learning_rate` a finite number > 0, got "
                 f"{self.concept_vector_steps!r} and {self.concept_vector_learning_rate!r}."
             )
+        if self.fit_readout_norm and not self.fit_readout:
+            raise ValueError("`fit_readout_norm` sets the norm of the fitted readout: set `fit_readout` too.")
+        ridges = self.readout_ridge_values
+        if not ridges or not all(0.0 < ridge < float("inf") for ridge in ridges):
+            raise ValueError(
+                f"`readout_ridges` must be comma-separated finite numbers > 0, got {self.readout_ridges!r}."
+            )
         if not 0.0 < self.contrast_beta < float("inf"):
             raise ValueError(f"`contrast_beta` must be a finite number > 0, got {self.contrast_beta!r}.")
         if self.train_steering_factor_max is not None and not 1.0 <= self.train_steering_factor_max < float("inf"):
@@ -271,6 +309,16 @@ class HyperSteerTrainingArguments(TrainingArguments):
                 f"`token_dropout_start_ratio` must be in [0, 1) (a fraction of the training steps), got "
                 f"{self.token_dropout_start_ratio!r}."
             )
+
+    @property
+    def readout_ridge_values(self) -> list[float]:
+        """`readout_ridges` as numbers."""
+        try:
+            return [float(value) for value in self.readout_ridges.split(",") if value.strip()]
+        except ValueError:
+            raise ValueError(
+                f"`readout_ridges` must be comma-separated numbers, got {self.readout_ridges!r}."
+            ) from None
 
 
 class TokenDropoutStartCallback(TrainerCallback):
@@ -658,6 +706,136 @@ class ConceptVectorTargets:
         return torch.tensor(rows, dtype=torch.long, device=steering_input_ids.device), self.vectors[positions]
 
 
+@torch.no_grad()
+def fit_readout_to_concept_vectors(
+    model,
+    concept_vectors: Mapping[str, torch.Tensor],
+    ridges: Sequence[float],
+    normalize: bool = False,
+    batch_size: int = 16,
+) -> dict:
+    """Set the hypernetwork's readout in closed form so each concept's description maps to its trained vector.
+
+    With the decoder blocks as they are (at the start of training: the base's first layers), the feature statistics
+    of `center_pooled_features` are set to those of the concepts' pooled features `p_c`, and the output projection
+    `W` and shared offset `b` to the kernel ridge regression from the normalised features `f_c = norm(center(p_c))`
+    to the targets `t_c` minus the prior term (`v = W f + b + A u(s)`, see [`HyperSteerHypernetwork`]):
+
+        W = R^T (K + ridge I)^-1 F / d,  K = F F^T / d,  b = mean_c r_c - W mean_c f_c,  r_c = t_c - A u(s_c)
+
+    where `F` and `R` are the features and `r` centred on their means (without a shared offset: not centred, and no
+    `b`). So a description never trained on gets the vectors of the concepts whose descriptions the blocks read alike,
+    instead of the part every training concept shares, which is what end-to-end training on a few dozen concepts
+    learns. The ridge (on the scale of a cosine kernel) is the one of `ridges` with the best leave-one-out cosine
+    between a concept's prediction and its target, both centred (closed form: the hat matrix's diagonal).
+
+    Args:
+        model ([`HyperSteerModel`]): with `hypernet_type="no_context"` (the vector depends on the description only).
+        concept_vectors (`Mapping[str, torch.Tensor]`): description -> target vector of shape `(hidden_size,)`, e.g.
+            from [`~modeling_hypersteer.baselines.train_concept_vectors`]; at least 3 concepts.
+        ridges (`Sequence[float]`): candidate penalties, each a finite number > 0.
+        normalize (`bool`, *optional*, defaults to `False`): also set `config.readout_norm` to the targets' mean norm
+            about their mean, so every description's concept part `W f` has that norm (the regression then has no
+            intercept on the features: `b` is the targets' mean).
+        batch_size (`int`, *optional*, defaults to 16): descriptions per hypernetwork call.
+
+    Returns:
+        `dict`: `concepts`, `readout_norm` (`None` unless `normalize`), `ridge`, `leave_one_out_cosine` (per
+        candidate), `leave_one_out_norm_ratio` (how long a held-out prediction's concept part is against its target's,
+        at the chosen ridge, before any normalisation) and `training_cosine`.
+    """
+    if model.config.hypernet_type != "no_context":
+        raise ValueError(
+            "Fitting the readout needs `hypernet_type='no_context'` (one vector per description); this model has "
+            f"{model.config.hypernet_type!r}."
+        )
+    ridges = [float(ridge) for ridge in ridges]
+    if not ridges or not all(0.0 < ridge < float("inf") for ridge in ridges):
+        raise ValueError(f"Readout ridges must be finite numbers > 0, got {ridges!r}.")
+    concepts = list(concept_vectors)
+    if len(concepts) < 3:
+        raise ValueError(f"Fitting the readout needs target vectors for at least 3 concepts, got {len(concepts)}.")
+    hypernetwork = model.hypernetwork
+    targets = torch.stack([concept_vectors[concept].detach().double().cpu() for concept in concepts])
+    if targets.shape[-1] != model.config.hidden_size:
+        raise ValueError(
+            f"Concept vectors must have shape ({model.config.hidden_size},) (the model's hidden size), got "
+            f"{tuple(targets.shape[1:])}."
+        )
+    projection = hypernetwork.output_projection.weight
+    projection.zero_()
+    if hypernetwork.steering_offset is not None:
+        hypernetwork.steering_offset.zero_()
+    # With the readout at zero the model's vectors are the prior term alone; the blocks' pooled features are read
+    # where they enter the readout.
+    pooled, prior_terms = [], []
+    reader = hypernetwork.feature_center if hypernetwork.feature_center is not None else hypernetwork.norm
+    handle = reader.register_forward_pre_hook(lambda module, args: pooled.append(args[0].detach().double().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(concepts), batch_size):
+            vectors = model.compute_steering_vectors(steering_prompt=concepts[start : start + batch_size])
+            prior_terms.append(vectors.detach().double().cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    pooled, residuals = torch.cat(pooled), targets - torch.cat(prior_terms)
+    center = hypernetwork.feature_center
+    if center is not None:
+        center.running_mean.copy_(pooled.mean(0))
+        if center.running_variance is not None:
+            center.running_variance.copy_(pooled.var(0, unbiased=False))
+        center.num_updates.fill_(len(concepts))
+    # `no_grad`: the centre reads its new statistics without moving them.
+    pooled = pooled.to(projection)
+    features = hypernetwork.norm(center(pooled) if center is not None else pooled).double().cpu()
+    # With a shared offset the regression has an unpenalised intercept: features and targets are centred first. A
+    # normalised readout rescales `W f` itself, so there `b` is the targets' mean and the features stay as they are.
+    feature_mean, target_mean = torch.zeros_like(features[0]), torch.zeros_like(residuals[0])
+    if hypernetwork.steering_offset is not None:
+        target_mean = residuals.mean(0)
+        if not normalize:
+            feature_mean = features.mean(0)
+    features, centred = features - feature_mean, residuals - target_mean
+    size = features.shape[-1]
+    kernel = features @ features.T / size
+    identity = torch.eye(len(concepts), dtype=kernel.dtype)
+    # Leave-one-out in closed form (exact for penalised least squares): the fit is `hat @ residuals`, and concept i's
+    # prediction from the others is `r_i - (r_i - fitted_i) / (1 - hat_ii)`. Both it and the target are compared
+    # centred on the *other* concepts' mean, so the left-out target does not leak into the comparison.
+    count = len(concepts)
+    others_mean = (residuals.sum(0) - residuals) / (count - 1)
+    loo_cosine, loo_norm = {}, {}
+    for ridge in ridges:
+        hat = kernel @ torch.linalg.inv(kernel + ridge * identity)
+        if hypernetwork.steering_offset is not None:
+            hat = hat + 1.0 / count
+        leverage = hat.diagonal()[:, None]
+        held_out = residuals - (residuals - hat @ residuals) / (1 - leverage).clamp(min=1e-6)
+        predicted, actual = held_out - others_mean, residuals - others_mean
+        loo_cosine[ridge] = F.cosine_similarity(predicted, actual, dim=-1).mean().item()
+        loo_norm[ridge] = (predicted.norm(dim=-1) / actual.norm(dim=-1).clamp(min=1e-12)).mean().item()
+    ridge = max(ridges, key=lambda value: loo_cosine[value])
+    weight = centred.T @ torch.linalg.solve(kernel + ridge * identity, features) / size
+    projection.copy_(weight.to(projection))
+    if hypernetwork.steering_offset is not None:
+        hypernetwork.steering_offset.copy_((target_mean - weight @ feature_mean).to(hypernetwork.steering_offset))
+    readout_norm = None
+    if normalize:
+        readout_norm = round(centred.norm(dim=-1).mean().item(), 6)
+        model.config.readout_norm = hypernetwork.readout_norm = readout_norm
+    fitted = features @ weight.T
+    return {
+        "concepts": len(concepts),
+        "readout_norm": readout_norm,
+        "ridge": ridge,
+        "leave_one_out_cosine": {str(value): round(loo_cosine[value], 4) for value in ridges},
+        "leave_one_out_norm_ratio": round(loo_norm[ridge], 4),
+        "training_cosine": round(F.cosine_similarity(fitted, centred, dim=-1).mean().item(), 4),
+    }
+
+
 def steering_prompt_groups(
     steering_input_ids: torch.Tensor, steering_attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -782,4 +960,10 @@ def plot_loss_curves(log_history: list[dict], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["ConceptVectorTargets", "HyperSteerTrainer", "HyperSteerTrainingArguments", "plot_loss_curves"]
+__all__ = [
+    "ConceptVectorTargets",
+    "HyperSteerTrainer",
+    "HyperSteerTrainingArguments",
+    "fit_readout_to_concept_vectors",
+    "plot_loss_curves",
+]

@@ -28,6 +28,7 @@ from modeling_hypersteer.trainer import (
     HyperSteerTrainer,
     HyperSteerTrainingArguments,
     cross_concept_cosine,
+    fit_readout_to_concept_vectors,
     logits_to_keep_for_labels,
     other_concept_rows,
     steering_prompt_groups,
@@ -234,6 +235,123 @@ def test_concept_vector_weight_and_vectors_go_together(tiny_tokenizer, tmp_path,
     with caplog.at_level(logging.WARNING):
         _trainer(model, tmp_path, concept_vectors={CONCEPT_A: torch.zeros(32)})
     assert "`concept_vectors` are unused" in caplog.text
+
+
+READOUT_CONCEPTS = [
+    CONCEPT_A,
+    CONCEPT_B,
+    "mentions of the ocean, tides and marine animals",
+    "expressions of gratitude and thanks",
+    "dates and calendar references",
+]
+
+
+@pytest.mark.parametrize("steering_prior", ["none", "lexical"])
+def test_fitted_readout_maps_each_training_description_to_its_vector(tiny_tokenizer, tmp_path, steering_prior):
+    torch.manual_seed(0)
+    model = _model(
+        tiny_tokenizer,
+        hypernet_type="no_context",
+        hypernet_pooling="mean",
+        shared_steering_offset=True,
+        center_pooled_features=True,
+        standardize_pooled_features=True,
+        steering_prior=steering_prior,
+        steering_prior_map="scalar",
+        steering_prior_init_norm=3.0,
+    ).eval()
+    targets = {concept: torch.randn(32) + 2.0 for concept in READOUT_CONCEPTS}
+    summary = fit_readout_to_concept_vectors(model, targets, [1e-8])
+    with torch.no_grad():
+        vectors = model.compute_steering_vectors(steering_prompt=READOUT_CONCEPTS)
+    # Five descriptions, 32 features: at a vanishing ridge the fit interpolates, prior term included.
+    torch.testing.assert_close(vectors, torch.stack(list(targets.values())), atol=1e-3, rtol=1e-3)
+    assert summary["concepts"] == 5 and summary["ridge"] == 1e-8 and summary["training_cosine"] > 0.999
+    # The feature statistics are the checkpoint's: a reloaded model gives the same vectors.
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.compute_steering_vectors(steering_prompt=READOUT_CONCEPTS), vectors)
+
+
+def test_normalised_readout_gives_every_description_the_same_concept_norm(tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = _model(
+        tiny_tokenizer, hypernet_type="no_context", hypernet_pooling="mean", shared_steering_offset=True
+    ).eval()
+    targets = {concept: torch.randn(32) * (1 + index) for index, concept in enumerate(READOUT_CONCEPTS)}
+    summary = fit_readout_to_concept_vectors(model, targets, [0.1], normalize=True)
+    stacked = torch.stack(list(targets.values()))
+    expected_norm = (stacked - stacked.mean(0)).norm(dim=-1).mean().item()
+    assert model.config.readout_norm == summary["readout_norm"] == pytest.approx(expected_norm, rel=1e-5)
+    torch.testing.assert_close(model.hypernetwork.steering_offset.detach(), stacked.mean(0))
+    unseen = ["stock markets and interest rates", "the smell of rain"]
+    with torch.no_grad():
+        vectors = model.compute_steering_vectors(steering_prompt=READOUT_CONCEPTS + unseen)
+    concept_parts = (vectors - model.hypernetwork.steering_offset).norm(dim=-1)
+    torch.testing.assert_close(concept_parts, torch.full_like(concept_parts, expected_norm), rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    reloaded = HyperSteerModel.from_pretrained(tmp_path, base_model=model.language_model).eval()
+    assert reloaded.config.readout_norm == model.config.readout_norm
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.compute_steering_vectors(steering_prompt=READOUT_CONCEPTS + unseen), vectors
+        )
+
+
+def test_fitted_readout_generalises_through_what_the_blocks_read(tiny_tokenizer):
+    # Targets that are a fixed linear function of the features: a larger ridge, chosen by leave-one-out, predicts a
+    # description left out of the fit better than chance.
+    torch.manual_seed(0)
+    model = _model(tiny_tokenizer, hypernet_type="no_context", hypernet_pooling="mean", shared_steering_offset=True)
+    model.eval()
+    words = ["court", "judge", "ocean", "tide", "thanks", "grateful", "date", "calendar", "pointer", "header"]
+    concepts = [f"{first} and {second}" for first in words for second in words if first < second]
+    captured = []
+    handle = model.hypernetwork.norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    with torch.no_grad():
+        model.compute_steering_vectors(steering_prompt=concepts)
+    handle.remove()
+    features = captured[0].double()
+    truth = features @ torch.randn(32, 32, dtype=torch.float64)
+    held_out = concepts[::5]
+    train = {c: t.float() for c, t in zip(concepts, truth) if c not in held_out}
+    summary = fit_readout_to_concept_vectors(model, train, [0.01, 0.1, 1.0])
+    with torch.no_grad():
+        predicted = model.compute_steering_vectors(steering_prompt=held_out).double()
+    expected = truth[[concepts.index(c) for c in held_out]]
+    centre = torch.stack(list(train.values())).double().mean(0)
+    cosines = torch.nn.functional.cosine_similarity(predicted - centre, expected - centre)
+    assert cosines.mean() > 0.5, (cosines, summary)
+    assert summary["leave_one_out_cosine"][str(summary["ridge"])] == max(summary["leave_one_out_cosine"].values())
+
+
+def test_fitting_the_readout_rejects_what_it_cannot_fit(tiny_tokenizer):
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    three = {concept: torch.zeros(32) for concept in READOUT_CONCEPTS[:3]}
+    with pytest.raises(ValueError, match="at least 3 concepts"):
+        fit_readout_to_concept_vectors(model, {CONCEPT_A: torch.zeros(32), CONCEPT_B: torch.zeros(32)}, [1.0])
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        fit_readout_to_concept_vectors(model, {c: torch.zeros(16) for c in READOUT_CONCEPTS[:3]}, [1.0])
+    for ridges in ([], [0.0], [float("nan")]):
+        with pytest.raises(ValueError, match="ridges"):
+            fit_readout_to_concept_vectors(model, three, ridges)
+    with pytest.raises(ValueError, match="no_context"):
+        fit_readout_to_concept_vectors(_model(tiny_tokenizer, hypernet_type="cross_attention"), three, [1.0])
+
+
+@pytest.mark.parametrize("ridges", ["", "0", "0.1,-1", "a,b"])
+def test_readout_ridges_are_validated(tmp_path, ridges):
+    with pytest.raises(ValueError, match="readout_ridges"):
+        HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", readout_ridges=ridges)
+
+
+def test_readout_norm_is_validated(tmp_path):
+    for value in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="readout_norm"):
+            HyperSteerConfig(readout_norm=value)
+    with pytest.raises(ValueError, match="fit_readout"):
+        HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", fit_readout_norm=True)
 
 
 def test_mean_pooling_and_offset_are_padding_invariant(tiny_tokenizer):
@@ -481,10 +599,11 @@ def test_objective_weights_are_validated(tmp_path, field, value):
         HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", **{field: value})
 
 
-def test_recipe_file_parses_into_the_arguments_it_names():
+@pytest.mark.parametrize("recipe_file", ["smollm2_axbench.yaml", "smollm2_axbench_fitted_readout.yaml"])
+def test_recipe_file_parses_into_the_arguments_it_names(recipe_file):
     import train_hypersteer
 
-    recipe_path = REPO_ROOT / "examples" / "recipes" / "smollm2_axbench.yaml"
+    recipe_path = REPO_ROOT / "examples" / "recipes" / recipe_file
     recipe = yaml.safe_load(recipe_path.read_text())
     model_args, data_args, training_args = train_hypersteer.parse_arguments(
         ["--config", str(recipe_path), "--output_dir", "/tmp/unused-recipe-output"]

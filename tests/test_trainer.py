@@ -85,6 +85,44 @@ def test_end_to_end_run_learns_and_saves_a_loadable_hypernetwork(tiny_base_dir, 
     assert loaded.config.base_model_name_or_path == str(tiny_base_dir)
 
 
+def test_fitted_readout_without_training_steps_is_saved_and_loads(tiny_base_dir, concept_file, tmp_path):
+    output_dir = tmp_path / "run"
+    arguments = dict(
+        hypernet_type="no_context",
+        hypernet_pooling="mean",
+        shared_steering_offset=True,
+        center_pooled_features=True,
+        fit_readout=True,
+        fit_readout_norm=True,
+        readout_ridges="0.1,1",
+        concept_vector_steps=5,
+        eval_strategy="no",
+        save_strategy="no",
+        max_steps=0,
+    )
+    train_hypersteer.main(_arguments(tiny_base_dir, concept_file, output_dir, **arguments))
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    split = json.loads((output_dir / "concept_split.json").read_text())
+    record = summary["readout_fit"]
+    assert record["concepts"] == len(split["heldin_concepts"]) == summary["concept_vector_targets"]["concepts"]
+    assert record["ridge"] in (0.1, 1.0) and record["training_cosine"] > 0.5
+    # No training step ran: the saved model is the closed-form fit, and its statistics come with it.
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 0
+    model = HyperSteerModel.from_pretrained(output_dir)
+    assert model.hypernetwork.output_projection.weight.abs().sum() > 0
+    assert model.hypernetwork.feature_center.num_updates.item() == record["concepts"]
+    assert model.config.readout_norm == record["readout_norm"] > 0
+    with pytest.raises(ValueError, match="--max_steps 0 trains nothing"):
+        train_hypersteer.main(
+            _arguments(
+                tiny_base_dir,
+                concept_file,
+                tmp_path / "unfitted",
+                **{**arguments, "fit_readout": None, "fit_readout_norm": None},
+            )
+        )
+
+
 def test_concept_vector_targets_are_trained_first_and_pull_the_hypernetwork(tiny_base_dir, concept_file, tmp_path):
     output_dir = tmp_path / "run"
     train_hypersteer.main(
