@@ -652,6 +652,16 @@ class HyperSteerTrainer(Trainer):
         )
 
 
+def check_concept_vector_shapes(vectors: Mapping[str, torch.Tensor], hidden_size: int) -> None:
+    """Raise a `ValueError` naming the concepts whose vector is not of shape `(hidden_size,)`."""
+    wrong = {concept: tuple(vector.shape) for concept, vector in vectors.items() if vector.shape != (hidden_size,)}
+    if wrong:
+        raise ValueError(
+            f"Concept vectors must have shape ({hidden_size},) (the model's hidden size); got {len(wrong)} others, "
+            f"e.g. {dict(list(wrong.items())[:3])}."
+        )
+
+
 class ConceptVectorTargets:
     """Each training concept's target steering vector, found for a row from its steering-prompt tokens.
 
@@ -666,13 +676,7 @@ class ConceptVectorTargets:
         self, vectors: Mapping[str, torch.Tensor], tokenizer, max_steering_prompt_length: int, hidden_size: int
     ):
         concepts = list(vectors)
-        shapes = {concept: tuple(vectors[concept].shape) for concept in concepts}
-        wrong = {concept: shape for concept, shape in shapes.items() if shape != (hidden_size,)}
-        if wrong:
-            raise ValueError(
-                f"Concept vectors must have shape ({hidden_size},) (the model's hidden size); got {len(wrong)} others, "
-                f"e.g. {dict(list(wrong.items())[:3])}."
-            )
+        check_concept_vector_shapes(vectors, hidden_size)
         tokens = tokenize_steering_prompts(tokenizer, concepts, max_steering_prompt_length)
         self.position = {
             tuple(ids[mask.bool()].tolist()): position
@@ -755,13 +759,9 @@ def fit_readout_to_concept_vectors(
     concepts = list(concept_vectors)
     if len(concepts) < 3:
         raise ValueError(f"Fitting the readout needs target vectors for at least 3 concepts, got {len(concepts)}.")
+    check_concept_vector_shapes(concept_vectors, model.config.hidden_size)
     hypernetwork = model.hypernetwork
     targets = torch.stack([concept_vectors[concept].detach().double().cpu() for concept in concepts])
-    if targets.shape[-1] != model.config.hidden_size:
-        raise ValueError(
-            f"Concept vectors must have shape ({model.config.hidden_size},) (the model's hidden size), got "
-            f"{tuple(targets.shape[1:])}."
-        )
     projection = hypernetwork.output_projection.weight
     projection.zero_()
     if hypernetwork.steering_offset is not None:

@@ -52,13 +52,13 @@ from probe_vector_regression import (  # noqa: E402
     add_vector_arguments,
     kernel_ridge,
     lexical_directions,
+    lm_trained_vectors,
     positive_training_rows,
     report,
     trained_concept_vectors,
 )
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.baselines import baseline_concept_vectors  # noqa: E402
 from modeling_hypersteer.data import load_concept_data  # noqa: E402
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts  # noqa: E402
 from modeling_hypersteer.text_metric import ConceptDetector  # noqa: E402
@@ -85,15 +85,6 @@ def hidden_means(model, concepts: list[str], num_layers: int, batch_size: int = 
         weights = mask[..., None].to(hidden.dtype)
         means.append(((hidden * weights).sum(1) / weights.sum(1)).float())
     return torch.cat(means)
-
-
-def rows_vectors(model, rows, folder: Path, steps: int, learning_rate: float) -> dict:
-    """LM-trained vectors of the concepts of `rows` (positive rows with `input`, `output`, `output_concept`)."""
-    keys = ("input", "output", "output_concept")
-    rows = [{key: row[key] for key in keys} for row in rows]
-    return baseline_concept_vectors(
-        "vector", model, model.tokenizer, rows, [], [], folder, steps=steps, learning_rate=learning_rate
-    )
 
 
 def centred_units(vectors: dict, concepts: list[str], centre: torch.Tensor) -> torch.Tensor:
@@ -181,7 +172,7 @@ def main(argv=None) -> dict:
     axbench, heldback = heldin + never["heldout"], never["heldback"]
     llama = load_concept_data(quality_ablation.data_path(args.heldback_data))
     llama_rows = [row for row in llama if not row["is_negative"] and row["output_concept"] not in set(heldback)]
-    other_llama = rows_vectors(
+    other_llama = lm_trained_vectors(
         model, llama_rows, output_dir / "vectors_other_llama", args.extra_steps, args.learning_rate
     )
     vectors = {**vectors, **other_llama}
@@ -189,7 +180,7 @@ def main(argv=None) -> dict:
     self_written = {}
     if args.self_written_rows:
         rows = [dict(row) for row in load_concept_data(args.self_written_rows) if not row["is_negative"]]
-        self_written = rows_vectors(
+        self_written = lm_trained_vectors(
             model, rows, output_dir / "vectors_self_written_rows", args.self_written_steps, args.learning_rate
         )
     everything = axbench + heldback + extra_concepts + sorted(self_written)

@@ -110,6 +110,16 @@ def positive_training_rows(run_dir: Path) -> tuple:
     return data, split, [row for row in train_rows if not row["is_negative"]]
 
 
+def lm_trained_vectors(model, rows, folder: Path, steps: int, learning_rate: float) -> dict:
+    """One LM-trained vector (the `vector` baseline, kept in `folder` and reused from there) per concept of `rows`
+    (positive rows with `input`, `output`, `output_concept`)."""
+    keys = ("input", "output", "output_concept")
+    rows = [{key: row[key] for key in keys} for row in rows]
+    return baseline_concept_vectors(
+        "vector", model, model.tokenizer, rows, [], [], folder, steps=steps, learning_rate=learning_rate
+    )
+
+
 def trained_concept_vectors(model, run_dir: Path, output_dir: Path, args) -> tuple[dict, list[str], dict]:
     """One LM-trained vector per concept (the `vector` baseline, kept in `output_dir/vectors` and reused from there)
     for the run's held-in concepts and, as targets only, its held-out and the held-back concepts.
@@ -126,19 +136,8 @@ def trained_concept_vectors(model, run_dir: Path, output_dir: Path, args) -> tup
     heldback_rows = [
         dict(row) for row in heldback_data if row["output_concept"] in heldback and not row["is_negative"]
     ]
-    keys = ("input", "output", "output_concept")
-    rows = [{key: row[key] for key in keys} for row in train_rows + heldout_rows + heldback_rows]
-    vectors = baseline_concept_vectors(
-        "vector",
-        model,
-        model.tokenizer,
-        rows,
-        [],
-        [],
-        output_dir / "vectors",
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-    )
+    rows = train_rows + heldout_rows + heldback_rows
+    vectors = lm_trained_vectors(model, rows, output_dir / "vectors", args.steps, args.learning_rate)
     heldin_concepts = sorted({row["output_concept"] for row in train_rows})
     return vectors, heldin_concepts, {"heldout": sorted(heldout), "heldback": sorted(heldback)}
 
