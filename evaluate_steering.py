@@ -110,7 +110,8 @@ class EvaluationArguments:
         default=None,
         metadata={
             "help": "Concept data (same loader as training). Defaults to the training run's sources, read from "
-            "training_summary.json next to the model."
+            "training_summary.json next to the model. Concepts of other data that the run's concept_split.json does "
+            "not list are never-trained and scored as held-out; the run's trained concepts in such data are left out."
         },
     )
     concepts: str = field(
@@ -258,17 +259,40 @@ def _training_file(model_dir: str, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tuple[list[str], ConceptSplit, str]:
+def _selected_concepts(
+    args: EvaluationArguments, data: datasets.Dataset
+) -> tuple[list[str], ConceptSplit, str, datasets.Dataset]:
+    """The concepts to evaluate, the concept split their rows are built with, where that split comes from, and the
+    data restricted to the split's concepts."""
     data_concepts = concept_names(data)
     saved = _training_file(args.model, CONCEPT_SPLIT_FILE)
     if saved is not None:
         split = ConceptSplit.from_json(Path(args.model) / CONCEPT_SPLIT_FILE)
         origin = f"the training run's {CONCEPT_SPLIT_FILE}"
-        if not set(data_concepts) & {*split.heldin_concepts, *split.heldout_concepts}:
-            # Concept data of another source (e.g. a held-back set): none of its concepts was trained on, so all are
-            # held-out. Data that shares only some concepts with the split stays an error (`build_splits`).
-            split = ConceptSplit([], sorted(data_concepts), sources=split.sources, seed=split.seed)
-            origin = f"no concept of this data is in the training run's {CONCEPT_SPLIT_FILE}: all are never-trained"
+        unlisted = set(data_concepts) - {*split.heldin_concepts, *split.heldout_concepts}
+        if unlisted:
+            # Concept data of another source (e.g. a held-back set, or a data set the run trained on part of): the run
+            # never saw a concept its split does not list, so those and the split's held-out concepts are scored as
+            # held-out. Which rows of the run's trained concepts such data shares with training is unknown, so they are
+            # left out, and refused when named.
+            trained = sorted(set(data_concepts) & set(split.heldin_concepts))
+            named_trained = sorted(set(trained) & set(args.concepts.split("|")))
+            if named_trained:
+                raise ValueError(
+                    f"--concepts names concept(s) the run trained on, {named_trained[:3]}, in data that is not the "
+                    f"run's own ({len(unlisted)} of its concepts are not in {CONCEPT_SPLIT_FILE}), so which of their "
+                    "rows were trained on is unknown. Evaluate them with the run's own data (no "
+                    "--dataset_name_or_path)."
+                )
+            split = ConceptSplit([], sorted(set(data_concepts) - set(trained)), sources=split.sources, seed=split.seed)
+            origin = (
+                f"{len(unlisted)} concept(s) of this data are not in the training run's {CONCEPT_SPLIT_FILE}: "
+                "never-trained, scored with its held-out concepts"
+                + (f"; its {len(trained)} trained concept(s) are left out" if trained else "")
+            )
+            if trained:
+                left_out = set(trained)
+                data = data.filter(lambda row: row["output_concept"] not in left_out)
     else:
         split = split_concepts(
             data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed
@@ -291,7 +315,7 @@ def _selected_concepts(args: EvaluationArguments, data: datasets.Dataset) -> tup
         concepts = concepts[: args.max_concepts]
     if not concepts:
         raise ValueError(f"No concepts selected by --concepts {args.concepts!r} (split from {origin}).")
-    return concepts, split, origin
+    return concepts, split, origin, data
 
 
 def _instructions(args: EvaluationArguments, eval_rows: list[dict], concepts: list[str]) -> dict[str, list[str]]:
@@ -427,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pass --dataset_name_or_path."
         )
     data = load_concept_data(sources)
-    concepts, split, origin = _selected_concepts(args, data)
+    concepts, split, origin, data = _selected_concepts(args, data)
     logger.info(f"Evaluating {len(concepts)} concept(s) from {sources}; split from {origin}.")
     split_settings = training_summary.get("split_settings")
     heldin_selected = sorted(set(concepts) & set(split.heldin_concepts))

@@ -20,7 +20,9 @@ Prompting, the baseline every ratio divides by, puts its steering instruction wh
 `prompt_placement` says: `"user"` (the default, before the instruction in the user turn) or `"system"` (a system
 turn: what every experiment written before the option existed measured, and says). An experiment with `"rescores":
 NAME` trains nothing of its own: it scores experiment NAME's finished run (trained into NAME's folder if missing) with
-its own evaluation settings, e.g. the other prompt placement.
+its own evaluation settings, e.g. the other prompt placement, or `"offline_steering_factor"`: the factor of the
+HyperSteer conditions of the offline metric (a number, or `"default"` for the run's saved `default_steering_factor`,
+the factor the model ships with; without it, `--steering_factor`).
 """
 
 import argparse
@@ -64,7 +66,7 @@ SCALING_PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "concept_scaling.png"
 META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of", "extra_training_data", "rescores")
 # Keys of an experiment file that set how it is scored, not how it is trained: they tell variants apart, but are no
 # training flag.
-EVALUATION_KEYS = ("prompt_placement",)
+EVALUATION_KEYS = ("prompt_placement", "offline_steering_factor")
 DEFAULT_PROMPT_PLACEMENT = "user"
 SPLIT_KEY = "concept_split_seed"
 # Held-in concepts on unseen prompts; the split's held-out concepts; concepts of another data set (`--heldback_data`).
@@ -205,9 +207,11 @@ def score(
     prompt_placement: str,
     splits=("heldin", "heldout"),
     concept_vectors=None,
+    steering_factor: float | None = None,
 ) -> dict:
-    """Offline metric per split. The `none`/`prompt` losses do not depend on the model being compared, so they are
-    computed once per split and placement and reused from `--work_dir`."""
+    """Offline metric per split, at `steering_factor` (default `--steering_factor`). The `none`/`prompt` losses do not
+    depend on the model being compared, so they are computed once per split and placement and reused from
+    `--work_dir`."""
     results = {}
     for name in splits:
         cache = reference_losses_path(args, name, rows[name], prompt_placement)
@@ -216,7 +220,7 @@ def score(
             model,
             tokenizer,
             rows[name],
-            steering_factor=args.steering_factor,
+            steering_factor=args.steering_factor if steering_factor is None else steering_factor,
             batch_size=args.eval_batch_size,
             max_length=args.eval_max_length,
             desc=f"offline metric ({name})",
@@ -238,6 +242,21 @@ def score(
 def _flag_pairs(argv: list[str]) -> list[tuple[str, str]]:
     """`--flag value` pairs, order-insensitive."""
     return sorted(zip(argv[::2], argv[1::2]))
+
+
+def offline_steering_factor(config: dict, model, args) -> float:
+    """The factor the experiment's offline metric steers with: its `offline_steering_factor` (`"default"`: the run's
+    saved `default_steering_factor`), else `--steering_factor`."""
+    value = config.get("offline_steering_factor", args.steering_factor)
+    if value == "default":
+        return float(model.config.default_steering_factor)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"offline_steering_factor must be a number or 'default' (the run's saved default_steering_factor), got "
+            f"{value!r}."
+        ) from None
 
 
 def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
@@ -267,6 +286,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
         }
         timing_file.write_text(json.dumps(timing))
     model = HyperSteerModel.from_pretrained(output_dir)
+    steering_factor = offline_steering_factor(config, model, args)
     result = {
         "training_concepts": training_concepts(output_dir),
         "train_minutes": round(timing["minutes"], 2),
@@ -279,6 +299,7 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
             args,
             config["prompt_placement"],
             splits=tuple(name for name in EVALUATION_SETS if rows.get(name)),
+            steering_factor=steering_factor,
         ),
     }
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
@@ -302,7 +323,14 @@ def run_hypersteer(name: str, config: dict, rows: dict, args) -> dict:
             checkpoint_model = HyperSteerModel.from_pretrained(
                 checkpoint, base_model=model.language_model, tokenizer=model.tokenizer
             )
-            scores = score(checkpoint_model, model.tokenizer, rows, args, config["prompt_placement"])
+            scores = score(
+                checkpoint_model,
+                model.tokenizer,
+                rows,
+                args,
+                config["prompt_placement"],
+                steering_factor=steering_factor,
+            )
             curve.append(
                 {
                     "step": int(checkpoint.name.split("-")[1]),
@@ -440,6 +468,7 @@ def run_prior(name: str, config: dict, rows: dict, args) -> dict:
             args,
             config["prompt_placement"],
             splits=tuple(name for name in EVALUATION_SETS if rows.get(name)),
+            steering_factor=offline_steering_factor(config, model, args),
         ),
     }
 
@@ -487,7 +516,14 @@ def run_baseline(name: str, config: dict, rows: dict, args) -> dict:
     train_minutes = (time.perf_counter() - start) / 60
     save_concept_vectors(vectors, Path(args.work_dir) / name, method=config["method"])
     heldin = score(
-        model, tokenizer, rows, args, config["prompt_placement"], splits=("heldin",), concept_vectors=vectors
+        model,
+        tokenizer,
+        rows,
+        args,
+        config["prompt_placement"],
+        splits=("heldin",),
+        concept_vectors=vectors,
+        steering_factor=offline_steering_factor(config, model, args),
     )["heldin"]
     norms = torch.stack(list(vectors.values())).norm(dim=-1)
     return {

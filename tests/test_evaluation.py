@@ -578,14 +578,45 @@ def test_concept_data_of_another_source_is_evaluated_as_never_trained(trained_di
     # Every concept of that data is never-trained: it is scored as held-out, with no held-in part.
     assert set(summary["offline"]) == {"heldout"}
     assert summary["offline"]["heldout"]["num_concepts"] == 2
-    # Data that shares some concepts with the training split is refused: which of its rows were trained on is unknown.
+    # Data that shares some concepts with the training split (e.g. a data set the run trained on part of): its other
+    # concepts are never-trained and scored as held-out; the trained concept is left out, since which of its rows were
+    # trained on is unknown, and refused when named.
     mixed = tmp_path / "mixed.parquet"
     trained_rows = load_concept_data(str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"))
     trained_rows = trained_rows.filter(lambda row: row["output_concept"] == trained.heldin_concepts[0])
     concatenate_datasets([trained_rows, load_concept_data(str(new_data))]).to_parquet(mixed)
-    with pytest.raises(ValueError, match="in neither list of the concept split"):
+    summary = evaluate_steering.main(
+        _offline_argv(
+            trained_dir,
+            tmp_path / "eval2",
+            "--dataset_name_or_path",
+            str(mixed),
+            "--concepts",
+            "all",
+            "--max_length",
+            "640",
+        )
+    )
+    assert set(summary["offline"]) == {"heldout"}
+    assert summary["offline"]["heldout"]["num_concepts"] == 2
+    with pytest.raises(
+        ValueError, match=r"names concept\(s\) the run trained on.*Evaluate them with the run's own data"
+    ):
         evaluate_steering.main(
-            _offline_argv(trained_dir, tmp_path / "eval2", "--dataset_name_or_path", str(mixed), "--concepts", "all")
+            _offline_argv(
+                trained_dir,
+                tmp_path / "eval3",
+                "--dataset_name_or_path",
+                str(mixed),
+                "--concepts",
+                f"{trained.heldin_concepts[0]}|{new_concepts[0]}",
+            )
+        )
+    with pytest.raises(ValueError, match="No concepts selected by --concepts 'heldin'"):
+        evaluate_steering.main(
+            _offline_argv(
+                trained_dir, tmp_path / "eval4", "--dataset_name_or_path", str(mixed), "--concepts", "heldin"
+            )
         )
 
 

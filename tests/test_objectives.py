@@ -599,7 +599,10 @@ def test_objective_weights_are_validated(tmp_path, field, value):
         HyperSteerTrainingArguments(output_dir=str(tmp_path), report_to="none", **{field: value})
 
 
-@pytest.mark.parametrize("recipe_file", ["smollm2_axbench.yaml", "smollm2_axbench_fitted_readout.yaml"])
+@pytest.mark.parametrize(
+    "recipe_file",
+    ["smollm2_axbench.yaml", "smollm2_axbench_fitted_readout.yaml", "smollm2_axbench_fitted_readout_trained.yaml"],
+)
 def test_recipe_file_parses_into_the_arguments_it_names(recipe_file):
     import train_hypersteer
 
@@ -682,6 +685,26 @@ def test_an_ablation_rescoring_experiment_scores_another_run_with_its_own_evalua
         quality_ablation.load_experiment("retrains")
     # An experiment that does not say is scored against the package's default placement.
     assert quality_ablation.load_experiment("new")["prompt_placement"] == "user"
+
+
+def test_an_ablation_scores_offline_at_the_factor_the_run_ships_with_when_asked(tmp_path):
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    rescoring = quality_ablation.load_experiment("readout_fit_norm_at_default")
+    trained = quality_ablation.load_experiment("readout_fit_norm")
+    # Scoring at another factor is no training flag: the rescoring reuses the trained run.
+    assert quality_ablation.training_argv(rescoring, tmp_path) == quality_ablation.training_argv(trained, tmp_path)
+    model = SimpleNamespace(config=SimpleNamespace(default_steering_factor=3.0))
+    args = SimpleNamespace(steering_factor=1.0)
+    assert quality_ablation.offline_steering_factor(rescoring, model, args) == 3.0
+    assert quality_ablation.offline_steering_factor({"offline_steering_factor": "2.5"}, model, args) == 2.5
+    assert quality_ablation.offline_steering_factor(trained, model, args) == 1.0
+    with pytest.raises(ValueError, match=r"offline_steering_factor must be a number or 'default'.*'shipped'"):
+        quality_ablation.offline_steering_factor({"offline_steering_factor": "shipped"}, model, args)
 
 
 def test_ablation_extra_training_data_never_holds_a_scored_concept(tmp_path):
