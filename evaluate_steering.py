@@ -265,6 +265,11 @@ def _selected_concepts(
     """The concepts to evaluate, the concept split their rows are built with, where that split comes from, and the
     data restricted to the split's concepts."""
     data_concepts = concept_names(data)
+    named = (
+        []
+        if args.concepts in ("heldin", "heldout", "all")
+        else [part.strip() for part in args.concepts.split("|") if part.strip()]
+    )
     saved = _training_file(args.model, CONCEPT_SPLIT_FILE)
     if saved is not None:
         split = ConceptSplit.from_json(Path(args.model) / CONCEPT_SPLIT_FILE)
@@ -276,7 +281,7 @@ def _selected_concepts(
             # held-out. Which rows of the run's trained concepts such data shares with training is unknown, so they are
             # left out, and refused when named.
             trained = sorted(set(data_concepts) & set(split.heldin_concepts))
-            named_trained = sorted(set(trained) & set(args.concepts.split("|")))
+            named_trained = sorted(set(trained) & set(named))
             if named_trained:
                 raise ValueError(
                     f"--concepts names concept(s) the run trained on, {named_trained[:3]}, in data that is not the "
@@ -305,7 +310,7 @@ def _selected_concepts(
     elif args.concepts == "all":
         concepts = list(split.heldin_concepts) + list(split.heldout_concepts)
     else:
-        concepts = [part.strip() for part in args.concepts.split("|") if part.strip()]
+        concepts = named
         unknown = sorted(set(concepts) - set(data_concepts))
         if unknown:
             raise ValueError(f"--concepts names concepts absent from the data: {unknown}.")

@@ -609,7 +609,8 @@ def test_concept_data_of_another_source_is_evaluated_as_never_trained(trained_di
                 "--dataset_name_or_path",
                 str(mixed),
                 "--concepts",
-                f"{trained.heldin_concepts[0]}|{new_concepts[0]}",
+                # Named as --concepts is parsed: spaces around a name do not hide it.
+                f" {trained.heldin_concepts[0]} |{new_concepts[0]}",
             )
         )
     with pytest.raises(ValueError, match="No concepts selected by --concepts 'heldin'"):
