@@ -521,10 +521,6 @@ def main(argv: list[str] | None = None) -> dict:
     model = HyperSteerModel.from_base_model(
         base, tokenizer=tokenizer, **{**hypersteer_config_kwargs(model_args), "base_model_name_or_path": base_path}
     )
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info(
-        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.3f}"
-    )
 
     with training_args.main_process_first(desc="loading and tokenizing concept data"):
         raw = load_concept_data(data_args.dataset_name_or_path)
@@ -594,6 +590,11 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=HyperSteerDataCollator(tokenizer=tokenizer),
         processing_class=tokenizer,
         concept_vectors=concept_vectors if training_args.concept_vector_loss_weight > 0 else None,
+    )
+    # After the trainer: `--train_readout_only` freezes all but the readout there.
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.3f}"
     )
     if training_args.max_steps == 0:
         # `--fit_readout` made the whole model (checked above): there is nothing to train.

@@ -64,6 +64,9 @@ PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "quality_specificity_vs_steps
 SCALING_PLOT_PATH = REPO_ROOT / "benchmarks" / "results" / "concept_scaling.png"
 # Keys of an experiment file that describe it rather than set a training flag.
 META_KEYS = ("description", "method", "checkpoint_every", "match_norm_of", "extra_training_data", "rescores")
+# Of those, the keys that only describe or point: runs that differ in them alone are one variant. The method, the norm
+# a prior is matched to and the extra training data change the model.
+DESCRIPTIVE_KEYS = ("description", "checkpoint_every", "rescores")
 # Keys of an experiment file that set how it is scored, not how it is trained: they tell variants apart, but are no
 # training flag.
 EVALUATION_KEYS = ("prompt_placement", "offline_steering_factor")
@@ -563,7 +566,7 @@ def _variants(runs: dict) -> list[dict]:
         settings = {
             key: value
             for key, value in run["config"].items()
-            if key not in (*META_KEYS, SPLIT_KEY) and not key.startswith("calibrat")
+            if key not in (*DESCRIPTIVE_KEYS, SPLIT_KEY) and not key.startswith("calibrat")
         }
         variants.setdefault(json.dumps(settings, sort_keys=True), {}).setdefault(
             run["config"].get(SPLIT_KEY), (name, run)

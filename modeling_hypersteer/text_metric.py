@@ -387,7 +387,11 @@ def score_samples(
     batch_size: int = 8,
 ) -> list[dict[str, Any]]:
     """Adds `concept_probability`, `concept_detected`, `nll`, `distinct_bigrams` and `degenerate` to copies of
-    `samples` (the output of [`~modeling_hypersteer.evaluation.generate_samples`]).
+    `samples` (the output of [`~modeling_hypersteer.evaluation.generate_samples`]), and with two or more concepts
+    `wrong_concept`, `wrong_concept_probability` and `wrong_concept_detected`: the same generation read by the detector
+    of another concept (the next one in sorted order). A vector that only moves every answer toward what the concepts
+    share (the data's topic, or the style of their descriptions) is detected about as often for the wrong concept as
+    for the right one.
 
     Identical (instruction, generation) pairs are scored by the base once: the unsteered generations repeat across
     concepts, and a collapsed model repeats itself.
@@ -396,13 +400,22 @@ def score_samples(
     by_concept = defaultdict(list)
     for index, sample in enumerate(samples):
         by_concept[sample["concept"]].append(index)
+    ordered = sorted(by_concept)
+    wrong_of = {concept: ordered[(rank + 1) % len(ordered)] for rank, concept in enumerate(ordered)}
     for concept, indices in tqdm(
         by_concept.items(), desc="Detecting concepts", unit="concept", disable=len(by_concept) < 8
     ):
-        probabilities = detector.predict_proba(concept, [samples[index]["generation"] for index in indices])
-        for index, probability in zip(indices, probabilities):
+        texts = [samples[index]["generation"] for index in indices]
+        for index, probability in zip(indices, detector.predict_proba(concept, texts)):
             samples[index]["concept_probability"] = probability
             samples[index]["concept_detected"] = probability >= detector.threshold
+        if len(ordered) < 2:
+            continue
+        wrong = wrong_of[concept]
+        for index, probability in zip(indices, detector.predict_proba(wrong, texts)):
+            samples[index]["wrong_concept"] = wrong
+            samples[index]["wrong_concept_probability"] = probability
+            samples[index]["wrong_concept_detected"] = probability >= detector.threshold
     pairs = list(dict.fromkeys((sample["instruction"], sample["generation"]) for sample in samples))
     nlls = generation_nll(
         language_model, tokenizer, [pair[0] for pair in pairs], [pair[1] for pair in pairs], batch_size=batch_size
@@ -422,7 +435,8 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def aggregate_scores(samples: Sequence[dict[str, Any]], split: str | None = None) -> list[dict[str, Any]]:
     """One row per (method, factor) over the scored samples (of one `split`, or all): `detector_accuracy`,
-    `detector_probability`, `nll` (mean over non-empty generations), `distinct_bigrams`, `degenerate_share`,
+    `detector_probability`, `wrong_concept_accuracy` (the share detected as another concept, see [`score_samples`];
+    `None` with a single concept), `nll` (mean over non-empty generations), `distinct_bigrams`, `degenerate_share`,
     `empty_share` and `num_samples`, sorted by method then factor."""
     groups = defaultdict(list)
     for sample in samples:
@@ -436,6 +450,9 @@ def aggregate_scores(samples: Sequence[dict[str, Any]], split: str | None = None
                 "factor": factor,
                 "detector_accuracy": _mean([float(s["concept_detected"]) for s in group]),
                 "detector_probability": _mean([s["concept_probability"] for s in group]),
+                "wrong_concept_accuracy": _mean(
+                    [float(s["wrong_concept_detected"]) for s in group if "wrong_concept_detected" in s]
+                ),
                 "nll": _mean([s["nll"] for s in group]),
                 "distinct_bigrams": _mean([s["distinct_bigrams"] for s in group]),
                 "degenerate_share": _mean([float(s["degenerate"]) for s in group]),
@@ -881,21 +898,23 @@ def text_metric_markdown(result: Mapping[str, Any]) -> str:
     lines = [
         f"Judge-free text metric ({result.get('num_concepts', 0)} concept(s), generic instructions, greedy): "
         "detector accuracy = share of generations in which a TF-IDF + logistic-regression detector trained on the "
-        "concept's reference responses finds the concept; NLL = the unsteered base's per-token NLL of the "
+        "concept's reference responses finds the concept (wrong-concept: the detector of another concept, read on "
+        "the same generations); NLL = the unsteered base's per-token NLL of the "
         "generation; distinct = distinct word bigrams / bigrams. Not comparable with papers (they use the judged "
         "protocol).",
         "",
         f"Gain ratio (HyperSteer gain / prompting gain over unsteered, factor chosen on the select half, test half): "
         f"{ratio}.",
         "",
-        "| method | factor | detector accuracy | detector probability | gain over none | NLL | distinct bigrams | "
-        "degenerate | samples |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | factor | detector accuracy | wrong-concept accuracy | detector probability | gain over none | NLL "
+        "| distinct bigrams | degenerate | samples |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result.get("rows", []):
         lines.append(
             f"| {row['method']} | {row['factor']:g} | {_fmt(row['detector_accuracy'])} | "
-            f"{_fmt(row['detector_probability'])} | {_fmt(row.get('gain_over_none'))} | {_fmt(row['nll'])} | "
+            f"{_fmt(row.get('wrong_concept_accuracy'))} | {_fmt(row['detector_probability'])} | "
+            f"{_fmt(row.get('gain_over_none'))} | {_fmt(row['nll'])} | "
             f"{_fmt(row['distinct_bigrams'])} | {_fmt(row['degenerate_share'])} | {row['num_samples']} |"
         )
     lines.append("")

@@ -111,6 +111,11 @@ class HyperSteerTrainingArguments(TrainingArguments):
             With `fit_readout`, also fix the norm of every vector's concept part (`HyperSteerConfig.readout_norm`).
         readout_ridges (`str`, *optional*, defaults to `"0.01,0.03,0.1,0.3,1"`):
             The ridge penalties `fit_readout` chooses from by leave-one-out cosine over the training concepts.
+        train_readout_only (`bool`, *optional*, defaults to `False`):
+            Train only the hypernetwork's readout (output projection, shared offset, prior map) and keep its decoder
+            blocks, cross-attention and token gate as they are ([`freeze_all_but_readout`]). After `fit_readout` the
+            features the fit regressed from then stay fixed, so a description never trained on keeps being read
+            through the training descriptions it resembles while the LM loss refines their vectors.
         distillation_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the teacher-free distillation term on distillation rows (0 turns it off).
         distillation_guidance (`float`, *optional*, defaults to 4.0):
@@ -208,6 +213,14 @@ class HyperSteerTrainingArguments(TrainingArguments):
     readout_ridges: str = field(
         default="0.01,0.03,0.1,0.3,1",
         metadata={"help": "Comma-separated ridge penalties of --fit_readout; leave-one-out picks one."},
+    )
+    train_readout_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the hypernetwork's readout (output projection, shared offset, prior map); its decoder "
+            "blocks keep their weights, so after --fit_readout a never-trained description is still read through the "
+            "training descriptions it resembles."
+        },
     )
     distillation_loss_weight: float = field(
         default=0.0,
@@ -395,6 +408,8 @@ class HyperSteerTrainer(Trainer):
             )
         elif concept_vectors:
             logger.warning("`concept_vectors` are unused: `concept_vector_loss_weight` is 0.")
+        if args.train_readout_only:
+            freeze_all_but_readout(self.accelerator.unwrap_model(self.model))
         if args.token_dropout_start_ratio > 0:
             if not getattr(self.model.config, "steering_prompt_token_dropout", 0.0):
                 logger.warning(
@@ -710,6 +725,30 @@ class ConceptVectorTargets:
         return torch.tensor(rows, dtype=torch.long, device=steering_input_ids.device), self.vectors[positions]
 
 
+def freeze_all_but_readout(model) -> list[str]:
+    """Leave only the readout of `model`'s hypernetwork trainable: the output projection `W_o`, the shared offset `b`
+    and the prior map `A` (see [`HyperSteerHypernetwork`]), every parameter linear in the vector given the blocks'
+    features. The blocks, cross-attention and token gate stop taking gradients (the frozen base already does).
+
+    Args:
+        model ([`HyperSteerModel`]): changed in place.
+
+    Returns:
+        `list[str]`: the names of the parameters left trainable.
+    """
+    hypernetwork = model.hypernetwork
+    hypernetwork.requires_grad_(False)
+    readout = [hypernetwork.output_projection, hypernetwork.prior_projection]
+    for module in readout:
+        if module is not None:
+            module.requires_grad_(True)
+    if hypernetwork.steering_offset is not None:
+        hypernetwork.steering_offset.requires_grad_(True)
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    logger.info(f"Training the readout only: {trainable}")
+    return trainable
+
+
 @torch.no_grad()
 def fit_readout_to_concept_vectors(
     model,
@@ -965,5 +1004,6 @@ __all__ = [
     "HyperSteerTrainer",
     "HyperSteerTrainingArguments",
     "fit_readout_to_concept_vectors",
+    "freeze_all_but_readout",
     "plot_loss_curves",
 ]

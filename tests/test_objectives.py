@@ -820,6 +820,22 @@ def test_ablation_pools_splits_over_rows_not_over_ratios():
     assert len(table) == 3
     assert table[2].startswith("| x7, x13 | 7 / 13 | 0.581 / 0.625 (0.700) |")
 
+    # Runs that differ in their description or the run they rescore are one variant; more training data is another.
+    def variant(seed, **keys):
+        base = run(seed, a)
+        return {**base, "config": {**base["config"], **keys}}
+
+    extra = {"extra_training_data": ["concept_llama"]}
+    table = quality_ablation.pooled_summary(
+        {
+            "x7": variant(7, description="one"),
+            "x13": variant(13, description="two", rescores="x13_trained"),
+            "more7": variant(7, **extra),
+            "more13": variant(13, **extra),
+        }
+    )
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| x7, x13", "| more7, more13"]
+
 
 def test_diffmean_vectors_come_from_the_given_training_rows_only(tiny_tokenizer):
     model = _model(tiny_tokenizer, hypernet_type="no_context")

@@ -180,6 +180,8 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
         ("prompt", 1.0): _concept_text,
         ("hypersteer", 1.0): lambda task: NEUTRAL[5],
         ("hypersteer", 2.0): _concept_text,
+        # One topic whatever the concept: right for "law", and for "sea" it is the wrong concept's text.
+        ("hypersteer", 4.0): lambda task: LAW[6],
         ("hypersteer", 8.0): lambda task: " ".join(["court" if task["concept"] == "law" else "ocean"] * 12),
     }
     monkeypatch.setattr(text_metric_module, "generate_samples", _scripted_generation(scripted))
@@ -189,9 +191,16 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
         steering_layer=2,
         hypernet_num_layers=1,
     )
-    result = text_metric(model, tiny_tokenizer, detector, ["law", "sea"], ["hypersteer", "prompt", "none"], [1, 2, 8])
+    result = text_metric(
+        model, tiny_tokenizer, detector, ["law", "sea"], ["hypersteer", "prompt", "none"], [1, 2, 4, 8]
+    )
     rows = {(row["method"], row["factor"]): row for row in result["rows"]}
     assert rows[("none", 0.0)]["detector_accuracy"] == 0.0 and rows[("prompt", 1.0)]["detector_accuracy"] == 1.0
+    # Each concept's own text is not the other concept's; one topic for both is right half the time, wrong half.
+    assert rows[("prompt", 1.0)]["wrong_concept_accuracy"] == 0.0
+    assert rows[("hypersteer", 4.0)]["detector_accuracy"] == rows[("hypersteer", 4.0)]["wrong_concept_accuracy"] == 0.5
+    wrong_of = {sample["concept"]: sample["wrong_concept"] for sample in result["samples"]}
+    assert wrong_of == {"law": "sea", "sea": "law"}
     assert rows[("hypersteer", 2.0)]["detector_accuracy"] == 1.0 and rows[("hypersteer", 1.0)]["gain_over_none"] == 0
     assert rows[("hypersteer", 8.0)]["degenerate_share"] == 1.0
     # Same texts as prompting, so the same NLL under the base.
@@ -203,6 +212,7 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
     assert not rejected[8.0]["passes"] and "distinct-bigram share" in rejected[8.0]["rejected_because"]
     markdown = summary_markdown({"judge": None, "text_metric": result})
     assert "| hypersteer | 8 | " in markdown and "1.000 at factor 2.0" in markdown
+    assert "| hypersteer | 4 | 0.500 | 0.500 | " in markdown
 
 
 @pytest.fixture(scope="module")

@@ -151,10 +151,18 @@ def test_concept_vector_targets_are_trained_first_and_pull_the_hypernetwork(tiny
     assert record["concepts"] == len(split["heldin_concepts"]) and record["steps"] == 5 and record["norm_mean"] > 0
 
 
-def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(tiny_tokenizer, concept_file, tmp_path):
+@pytest.mark.parametrize("train_readout_only", [False, True])
+def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(
+    tiny_tokenizer, concept_file, tmp_path, train_readout_only
+):
     base = build_tiny_base("gemma2", len(tiny_tokenizer))
     model = HyperSteerModel.from_base_model(
-        base, tokenizer=tiny_tokenizer, steering_layer=2, hypernet_num_layers=2, token_gate=True
+        base,
+        tokenizer=tiny_tokenizer,
+        steering_layer=2,
+        hypernet_num_layers=2,
+        token_gate=True,
+        shared_steering_offset=True,
     )
     data = load_concept_data(concept_file).select(range(16))
     dataset = tokenize_dataset(data, tiny_tokenizer, max_length=192)
@@ -169,19 +177,27 @@ def test_trainer_changes_every_hypernetwork_parameter_and_no_base_parameter(tiny
         eval_strategy="no",
         save_strategy="no",
         logging_steps=2,
+        train_readout_only=train_readout_only,
     )
     trainer = HyperSteerTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=HyperSteerDataCollator(tokenizer=tiny_tokenizer)
     )
     trainer.train()
+    # The readout: every parameter the vector is linear in, given the blocks' features.
+    readout = {"output_projection.weight", "steering_offset"}
+    trained = {name for name in before_hypernet if not train_readout_only or name in readout}
+    assert readout < set(before_hypernet) and len(before_hypernet) > len(readout)
     for name, parameter in model.hypernetwork.named_parameters():
-        assert not torch.equal(parameter, before_hypernet[name]), f"{name} did not change"
+        if name in trained:
+            assert not torch.equal(parameter, before_hypernet[name]), f"{name} did not change"
+        else:
+            assert torch.equal(parameter, before_hypernet[name]), f"{name} changed with train_readout_only"
     for name, parameter in model.language_model.named_parameters():
         assert torch.equal(parameter, before_base[name]), f"base parameter {name} changed"
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("steering_gate_mean" in entry and 0 <= entry["steering_gate_mean"] <= 1 for entry in logged)
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimised == {id(p) for p in model.hypernetwork.parameters()}
+    assert optimised == {id(p) for name, p in model.hypernetwork.named_parameters() if name in trained}
 
 
 def test_resume_from_checkpoint_is_exact(tiny_base_dir, concept_file, tmp_path):
