@@ -74,6 +74,13 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--heldback_concepts", type=int, default=12)
     parser.add_argument(
+        "--heldback_without_concepts_of",
+        default="",
+        help="A run folder whose training concepts (its concept_split.json) are left out of --heldback_data, so the "
+        "detector tells apart the same concepts as for that run (which trained on part of that data, e.g. with "
+        "extra concept_llama concepts) and the two runs' held-back rows compare.",
+    )
+    parser.add_argument(
         "--prompt_placement",
         default="user",
         choices=PROMPT_PLACEMENTS,
@@ -115,6 +122,12 @@ def main(argv=None) -> dict:
     }
     if args.heldback_data and "heldback" in concept_sets:
         heldback_data = quality_ablation.data_path(args.heldback_data)
+        if args.heldback_without_concepts_of:
+            other_split = ConceptSplit.from_json(Path(args.heldback_without_concepts_of) / CONCEPT_SPLIT_FILE)
+            trained = set(other_split.heldin_concepts)
+            kept = load_concept_data(heldback_data).filter(lambda row: row["output_concept"] not in trained)
+            heldback_data = str(run_dir / "text_check_heldback_data.parquet")
+            kept.to_parquet(heldback_data)
         # Named, since the run's own split knows nothing of these concepts.
         heldback = quality_ablation.heldback_concepts(load_concept_data(heldback_data), args.heldback_concepts)
         selections["heldback"] = ["--dataset_name_or_path", heldback_data, "--concepts", "|".join(heldback)]
