@@ -280,8 +280,8 @@ def _selected_concepts(
             # never saw a concept its split does not list, so those and the split's held-out concepts are scored as
             # held-out. Which rows of the run's trained concepts such data shares with training is unknown, so they are
             # left out, and refused when named.
-            trained = sorted(set(data_concepts) & set(split.heldin_concepts))
-            named_trained = sorted(set(trained) & set(named))
+            trained = set(data_concepts) & set(split.heldin_concepts)
+            named_trained = sorted(trained & set(named))
             if named_trained:
                 raise ValueError(
                     f"--concepts names concept(s) the run trained on, {named_trained[:3]}, in data that is not the "
@@ -289,15 +289,14 @@ def _selected_concepts(
                     "rows were trained on is unknown. Evaluate them with the run's own data (no "
                     "--dataset_name_or_path)."
                 )
-            split = ConceptSplit([], sorted(set(data_concepts) - set(trained)), sources=split.sources, seed=split.seed)
+            split = ConceptSplit([], sorted(set(data_concepts) - trained), sources=split.sources, seed=split.seed)
             origin = (
                 f"{len(unlisted)} concept(s) of this data are not in the training run's {CONCEPT_SPLIT_FILE}: "
                 "never-trained, scored with its held-out concepts"
                 + (f"; its {len(trained)} trained concept(s) are left out" if trained else "")
             )
             if trained:
-                left_out = set(trained)
-                data = data.filter(lambda row: row["output_concept"] not in left_out)
+                data = data.filter(lambda row: row["output_concept"] not in trained)
     else:
         split = split_concepts(
             data, heldout=parse_heldout_concepts(args.heldout_concepts), seed=args.concept_split_seed

@@ -562,19 +562,13 @@ def test_concept_data_of_another_source_is_evaluated_as_never_trained(trained_di
     new_concepts = sorted({row["output_concept"] for row in other if not row["is_negative"]})[:2]
     new_data = tmp_path / "new.parquet"
     other.filter(lambda row: row["output_concept"] in new_concepts).to_parquet(new_data)
-    summary = evaluate_steering.main(
-        _offline_argv(
-            # conceptFD's long descriptions need room in the prompted condition.
-            trained_dir,
-            tmp_path / "eval",
-            "--dataset_name_or_path",
-            str(new_data),
-            "--concepts",
-            "all",
-            "--max_length",
-            "640",
-        )
-    )
+
+    def evaluate(data, output_name, concepts="all"):
+        # conceptFD's long descriptions need room in the prompted condition.
+        argv = ["--dataset_name_or_path", str(data), "--concepts", concepts, "--max_length", "640"]
+        return evaluate_steering.main(_offline_argv(trained_dir, tmp_path / output_name, *argv))
+
+    summary = evaluate(new_data, "eval")
     # Every concept of that data is never-trained: it is scored as held-out, with no held-in part.
     assert set(summary["offline"]) == {"heldout"}
     assert summary["offline"]["heldout"]["num_concepts"] == 2
@@ -585,40 +579,16 @@ def test_concept_data_of_another_source_is_evaluated_as_never_trained(trained_di
     trained_rows = load_concept_data(str(axbench_dir / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"))
     trained_rows = trained_rows.filter(lambda row: row["output_concept"] == trained.heldin_concepts[0])
     concatenate_datasets([trained_rows, load_concept_data(str(new_data))]).to_parquet(mixed)
-    summary = evaluate_steering.main(
-        _offline_argv(
-            trained_dir,
-            tmp_path / "eval2",
-            "--dataset_name_or_path",
-            str(mixed),
-            "--concepts",
-            "all",
-            "--max_length",
-            "640",
-        )
-    )
+    summary = evaluate(mixed, "eval2")
     assert set(summary["offline"]) == {"heldout"}
     assert summary["offline"]["heldout"]["num_concepts"] == 2
     with pytest.raises(
         ValueError, match=r"names concept\(s\) the run trained on.*Evaluate them with the run's own data"
     ):
-        evaluate_steering.main(
-            _offline_argv(
-                trained_dir,
-                tmp_path / "eval3",
-                "--dataset_name_or_path",
-                str(mixed),
-                "--concepts",
-                # Named as --concepts is parsed: spaces around a name do not hide it.
-                f" {trained.heldin_concepts[0]} |{new_concepts[0]}",
-            )
-        )
+        # Named as --concepts is parsed: spaces around a name do not hide it.
+        evaluate(mixed, "eval3", concepts=f" {trained.heldin_concepts[0]} |{new_concepts[0]}")
     with pytest.raises(ValueError, match="No concepts selected by --concepts 'heldin'"):
-        evaluate_steering.main(
-            _offline_argv(
-                trained_dir, tmp_path / "eval4", "--dataset_name_or_path", str(mixed), "--concepts", "heldin"
-            )
-        )
+        evaluate(mixed, "eval4", concepts="heldin")
 
 
 def test_a_missing_model_is_named(tmp_path):

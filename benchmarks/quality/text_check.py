@@ -122,14 +122,15 @@ def main(argv=None) -> dict:
     }
     if args.heldback_data and "heldback" in concept_sets:
         heldback_data = quality_ablation.data_path(args.heldback_data)
+        heldback_rows = load_concept_data(heldback_data)
         if args.heldback_without_concepts_of:
             other_split = ConceptSplit.from_json(Path(args.heldback_without_concepts_of) / CONCEPT_SPLIT_FILE)
             trained = set(other_split.heldin_concepts)
-            kept = load_concept_data(heldback_data).filter(lambda row: row["output_concept"] not in trained)
+            heldback_rows = heldback_rows.filter(lambda row: row["output_concept"] not in trained)
             heldback_data = str(run_dir / "text_check_heldback_data.parquet")
-            kept.to_parquet(heldback_data)
+            heldback_rows.to_parquet(heldback_data)
         # Named, since the run's own split knows nothing of these concepts.
-        heldback = quality_ablation.heldback_concepts(load_concept_data(heldback_data), args.heldback_concepts)
+        heldback = quality_ablation.heldback_concepts(heldback_rows, args.heldback_concepts)
         selections["heldback"] = ["--dataset_name_or_path", heldback_data, "--concepts", "|".join(heldback)]
     for concepts, selection in selections.items():
         if concepts not in concept_sets:
