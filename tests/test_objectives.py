@@ -1236,6 +1236,49 @@ def test_training_free_direction_probe_reads_the_prior_and_weights_rare_words(ti
     assert sorted(samples) == sorted([CONCEPT_A, CONCEPT_B]) and all(len(texts) == 3 for texts in samples.values())
 
 
+def test_description_map_probe_standardizes_features_and_reads_the_about_prompt(tiny_tokenizer):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import probe_description_map as probe
+
+    from modeling_hypersteer.concept_data import ABOUT_PROMPT_TEMPLATES
+    from modeling_hypersteer.data import format_prompt
+
+    # One coordinate 1000 times larger than the rest: as they are, the normalised features are that coordinate;
+    # standardised over the held-in rows, the other coordinates count again.
+    torch.manual_seed(0)
+    values = torch.randn(6, 4)
+    values[:, 0] *= 1000.0
+    plain = probe.unit_features(values, 4, argparse.Namespace(standardize_features=False))
+    scaled = probe.unit_features(values, 4, argparse.Namespace(standardize_features=True))
+    torch.testing.assert_close(plain.norm(dim=-1), torch.ones(6))
+    assert plain[:, 0].abs().min() > 0.99 and scaled[:, 0].abs().max() < 0.99
+    standardized = (values - values[:4].mean(0)) / values[:4].std(0)
+    torch.testing.assert_close(scaled, torch.nn.functional.normalize(standardized, dim=-1), atol=1e-5, rtol=1e-4)
+
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    side, model.tokenizer.padding_side = model.tokenizer.padding_side, "right"
+    try:
+        states = probe.about_prompt_states(model, [CONCEPT_A, "cats"], layers=[1, 2])
+        assert model.tokenizer.padding_side == "right"
+    finally:
+        model.tokenizer.padding_side = side
+    assert sorted(states) == [1, 2] and states[1].shape == (2, model.config.hidden_size)
+    # Batched with left padding, each description's state is its own prompt's last tokens, read alone.
+    alone = tiny_tokenizer(
+        format_prompt(tiny_tokenizer, ABOUT_PROMPT_TEMPLATES[0].format(concept="cats")),
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
+    with torch.no_grad():
+        hidden = model.language_model(**alone, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(
+        states[2][1], hidden[0, -probe.ABOUT_TAIL_TOKENS :].mean(0).float(), atol=1e-4, rtol=1e-4
+    )
+
+
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
     import sys
 

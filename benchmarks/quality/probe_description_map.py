@@ -10,6 +10,8 @@ base wrote about them, `--self_written_rows`), describes each description by
 * `lexical`: `u(s)`, what HyperSteer's lexical prior reads;
 * `hidden{L}`: the mean over the description's tokens of the frozen base's residual after its first `L` layers (what
   a hypernetwork whose blocks start from the base's layers reads at initialisation),
+* `about{L}` (with `--about_layers`): the base's residual after `L` layers over the last tokens of a chat prompt that
+  asks it to write about the description (the state its answer about the concept starts from),
 
 and reports, with a kernel ridge map from features to vectors (features and vectors centred on the training
 concepts' means, both unit-normalised):
@@ -59,7 +61,8 @@ from probe_vector_regression import (  # noqa: E402
 )
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
-from modeling_hypersteer.data import load_concept_data  # noqa: E402
+from modeling_hypersteer.concept_data import ABOUT_PROMPT_TEMPLATES  # noqa: E402
+from modeling_hypersteer.data import format_prompt, load_concept_data  # noqa: E402
 from modeling_hypersteer.modeling_hypersteer import tokenize_steering_prompts  # noqa: E402
 from modeling_hypersteer.text_metric import ConceptDetector  # noqa: E402
 
@@ -67,6 +70,8 @@ from modeling_hypersteer.text_metric import ConceptDetector  # noqa: E402
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "probe_description_map.json"
 FOLDS = 9
 DRAWS = 4
+# The `about{L}` features read the assistant header the answer starts from: the prompt's last tokens.
+ABOUT_TAIL_TOKENS = 3
 
 
 @torch.no_grad()
@@ -85,6 +90,40 @@ def hidden_means(model, concepts: list[str], num_layers: int, batch_size: int = 
         weights = mask[..., None].to(hidden.dtype)
         means.append(((hidden * weights).sum(1) / weights.sum(1)).float())
     return torch.cat(means)
+
+
+@torch.no_grad()
+def about_prompt_states(
+    model, concepts: list[str], layers: list[int], batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """`{layer: (num_concepts, hidden_size)}` float32: the base's residual after `layer` layers, averaged over the last
+    `ABOUT_TAIL_TOKENS` tokens of the chat prompt asking it to write about each description."""
+    tokenizer = model.tokenizer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    states = {layer: [] for layer in layers}
+    try:
+        for start in range(0, len(concepts), batch_size):
+            prompts = [
+                format_prompt(tokenizer, ABOUT_PROMPT_TEMPLATES[0].format(concept=concept))
+                for concept in concepts[start : start + batch_size]
+            ]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            hidden_states = model.language_model(**batch, output_hidden_states=True).hidden_states
+            for layer in layers:
+                states[layer].append(hidden_states[layer][:, -ABOUT_TAIL_TOKENS:].mean(1).float())
+    finally:
+        tokenizer.padding_side = padding_side
+    return {layer: torch.cat(values) for layer, values in states.items()}
+
+
+def unit_features(values: torch.Tensor, num_heldin: int, args) -> torch.Tensor:
+    """`values` centred on the held-in concepts' mean (with `--standardize_features`, each coordinate also divided
+    by its standard deviation over them, as `--standardize_pooled_features` does in the hypernetwork), unit-normalised."""
+    heldin = values[:num_heldin]
+    centred = values - heldin.mean(0)
+    if args.standardize_features:
+        centred = centred / (heldin.std(0) + 1e-6)
+    return F.normalize(centred, dim=-1)
 
 
 def centred_units(vectors: dict, concepts: list[str], centre: torch.Tensor) -> torch.Tensor:
@@ -153,6 +192,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--self_written_rows", default=None, help="Rows the base wrote about concepts (optional).")
     parser.add_argument("--self_written_steps", type=int, default=600, help="Steps (batch 4) of their vectors.")
     parser.add_argument("--layers", default="4,8", help="Base layers whose mean residual is a feature.")
+    parser.add_argument(
+        "--about_layers", default="", help="Base layers read at the end of a request to write about the description."
+    )
+    parser.add_argument(
+        "--standardize_features",
+        action="store_true",
+        help="Divide each feature coordinate by its spread over the held-in concepts before normalising.",
+    )
     parser.add_argument("--ridges", default="0.1,1", help="Ridge penalties of the curves.")
     parser.add_argument("--text_layer", type=int, default=8, help="Feature layer of the text check's map.")
     parser.add_argument("--text_ridge", type=float, default=0.1)
@@ -161,6 +208,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default=None, help="Row name in results/probe_description_map.json.")
     args = parser.parse_args(argv)
     layers = [int(value) for value in args.layers.split(",")]
+    about_layers = [int(value) for value in args.about_layers.split(",") if value.strip()]
     ridges = [float(value) for value in args.ridges.split(",")]
     if args.text_concepts and args.text_layer not in layers:
         parser.error(f"--text_layer {args.text_layer} must be one of --layers {args.layers}.")
@@ -186,10 +234,10 @@ def main(argv=None) -> dict:
     everything = axbench + heldback + extra_concepts + sorted(self_written)
     raw = {"lexical": lexical_directions(model, everything)}
     raw.update({f"hidden{layer}": hidden_means(model, everything, layer) for layer in layers})
-    features = {
-        name: dict(zip(everything, F.normalize(values - values[: len(heldin)].mean(0), dim=-1)))
-        for name, values in raw.items()
-    }
+    raw.update(
+        {f"about{layer}": states for layer, states in about_prompt_states(model, everything, about_layers).items()}
+    )
+    features = {name: dict(zip(everything, unit_features(values, len(heldin), args))) for name, values in raw.items()}
 
     result = {
         "run_dir": str(run_dir),
