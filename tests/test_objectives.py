@@ -1279,6 +1279,57 @@ def test_description_map_probe_standardizes_features_and_reads_the_about_prompt(
     )
 
 
+def test_prompt_plus_steering_adds_each_concepts_vector_to_its_prompt_and_pools_runs(tiny_tokenizer, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import prompt_plus_steering as probe
+
+    concepts, instructions = [CONCEPT_A, CONCEPT_B, "cats"], ["Say hi.", "Name a colour."]
+    jobs = probe.steering_jobs(concepts, instructions, [0.5, 1.0])
+    by_method = {method: [job for job in jobs if job["method"] == method] for method in probe.CONDITIONS}
+    assert [len(by_method[method]) for method in probe.CONDITIONS] == [6, 6, 12, 12]
+    assert not any(job["prompted"] or job["steering_prompt"] for job in by_method["none"])
+    assert all(job["prompted"] and job["steering_prompt"] is None for job in by_method["prompt"])
+    assert all(job["steering_prompt"] == job["concept"] for job in by_method["prompt_hypersteer"])
+    # The control keeps the prompt's concept and takes another concept's vector, a different one for each concept.
+    wrong = {job["concept"]: job["steering_prompt"] for job in by_method["prompt_wrong_vector"]}
+    assert all(vector != concept for concept, vector in wrong.items()) and sorted(wrong.values()) == sorted(concepts)
+
+    model = _model(tiny_tokenizer, hypernet_type="no_context")
+    cache = tmp_path / "answers.jsonl"
+    answers = probe.generate_jobs(model, jobs, max_new_tokens=2, batch_size=4, cache_path=cache)
+    assert [answer["method"] for answer in answers] == [job["method"] for job in jobs]
+    assert all(isinstance(answer["generation"], str) for answer in answers)
+    assert CONCEPT_A in probe.job_prompt(tiny_tokenizer, by_method["prompt"][0])
+    assert CONCEPT_A not in probe.job_prompt(tiny_tokenizer, by_method["none"][0])
+    # The unsteered answers do not depend on the concept: one per instruction; every other job is its own answer.
+    assert len(cache.read_text().splitlines()) == 2 + 6 + 12 + 12
+    again = probe.generate_jobs(model, jobs, max_new_tokens=2, batch_size=4, cache_path=cache)
+    assert again == answers and len(cache.read_text().splitlines()) == 32
+
+    def row(method, factor, accuracy, count):
+        fields = ("detector_probability", "wrong_concept_accuracy", "nll", "distinct_bigrams")
+        return {
+            "method": method,
+            "factor": factor,
+            "detector_accuracy": accuracy,
+            "num_samples": count,
+        } | dict.fromkeys(fields, 0.5)
+
+    pooled = probe.pooled_rows(
+        [
+            [row("none", 0.0, 0.0, 10), row("prompt", 0.0, 0.2, 10), row("prompt_hypersteer", 0.5, 0.4, 10)],
+            [row("none", 0.0, 0.1, 30), row("prompt", 0.0, 0.1, 30), row("prompt_hypersteer", 0.5, 0.3, 30)],
+        ]
+    )
+    by_condition = {entry["method"]: entry for entry in pooled}
+    assert by_condition["prompt_hypersteer"]["detected"] == 13 and by_condition["prompt"]["detected"] == 5
+    # Gain over the unsteered 3 of 40: prompting 2, the vector on the prompt 10.
+    assert by_condition["prompt_hypersteer"]["gain_ratio"] == pytest.approx(5.0)
+    assert by_condition["none"]["gain_ratio"] == pytest.approx(0.0)
+
+
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
     import sys
 
