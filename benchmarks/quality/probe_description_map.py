@@ -98,6 +98,8 @@ def about_prompt_states(
 ) -> dict[int, torch.Tensor]:
     """`{layer: (num_concepts, hidden_size)}` float32: the base's residual after `layer` layers, averaged over the last
     `ABOUT_TAIL_TOKENS` tokens of the chat prompt asking it to write about each description."""
+    if not layers:
+        return {}
     tokenizer = model.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     states = {layer: [] for layer in layers}
