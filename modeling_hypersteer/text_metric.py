@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .data import format_prompt
-from .evaluation import SELECT_SPLIT, TEST_SPLIT, _ratio, generate_samples, generation_tasks
+from .evaluation import SELECT_SPLIT, TEST_SPLIT, _ratio, concept_derangement, generate_samples, generation_tasks
 from .modeling_hypersteer import positions_from_mask
 from .utils import pyplot
 
@@ -400,8 +400,8 @@ def score_samples(
     by_concept = defaultdict(list)
     for index, sample in enumerate(samples):
         by_concept[sample["concept"]].append(index)
-    ordered = sorted(by_concept)
-    wrong_of = {concept: ordered[(rank + 1) % len(ordered)] for rank, concept in enumerate(ordered)}
+    # With one concept there is no wrong one to read the generations with.
+    wrong_of = concept_derangement(by_concept) if len(by_concept) > 1 else {}
     for concept, indices in tqdm(
         by_concept.items(), desc="Detecting concepts", unit="concept", disable=len(by_concept) < 8
     ):
@@ -409,7 +409,7 @@ def score_samples(
         for index, probability in zip(indices, detector.predict_proba(concept, texts)):
             samples[index]["concept_probability"] = probability
             samples[index]["concept_detected"] = probability >= detector.threshold
-        if len(ordered) < 2:
+        if not wrong_of:
             continue
         wrong = wrong_of[concept]
         for index, probability in zip(indices, detector.predict_proba(wrong, texts)):

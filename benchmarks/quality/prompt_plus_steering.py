@@ -138,7 +138,7 @@ def generate_jobs(model, jobs: list[dict], max_new_tokens: int, batch_size: int,
                         answers[key] = text.strip()
                         if handle is not None:
                             record = {"prompt": key[0], "steering_prompt": key[1], "factor": key[2]}
-                            handle.write({**record, "generation": text.strip(), "run_key": run_key})
+                            handle.write({**record, "generation": answers[key], "run_key": run_key})
                     progress.update(len(batch))
     finally:
         if handle is not None:
