@@ -14,6 +14,11 @@ Ready-to-copy commands:
     python evaluate_steering.py --model outputs/smollm2-hypersteer --concepts heldout --text_metric \
         --steering_factors 1,2,4,8 --output_dir outputs/eval
 
+    # Steering on top of a prompt that already asks for the concept, against that prompt alone
+    python evaluate_steering.py --model outputs/smollm2-hypersteer --concepts heldout --text_metric \
+        --methods prompt_hypersteer,prompt,none --steering_factors 0.25,0.5,1 --offline_steering_factor 0.5 \
+        --output_dir outputs/eval
+
     # Any OpenAI-compatible server (vLLM, llama.cpp, ...), AlpacaEval instructions when the Hub is reachable
     python evaluate_steering.py --model outputs/smollm2-hypersteer --judge_base_url http://127.0.0.1:8000/v1 \
         --judge_model my-judge --instructions tatsu-lab/alpaca_eval --output_dir outputs/eval
@@ -63,6 +68,7 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.evaluation import (
     BASELINE_METHODS,
+    FACTOR_METHODS,
     METHODS,
     PROMPT_PLACEMENTS,
     generate_samples,
@@ -138,7 +144,12 @@ class EvaluationArguments:
     )
     steering_factors: str = field(default="0.5,1.0,1.5,2.0", metadata={"help": "Comma-separated HyperSteer factors."})
     methods: str = field(
-        default="hypersteer,prompt,none", metadata={"help": f"Comma-separated, from {list(METHODS)}."}
+        default="hypersteer,prompt,none",
+        metadata={
+            "help": f"Comma-separated, from {list(METHODS)}. `prompt_hypersteer` is the `prompt` method's prompt plus "
+            "HyperSteer's vector of the same concept (at every --steering_factors in generation, at "
+            "--offline_steering_factor in the offline metric, where it gets its own ratios against prompting)."
+        },
     )
     prompt_placement: str = field(
         default="user",
@@ -211,7 +222,7 @@ class EvaluationArguments:
         unknown = sorted(set(self.method_list) - set(METHODS))
         if unknown:
             raise ValueError(f"--methods has unknown entries {unknown}; choose from {list(METHODS)}.")
-        if not self.factor_grid and set(self.method_list) & {"hypersteer", *BASELINE_METHODS}:
+        if not self.factor_grid and set(self.method_list) & set(FACTOR_METHODS):
             raise ValueError("--steering_factors is empty; give e.g. 0.5,1.0,1.5,2.0.")
         if self.prompt_placement not in PROMPT_PLACEMENTS:
             raise ValueError(
@@ -241,7 +252,7 @@ class EvaluationArguments:
                     "--text_metric_max_new_tokens and --text_metric_references_per_concept must be >= 1, got "
                     f"{self.text_metric_max_new_tokens} and {self.text_metric_references_per_concept}."
                 )
-            if set(self.method_list) & {"hypersteer", *BASELINE_METHODS}:
+            if set(self.method_list) & set(FACTOR_METHODS):
                 check_factor_grid(self.factor_grid, "--steering_factors")
 
     def judge_available(self) -> bool:
@@ -543,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
                     max_length=args.max_length,
                     desc=f"Offline metric ({name})",
                     prompt_placement=args.prompt_placement,
+                    prompt_hypersteer="prompt_hypersteer" in args.method_list,
                 )
                 for method in baseline_methods:
                     baselines = summary.setdefault("offline_baselines", {}).setdefault(method, {})

@@ -92,6 +92,14 @@ class QuickstartArguments:
             "calibrates when the recipe turns calibration on."
         },
     )
+    prompted_steering_factor: float = field(
+        default=0.5,
+        metadata={
+            "help": "Factor of the side-by-side's 'Prompt + HyperSteer' line: the prompt-steered prompt plus the "
+            "vector of the same concept, the way to use a small base's vector on a concept it never trained on (0.5: "
+            "half the recipe's calibrated factor, measured on never-trained concepts; README, 'On top of a prompt')."
+        },
+    )
     offline_steering_factor: float = field(
         default=1.0, metadata={"help": "Factor of the offline ratios (1.0, as in the README's tables)."}
     )
@@ -107,6 +115,12 @@ class QuickstartArguments:
         default=2, metadata={"help": "Target outputs per concept in the offline gain/specificity metric."}
     )
     seed: int = field(default=42, metadata={"help": "Training seed."})
+
+    def __post_init__(self):
+        for flag in ("steering_factor", "prompted_steering_factor", "offline_steering_factor"):
+            value = getattr(self, flag)
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"--{flag} must be a finite number >= 0 (0 = unsteered), got {value}.")
 
 
 def recipe_settings(path: Path = RECIPE_PATH) -> dict:
@@ -193,9 +207,14 @@ def _print_side_by_side(rows: list[dict], heldout: set[str]) -> None:
         tag = "HELD-OUT concept (never trained on)" if row["concept"] in heldout else "held-in concept"
         print(f"\n=== Concept: {row['concept']}  [{tag}]")
         print(f"    Instruction (unseen in training): {row['instruction']}")
-        for label, key in (("Unsteered", "none"), ("Prompt-steered", "prompt"), ("HyperSteer", "hypersteer")):
+        for label, key in (
+            ("Unsteered", "none"),
+            ("Prompt-steered", "prompt"),
+            ("HyperSteer", "hypersteer"),
+            ("Prompt + HyperSteer", "prompt_hypersteer"),
+        ):
             text = " ".join(row[key].split()) or "(empty)"
-            print(textwrap.fill(text, width=110, initial_indent=f"  {label:>15}: ", subsequent_indent=" " * 19))
+            print(textwrap.fill(text, width=110, initial_indent=f"  {label:>19}: ", subsequent_indent=" " * 23))
 
 
 def _ratio(result: dict, name: str) -> str:
@@ -247,13 +266,21 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         origin = "--steering_factor"
 
-    print(f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}, {origin}):")
+    print(
+        f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}, {origin}; on top of the "
+        f"prompt {args.prompted_steering_factor}):"
+    )
     pairs = [
         (concept, UNSEEN_INSTRUCTIONS[index % len(UNSEEN_INSTRUCTIONS)])
         for index, concept in enumerate(SHOWN_HELDIN_CONCEPTS + HELDOUT_CONCEPTS[:1])
     ]
     rows = side_by_side(
-        model, tokenizer, pairs, steering_factor=args.steering_factor, max_new_tokens=args.max_new_tokens
+        model,
+        tokenizer,
+        pairs,
+        steering_factor=args.steering_factor,
+        max_new_tokens=args.max_new_tokens,
+        prompted_steering_factor=args.prompted_steering_factor,
     )
     _print_side_by_side(rows, set(HELDOUT_CONCEPTS))
 

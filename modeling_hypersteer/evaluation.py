@@ -48,10 +48,17 @@ PROMPT_STEERING_TEMPLATE = (
     "Answer the user's request helpfully, and weave the following concept clearly and naturally into your answer: "
     "{concept}."
 )
-METHODS = ("hypersteer", "prompt", "none", "diffmean", "vector")
+METHODS = ("hypersteer", "prompt", "prompt_hypersteer", "none", "diffmean", "vector")
 # Per-concept baselines (see `baselines.py`): they steer with their own vector per concept through the same hook and
 # factor grid as HyperSteer, and exist only for concepts with training rows.
 BASELINE_METHODS = ("diffmean", "vector")
+# `prompt_hypersteer` is both: the prompting baseline's prompt plus HyperSteer's vector of the same concept. On a small
+# base a never-trained description's vector alone rarely shows its concept, but on top of a prompt that asks for it,
+# it does more often than the prompt alone (README, "On top of a prompt").
+HYPERSTEER_METHODS = ("hypersteer", "prompt_hypersteer")
+PROMPTED_METHODS = ("prompt", "prompt_hypersteer")
+# Methods generated at every factor of the grid; the others at one fixed factor.
+FACTOR_METHODS = (*HYPERSTEER_METHODS, *BASELINE_METHODS)
 SELECT_SPLIT, TEST_SPLIT = "select", "test"
 # Where the prompting baseline writes its steering instruction. The user turn is the default: every chat template has
 # one (a Gemma-2 system turn is folded into it exactly so, so both placements are the same prompt there), and small
@@ -182,6 +189,7 @@ def offline_steering_metric(
     concept_vectors: dict[str, torch.Tensor] | None = None,
     reference_row_losses: dict[str, list[float]] | None = None,
     prompt_placement: str = "user",
+    prompt_hypersteer: bool = False,
 ) -> dict[str, Any]:
     """Loss of target outputs under each method, with the right concept and a wrong one.
 
@@ -198,16 +206,26 @@ def offline_steering_metric(
             depend on the hypernetwork, so comparing several models on the same rows pays for them once.
         prompt_placement (`str`, *optional*, defaults to `"user"`): where the `prompt` conditions put the steering
             instruction (see [`prompt_steering_turns`]).
+        prompt_hypersteer (`bool`, *optional*, defaults to `False`): also score the `prompt_hypersteer` method, the
+            `prompt` conditions plus the hypernetwork's vector of the same concept, and its ratios against
+            prompting. Not with `concept_vectors`.
 
     Returns:
-        `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`: means over concepts
-        of per-concept mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `undefined_ratios`
-        (why each undefined ratio is undefined, see [`steering_ratios`]), `steering_factor`, `prompt_placement`,
-        `num_rows`, `num_concepts` and `per_concept` losses.
+        `dict` with `losses` (`none`, `prompt`, `hypersteer`, `prompt_wrong`, `hypersteer_wrong`, and with
+        `prompt_hypersteer` also `prompt_hypersteer` and `prompt_hypersteer_wrong`: means over concepts of per-concept
+        mean row losses), `gain_ratio`, `specificity_ratio` (`None` when undefined), `undefined_ratios` (why each
+        undefined ratio is undefined, see [`steering_ratios`]), with `prompt_hypersteer` also `prompt_hypersteer` (the
+        same three keys for that method), `steering_factor`, `prompt_placement`, `num_rows`, `num_concepts` and
+        `per_concept` losses.
 
     Steering prompts are cut to the model's `config.max_steering_prompt_length` tokens, as `generate` cuts them.
     """
     check_prompt_placement(prompt_placement)
+    if prompt_hypersteer and concept_vectors is not None:
+        raise ValueError(
+            "`prompt_hypersteer` scores the hypernetwork's vectors on top of the prompt; it cannot be combined with a "
+            "baseline's `concept_vectors`."
+        )
     rows = [dict(row) for row in rows]
     if not rows:
         raise ValueError("The offline metric needs at least one row with `input`, `output` and `output_concept`.")
@@ -252,9 +270,13 @@ def offline_steering_metric(
     conditions = {
         name: ([values[index] for index in keep], name.startswith("hypersteer")) for name, values in features.items()
     }
+    if prompt_hypersteer:
+        # The prompt features carry the concept as their steering prompt too: steered, they are prompt + vector.
+        for suffix in ("", "_wrong"):
+            conditions[f"prompt_hypersteer{suffix}"] = (conditions[f"prompt{suffix}"][0], True)
     row_losses = {}
     for condition, losses in (reference_row_losses or {}).items():
-        if condition.startswith("hypersteer"):
+        if condition not in conditions or conditions[condition][1]:
             continue
         if len(losses) != len(rows):
             raise ValueError(
@@ -286,9 +308,17 @@ def offline_steering_metric(
         condition: sum(concept_losses[condition] for concept_losses in per_concept.values()) / len(per_concept)
         for condition in conditions
     }
+    result = {"losses": losses, **steering_ratios(losses)}
+    if prompt_hypersteer:
+        result["prompt_hypersteer"] = steering_ratios(
+            {
+                **losses,
+                "hypersteer": losses["prompt_hypersteer"],
+                "hypersteer_wrong": losses["prompt_hypersteer_wrong"],
+            }
+        )
     return {
-        "losses": losses,
-        **steering_ratios(losses),
+        **result,
         "steering_factor": steering_factor,
         "prompt_placement": prompt_placement,
         "num_rows": len(rows),
@@ -400,9 +430,9 @@ def generate_samples(
     concept_vectors: dict[str, dict[str, torch.Tensor]] | None = None,
     prompt_placement: str = "user",
 ) -> list[dict[str, Any]]:
-    """Generate for every task, method and (for `hypersteer` and the baselines) factor, in batches, with a progress
+    """Generate for every task, method and (for the methods of `FACTOR_METHODS`) factor, in batches, with a progress
     bar. `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`; `prompt_placement` is
-    where `prompt` puts the steering instruction ([`prompt_steering_turns`]).
+    where `prompt` and `prompt_hypersteer` put the steering instruction ([`prompt_steering_turns`]).
 
     Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
     rerun skips what is already there. Rows are reused only when they carry the same `run_key`
@@ -459,11 +489,7 @@ def generate_samples(
     all_jobs = [
         {"method": method, "factor": float(factor), "run_key": run_keys.get(method), **task}
         for method in methods
-        for factor in (
-            steering_factors
-            if method == "hypersteer" or method in BASELINE_METHODS
-            else [1.0 if method == "prompt" else 0.0]
-        )
+        for factor in (steering_factors if method in FACTOR_METHODS else [1.0 if method == "prompt" else 0.0])
         for task in tasks
     ]
     jobs = [job for job in all_jobs if _sample_key(job) not in done]
@@ -482,7 +508,7 @@ def generate_samples(
                             tokenizer,
                             *(
                                 prompt_steering_turns(job["concept"], job["instruction"], prompt_placement)
-                                if method == "prompt"
+                                if method in PROMPTED_METHODS
                                 else (job["instruction"], None)
                             ),
                         )
@@ -499,7 +525,7 @@ def generate_samples(
                     if do_sample:
                         generation_kwargs["temperature"] = temperature
                         torch.manual_seed(seed + start)
-                    if method == "hypersteer":
+                    if method in HYPERSTEER_METHODS:
                         output_ids = model.generate(
                             **encoding,
                             steering_prompt=[job["concept"] for job in batch],
@@ -663,6 +689,23 @@ def summary_markdown(summary: dict) -> str:
                 f"{_ratio_cell(result, 'specificity_ratio')} |"
             )
         lines.append("")
+        prompted = {name: result for name, result in offline.items() if "prompt_hypersteer" in result}
+        if prompted:
+            lines += [
+                "On top of the prompt (`prompt_hypersteer`: the prompt conditions plus the vector of the same concept; "
+                "ratios against prompting).",
+                "",
+                "| concepts | prompt_hypersteer | prompt_hypersteer_wrong | gain ratio | specificity ratio |",
+                "|---|---|---|---|---|",
+            ]
+            for name, result in sorted(prompted.items()):
+                losses, ratios = result["losses"], result["prompt_hypersteer"]
+                lines.append(
+                    f"| {name} | {_format(losses['prompt_hypersteer'])} | "
+                    f"{_format(losses['prompt_hypersteer_wrong'])} | {_ratio_cell(ratios, 'gain_ratio')} | "
+                    f"{_ratio_cell(ratios, 'specificity_ratio')} |"
+                )
+            lines.append("")
     if summary.get("text_metric"):
         # Imported here: text_metric builds on this module.
         from .text_metric import text_metric_markdown
@@ -677,23 +720,24 @@ def side_by_side(
     pairs: Sequence[tuple[str, str]],
     steering_factor: float = 1.0,
     max_new_tokens: int = 64,
+    prompted_steering_factor: float | None = None,
 ) -> list[dict[str, str]]:
-    """Greedy unsteered, prompt-steered and HyperSteer generations for `(concept, instruction)` pairs.
+    """Greedy unsteered, prompt-steered and HyperSteer generations for `(concept, instruction)` pairs, and with
+    `prompted_steering_factor` also the prompt-steered prompt plus HyperSteer's vector at that factor.
 
     Returns:
-        `list[dict]` with `concept`, `instruction`, `none`, `prompt` and `hypersteer`.
+        `list[dict]` with `concept`, `instruction`, `none`, `prompt`, `hypersteer` and, with
+        `prompted_steering_factor`, `prompt_hypersteer`.
     """
     tasks = [{"concept": concept, "instruction": instruction, "split": TEST_SPLIT} for concept, instruction in pairs]
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "batch_size": len(tasks)}
     samples = generate_samples(
-        model,
-        tokenizer,
-        tasks,
-        ("none", "prompt", "hypersteer"),
-        [steering_factor],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        batch_size=len(tasks),
+        model, tokenizer, tasks, ("none", "prompt", "hypersteer"), [steering_factor], **settings
     )
+    if prompted_steering_factor is not None:
+        samples += generate_samples(
+            model, tokenizer, tasks, ("prompt_hypersteer",), [prompted_steering_factor], **settings
+        )
     rows = {(task["concept"], task["instruction"]): dict(task) for task in tasks}
     for sample in samples:
         rows[(sample["concept"], sample["instruction"])][sample["method"]] = sample["generation"]
@@ -703,6 +747,7 @@ def side_by_side(
 __all__ = [
     "PROMPT_STEERING_TEMPLATE",
     "METHODS",
+    "FACTOR_METHODS",
     "PROMPT_PLACEMENTS",
     "prompt_steering_turns",
     "concept_derangement",

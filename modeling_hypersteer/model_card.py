@@ -448,38 +448,56 @@ def _prompting_placement_text(placement: Any) -> str:
 def _offline_markdown(offline: Mapping[str, Any]) -> str:
     """Offline gain and specificity ratios per concept set; an undefined ratio shows its reason, not a number."""
     placements = {result.get("prompt_placement") for result in offline.values() if isinstance(result, Mapping)}
-    rows = []
+    rows, prompted_rows = [], []
     for name, result in offline.items():
         if not isinstance(result, Mapping):
             continue
-        undefined = result.get("undefined_ratios") or {}
-        cells = [
-            f"undefined: {_inline(undefined[key])}" if key in undefined else _format_metric(result.get(key))
-            for key in ("gain_ratio", "specificity_ratio")
-        ]
         losses = result.get("losses") or {}
         rows.append(
             (
                 f"`{_inline(name)}`",
                 _format_metric(result.get("num_concepts")),
-                *cells,
+                *_ratio_cells(result),
                 _format_metric(losses.get("hypersteer")),
                 _format_metric(losses.get("prompt")),
                 _format_metric(losses.get("none")),
             )
         )
-    return "\n".join(
-        [
-            "Offline metric (no judge): loss of held-out target responses. Gain ratio = (L_none − L_hypersteer) / "
-            "(L_none − L_prompt); specificity ratio = (L_hypersteer,wrong − L_hypersteer) / (L_prompt,wrong − "
-            "L_prompt), with a wrong concept as the control."
-            + (_prompting_placement_text(placements.pop()) if len(placements) == 1 else ""),
+        if isinstance(result.get("prompt_hypersteer"), Mapping):
+            prompted_rows.append(
+                (
+                    f"`{_inline(name)}`",
+                    *_ratio_cells(result["prompt_hypersteer"]),
+                    _format_metric(losses.get("prompt_hypersteer")),
+                    _format_metric(losses.get("prompt")),
+                )
+            )
+    lines = [
+        "Offline metric (no judge): loss of held-out target responses. Gain ratio = (L_none − L_hypersteer) / "
+        "(L_none − L_prompt); specificity ratio = (L_hypersteer,wrong − L_hypersteer) / (L_prompt,wrong − "
+        "L_prompt), with a wrong concept as the control."
+        + (_prompting_placement_text(placements.pop()) if len(placements) == 1 else ""),
+        "",
+        _table(("Concepts", "Count", "Gain ratio", "Specificity ratio", "L_hypersteer", "L_prompt", "L_none"), rows),
+    ]
+    if prompted_rows:
+        lines += [
             "",
-            _table(
-                ("Concepts", "Count", "Gain ratio", "Specificity ratio", "L_hypersteer", "L_prompt", "L_none"), rows
-            ),
+            "On top of the prompt (`prompt_hypersteer`: the prompt plus the vector of the same concept), the same ratios "
+            "against the prompt alone:",
+            "",
+            _table(("Concepts", "Gain ratio", "Specificity ratio", "L_prompt+hypersteer", "L_prompt"), prompted_rows),
         ]
-    )
+    return "\n".join(lines)
+
+
+def _ratio_cells(result: Mapping[str, Any]) -> list[str]:
+    """The gain and specificity ratio of one method's offline result, an undefined one as its reason."""
+    undefined = result.get("undefined_ratios") or {}
+    return [
+        f"undefined: {_inline(undefined[key])}" if key in undefined else _format_metric(result.get(key))
+        for key in ("gain_ratio", "specificity_ratio")
+    ]
 
 
 def _text_metric_markdown(result: Mapping[str, Any]) -> str:

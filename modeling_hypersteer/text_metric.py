@@ -1,8 +1,8 @@
 """A judge-free text metric of steering, and the calibration of `default_steering_factor` built on it.
 
 For each evaluated concept, greedy generations answer instructions that have nothing to do with the concept, under
-every method (`hypersteer` and the per-concept baselines at each factor of a grid, `prompt`, `none`). Each generation
-gets three numbers:
+every method (`hypersteer`, `prompt_hypersteer` and the per-concept baselines at each factor of a grid, `prompt`,
+`none`). Each generation gets three numbers:
 
 * **concept detected** — a scikit-learn concept detector ([`ConceptDetector`]) trained on the concept data's own
   reference responses says whether the concept shows: `1[P(concept | text) >= 0.5]`, and the probability itself;
@@ -832,6 +832,7 @@ def calibrate_steering_factor(
 # Fixed per method, so prompting's dashed level never shares a colour with a steered method's line.
 METHOD_COLORS = {
     "hypersteer": "tab:blue",
+    "prompt_hypersteer": "tab:red",
     "vector": "tab:purple",
     "diffmean": "tab:green",
     "prompt": "tab:orange",

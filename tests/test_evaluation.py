@@ -3,10 +3,12 @@
 import json
 import math
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import AXBENCH_DIR, build_tiny_base, cli_arguments, save_tiny_base
+from conftest import AXBENCH_DIR, REPO_ROOT, build_tiny_base, cli_arguments, save_tiny_base
 from datasets import concatenate_datasets
 from openai_stub_server import stub_rating
 from safetensors.torch import load_file, save_file
@@ -142,6 +144,47 @@ def test_the_offline_metric_scores_prompting_where_prompt_placement_puts_it(tiny
         offline_steering_metric(model, tiny_tokenizer, concept_rows, max_length=1024, prompt_placement="first")
 
 
+def test_the_offline_metric_scores_prompt_hypersteer_as_hypersteer_on_the_prompted_rows(tiny_tokenizer, concept_rows):
+    model = _model(tiny_tokenizer)
+    result = offline_steering_metric(model, tiny_tokenizer, concept_rows, max_length=1024, prompt_hypersteer=True)
+    plain = offline_steering_metric(model, tiny_tokenizer, concept_rows, max_length=1024)
+    for condition in ("none", "prompt", "hypersteer", "prompt_wrong", "hypersteer_wrong"):
+        assert result["losses"][condition] == pytest.approx(plain["losses"][condition])
+    assert "prompt_hypersteer" not in plain["losses"] and "prompt_hypersteer" not in plain
+    # The right concept's rows with the steering instruction written in, steered by the same concept's vector.
+    written_in = [
+        {**row, "input": prompt_steering_turns(row["output_concept"], row["input"])[0]} for row in concept_rows
+    ]
+    steered = offline_steering_metric(model, tiny_tokenizer, written_in, max_length=1024)
+    losses = result["losses"]
+    assert losses["prompt_hypersteer"] == pytest.approx(steered["losses"]["hypersteer"])
+    assert losses["prompt_hypersteer"] != pytest.approx(losses["prompt"], abs=1e-4)
+    # This random base's prompting raises the loss with the user turn, so both ratios are undefined there; with the
+    # system turn it lowers it. Against prompting alone: prompting's denominators, the method's numerators.
+    assert set(result["prompt_hypersteer"]["undefined_ratios"]) == {"gain_ratio", "specificity_ratio"}
+    system = offline_steering_metric(
+        model, tiny_tokenizer, concept_rows, max_length=256, prompt_hypersteer=True, prompt_placement="system"
+    )
+    ratios, system_losses = system["prompt_hypersteer"], system["losses"]
+    assert ratios["gain_ratio"] == pytest.approx(
+        (system_losses["none"] - system_losses["prompt_hypersteer"])
+        / (system_losses["none"] - system_losses["prompt"])
+    )
+    assert ratios["specificity_ratio"] == pytest.approx(
+        (system_losses["prompt_hypersteer_wrong"] - system_losses["prompt_hypersteer"])
+        / (system_losses["prompt_wrong"] - system_losses["prompt"])
+    )
+    assert ratios["gain_ratio"] != pytest.approx(system["gain_ratio"])
+    markdown = summary_markdown({"judge": None, "offline": {"heldout": {**result, "num_rows": len(concept_rows)}}})
+    assert (
+        "| heldout | " + f"{losses['prompt_hypersteer']:.3f} | {losses['prompt_hypersteer_wrong']:.3f} |" in markdown
+    )
+    with pytest.raises(ValueError, match="cannot be combined with a baseline"):
+        offline_steering_metric(
+            model, tiny_tokenizer, concept_rows, prompt_hypersteer=True, concept_vectors={"x": torch.zeros(8)}
+        )
+
+
 def test_generated_prompting_answers_follow_the_prompt_placement(tiny_tokenizer):
     model = _model(tiny_tokenizer)
     tasks = [{"concept": "pirate speech", "instruction": "Explain sorting.", "split": "test"}]
@@ -167,6 +210,30 @@ def test_generated_prompting_answers_follow_the_prompt_placement(tiny_tokenizer)
         assert sample["generation"] == alone(*prompt_steering_turns("pirate speech", "Explain sorting.", placement))
     with pytest.raises(ValueError, match="Unknown prompt placement"):
         generate_samples(model, tiny_tokenizer, tasks, ["prompt"], [1.0], prompt_placement="middle")
+
+
+def test_prompt_hypersteer_adds_the_concepts_vector_to_the_prompting_prompt_at_every_factor(tiny_tokenizer):
+    model = _model(tiny_tokenizer)
+    concept, instruction = "pirate speech", "Explain sorting."
+    tasks = [{"concept": concept, "instruction": instruction, "split": "test"}]
+    prompt = format_prompt(tiny_tokenizer, *prompt_steering_turns(concept, instruction))
+    inputs = tiny_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+
+    def answer(**steering):
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, **steering)
+        return tiny_tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    samples = generate_samples(
+        model, tiny_tokenizer, tasks, ["prompt", "prompt_hypersteer"], [1.0, 8.0], max_new_tokens=6, do_sample=False
+    )
+    by_condition = {(sample["method"], sample["factor"]): sample["generation"] for sample in samples}
+    assert sorted(by_condition) == [("prompt", 1.0), ("prompt_hypersteer", 1.0), ("prompt_hypersteer", 8.0)]
+    for factor in (1.0, 8.0):
+        expected = answer(steering_prompt=concept, steering_factor=factor)
+        assert by_condition[("prompt_hypersteer", factor)] == expected
+    # The vector is really added: at factor 8 the answer leaves the prompt-only one.
+    assert by_condition[("prompt_hypersteer", 8.0)] != by_condition[("prompt", 1.0)]
+    assert by_condition[("prompt", 1.0)] == answer(steering_factor=0.0, steering_prompt=concept)
 
 
 def test_a_ratio_with_a_non_positive_denominator_is_undefined_with_its_reason():
@@ -322,6 +389,60 @@ def trained_dir(tmp_path_factory, tiny_tokenizer, axbench_dir):
         )
     )
     return root / "run"
+
+
+def test_prompt_hypersteer_offline_benchmark_scores_both_methods_per_factor_and_pools(
+    trained_dir, tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import prompt_hypersteer_offline as benchmark
+
+    monkeypatch.setattr(benchmark, "RESULTS_PATH", tmp_path / "results.json")
+    common = ["--heldback_data", "", "--heldout_rows_per_concept", "2", "--eval_max_length", "192"]
+    result = benchmark.main(["--run_dirs", str(trained_dir), "--name", "tiny", "--factors", "0.5,2", *common])
+    run = result[str(trained_dir)]
+    assert set(run) == {"heldin", "heldout"} and set(run["heldout"]) == {"0.5", "2"}
+    split = ConceptSplit.from_json(trained_dir / "concept_split.json")
+    model = HyperSteerModel.from_pretrained(trained_dir)
+    rows = benchmark.run_rows(
+        trained_dir, benchmark.argparse.Namespace(heldout_rows_per_concept=2, heldback_data="", sets="heldout")
+    )
+    assert list(rows) == ["heldout"] and {row["output_concept"] for row in rows["heldout"]} == set(
+        split.heldout_concepts
+    )
+    # The unsteered and prompted losses of the first factor, reused at the second, are those of a call of its own.
+    fresh = offline_steering_metric(
+        model, model.tokenizer, rows["heldout"], steering_factor=2.0, max_length=192, prompt_hypersteer=True
+    )
+    for condition, value in fresh["losses"].items():
+        assert run["heldout"]["2"]["losses"][condition] == pytest.approx(value, abs=1e-6), condition
+    assert run["heldout"]["0.5"]["losses"]["prompt"] == pytest.approx(run["heldout"]["2"]["losses"]["prompt"])
+    assert run["heldout"]["0.5"]["losses"]["prompt_hypersteer"] != pytest.approx(
+        run["heldout"]["2"]["losses"]["prompt_hypersteer"], abs=1e-5
+    )
+    # One run pooled is that run, for each method.
+    pooled = result["pooled"]["heldout"]["2"]
+    for method, ratios in (("hypersteer", fresh), ("prompt_hypersteer", fresh["prompt_hypersteer"])):
+        for name in ("specificity_ratio", "gain_ratio"):
+            if ratios[name] is None:
+                assert pooled[method][name] is None
+            else:
+                assert pooled[method][name] == pytest.approx(ratios[name], abs=1e-6)
+    assert "tiny" in json.loads((tmp_path / "results.json").read_text())["runs"]
+    # A run whose saved split is not the one its summary rebuilds is refused, naming the file.
+    moved = Path(shutil.copytree(trained_dir, tmp_path / "moved"))
+    saved = json.loads((moved / "concept_split.json").read_text())
+    saved["heldout_concepts"][0], saved["heldin_concepts"][0] = (
+        saved["heldin_concepts"][0],
+        saved["heldout_concepts"][0],
+    )
+    (moved / "concept_split.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="not the run's concept_split.json"):
+        benchmark.main(["--run_dirs", str(moved), "--name", "moved", *common])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(tmp_path), "--name", "empty", *common])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(trained_dir), "--name", "sets", "--sets", "heldin,elsewhere", *common])
 
 
 def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_stub):
@@ -495,6 +616,43 @@ def test_offline_only_without_a_judge_and_the_card_shows_it(trained_dir, tmp_pat
     shutil.copy(tmp_path / "retrained" / "model.safetensors", model_dir / "model.safetensors")
     stale = write_model_card(model_dir, HyperSteerConfig.from_pretrained(model_dir)).read_text()
     assert "| `heldout` |" not in stale and "**Not evaluated.**" in stale
+
+
+def test_prompt_hypersteer_gets_offline_ratios_against_prompting_and_the_card_shows_them(
+    trained_dir, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    model_dir = shutil.copytree(trained_dir, tmp_path / "model")
+    common = ("--concepts", "heldout", "--offline_steering_factor", "0.5")
+    plain = evaluate_steering.main(
+        _offline_argv(model_dir, tmp_path / "plain", *common, "--save_summary_to_model", "false")
+    )
+    summary = evaluate_steering.main(
+        _offline_argv(model_dir, tmp_path / "eval", *common, "--methods", "prompt_hypersteer,prompt,none")
+    )
+    heldout = summary["offline"]["heldout"]
+    losses = heldout["losses"]
+    # The methods without the vector on the prompt are scored as before.
+    assert {key: value for key, value in losses.items() if not key.startswith("prompt_hypersteer")} == plain[
+        "offline"
+    ]["heldout"]["losses"]
+    assert "prompt_hypersteer" not in plain["offline"]["heldout"]
+    assert {"prompt_hypersteer", "prompt_hypersteer_wrong"} <= set(losses)
+    ratios = heldout["prompt_hypersteer"]
+    expected_gain = (losses["none"] - losses["prompt_hypersteer"]) / (losses["none"] - losses["prompt"])
+    if ratios["gain_ratio"] is not None:
+        assert ratios["gain_ratio"] == pytest.approx(expected_gain)
+    else:
+        assert "gain_ratio" in ratios["undefined_ratios"]
+    assert "On top of the prompt" in (tmp_path / "eval" / "evaluation_summary.md").read_text()
+    card = write_model_card(model_dir, HyperSteerConfig.from_pretrained(model_dir)).read_text()
+    assert "On top of the prompt (`prompt_hypersteer`" in card
+    assert f"| `heldout` | {_card_ratio(ratios, 'gain_ratio')} | {_card_ratio(ratios, 'specificity_ratio')} |" in card
+
+
+def _card_ratio(result, name):
+    reason = result["undefined_ratios"].get(name)
+    return f"undefined: {reason}" if reason else f"{result[name]:.4f}"
 
 
 def test_the_card_shows_judge_scores_of_evaluate_steering(trained_dir, tmp_path, openai_stub):

@@ -1329,6 +1329,18 @@ def test_prompt_plus_steering_adds_each_concepts_vector_to_its_prompt_and_pools_
     assert by_condition["prompt_hypersteer"]["gain_ratio"] == pytest.approx(5.0)
     assert by_condition["none"]["gain_ratio"] == pytest.approx(0.0)
 
+    # Runs of an earlier row are pooled as recorded, each with every condition of the new call.
+    first = [row("none", 0.0, 0.0, 10), row("prompt", 0.0, 0.2, 10), row("prompt_hypersteer", 0.5, 0.4, 10)]
+    results = {"runs": {"earlier": {"command": "...", "/runs/a": {"heldout": first}, "pooled": {"heldout": first}}}}
+    conditions = {("none", 0.0), ("prompt", 0.0), ("prompt_hypersteer", 0.5)}
+    assert probe.recorded_run_rows(results, ["earlier"], ["heldout"], conditions) == {"/runs/a": {"heldout": first}}
+    with pytest.raises(ValueError, match="'later' is not a recorded row"):
+        probe.recorded_run_rows(results, ["later"], ["heldout"], conditions)
+    with pytest.raises(ValueError, match=r"no heldout rows for \[\('prompt_hypersteer', 1.0\)\]"):
+        probe.recorded_run_rows(results, ["earlier"], ["heldout"], conditions | {("prompt_hypersteer", 1.0)})
+    with pytest.raises(ValueError, match="no heldback rows"):
+        probe.recorded_run_rows(results, ["earlier"], ["heldout", "heldback"], conditions)
+
 
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):
     import sys

@@ -41,13 +41,14 @@ def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
     blocks = stdout.split("=== Concept: ")[1:]
     assert len(blocks) == 4 and sum("HELD-OUT" in block for block in blocks) == 1
     for block in blocks:
-        for label in ("Unsteered:", "Prompt-steered:", "HyperSteer:"):
+        for label in ("Unsteered:", "Prompt-steered:", "HyperSteer:", "Prompt + HyperSteer:"):
             assert label in block, block
     for name in ("heldin", "heldout"):
         assert f"{name} gain ratio" in stdout and f"{name} specificity ratio" in stdout
     assert "identical greedy tokens to the trained model: True" in stdout
 
     results = json.loads((output_dir / "quickstart_results.json").read_text())
+    assert all({"none", "prompt", "hypersteer", "prompt_hypersteer"} <= set(row) for row in results["side_by_side"])
     for name in ("heldin", "heldout"):
         offline = results["offline"][name]
         assert offline["num_concepts"] == (15 if name == "heldin" else 3)
@@ -75,3 +76,13 @@ def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
 
     card = write_model_card(output_dir, HyperSteerConfig.from_pretrained(output_dir)).read_text()
     assert "not measured." not in card and "| `heldout` | 3 |" in card and "| `heldin` | 15 |" in card
+
+
+@pytest.mark.parametrize("flag", ["--steering_factor", "--prompted_steering_factor", "--offline_steering_factor"])
+@pytest.mark.parametrize("value", ["-0.5", "inf"])
+def test_quickstart_refuses_a_negative_or_infinite_factor_before_training(flag, value):
+    sys.path.insert(0, str(REPO_ROOT))
+    import quickstart
+
+    with pytest.raises(ValueError, match=f"{flag} must be a finite number >= 0 .*got {float(value)}"):
+        quickstart.main([flag, value])

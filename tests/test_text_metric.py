@@ -290,6 +290,8 @@ def test_evaluate_steering_text_metric_end_to_end(calibrated_dir, tmp_path, monk
             "--text_metric",
             "--steering_factors",
             "1,4",
+            "--methods",
+            "hypersteer,prompt_hypersteer,prompt,none",
             "--text_metric_instructions_per_concept",
             "2",
             "--text_metric_max_new_tokens",
@@ -308,17 +310,20 @@ def test_evaluate_steering_text_metric_end_to_end(calibrated_dir, tmp_path, monk
     assert {(row["method"], row["factor"]) for row in result["rows"]} == {
         ("hypersteer", 1.0),
         ("hypersteer", 4.0),
+        ("prompt_hypersteer", 1.0),
+        ("prompt_hypersteer", 4.0),
         ("prompt", 1.0),
         ("none", 0.0),
     }
     samples = [json.loads(line) for line in (output_dir / "text_metric_samples.jsonl").read_text().splitlines()]
-    # 3 held-out concepts x 2 instructions x 4 (method, factor) cells
-    assert len(samples) == 3 * 2 * 4 and "samples" not in result
+    # 3 held-out concepts x 2 instructions x 6 (method, factor) cells
+    assert len(samples) == 3 * 2 * 6 and "samples" not in result
     for row in result["rows"]:
         cell = [s for s in samples if (s["method"], s["factor"]) == (row["method"], row["factor"])]
         assert row["detector_accuracy"] == pytest.approx(sum(s["concept_detected"] for s in cell) / len(cell))
     assert set(json.loads((output_dir / "evaluation_summary.json").read_text())) >= {"text_metric", "offline"}
-    assert "Judge-free text metric" in (output_dir / "evaluation_summary.md").read_text()
+    markdown = (output_dir / "evaluation_summary.md").read_text()
+    assert "Judge-free text metric" in markdown and "| prompt_hypersteer | 4 | " in markdown
     assert (output_dir / "text_metric_vs_factor.png").stat().st_size > 10_000
     # The card of an evaluated checkpoint reports the text metric next to the offline ratios.
     (calibrated_dir / "evaluation_summary.json").write_text((output_dir / "evaluation_summary.json").read_text())

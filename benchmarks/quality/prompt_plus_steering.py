@@ -15,7 +15,11 @@ NLL, distinct bigrams). In `prompt_wrong_vector` the metric's wrong-concept dete
     python benchmarks/quality/prompt_plus_steering.py --name recipe_x3 \\
         --run_dirs /tmp/hq6/recipe_split42,/tmp/hq6/recipe_split7,/tmp/hq7/recipe_split13
 
-Records per-run and pooled rows in `benchmarks/results/prompt_plus_steering.json` and prints the pooled table.
+Records per-run and pooled rows in `benchmarks/results/prompt_plus_steering.json` and prints the pooled table. A
+run measured later is pooled with the runs of an earlier row without generating their answers again:
+
+    python benchmarks/quality/prompt_plus_steering.py --name recipe_x4 --run_dirs /tmp/hq10/recipe_split2026 \
+        --pool_with recipe_x3
 """
 
 import argparse
@@ -169,6 +173,35 @@ def pooled_rows(rows_per_run: list[list[dict]]) -> list[dict]:
     return list(pooled.values())
 
 
+def recorded_run_rows(results: dict, names: list[str], sets: list[str], conditions: set) -> dict[str, list[dict]]:
+    """`{run_dir: {set: rows}}` of the runs behind rows recorded earlier (`results["runs"][name]`), to be pooled with
+    new runs without generating their answers again (their folders may be gone).
+
+    Raises:
+        `ValueError` naming a recorded row that does not exist, or a run whose rows lack a concept set or a
+        `(method, factor)` condition of this call: pooling it would weigh the conditions over different runs.
+    """
+    recorded = {}
+    for name in names:
+        if name not in results.get("runs", {}):
+            raise ValueError(
+                f"--pool_with {name!r} is not a recorded row of {RESULTS_PATH.name}; recorded: "
+                f"{sorted(results.get('runs', {}))}."
+            )
+        for run_dir, run_sets in results["runs"][name].items():
+            if run_dir in ("command", "pooled", "pooled_runs"):
+                continue
+            for concept_set in sets:
+                have = {(row["method"], row["factor"]) for row in run_sets.get(concept_set, [])}
+                if not conditions <= have:
+                    raise ValueError(
+                        f"--pool_with {name!r}: run {run_dir} has no {concept_set} rows for "
+                        f"{sorted(conditions - have)}; pool rows measured with the same --factors and --concept_sets."
+                    )
+            recorded[run_dir] = {concept_set: run_sets[concept_set] for concept_set in sets}
+    return recorded
+
+
 def concept_sets(run_dir: Path, args) -> dict[str, tuple[list[str], object]]:
     """`{set: (concepts, detector data)}`: the run's held-out concepts with its own data, and the held-back ones."""
     summary = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
@@ -193,6 +226,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--heldback_concepts", type=int, default=12)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=10)
+    parser.add_argument(
+        "--pool_with",
+        default="",
+        help="Comma-separated rows recorded earlier whose runs are pooled with --run_dirs (their answers are not "
+        "generated again); they must have been measured with the same settings.",
+    )
     args = parser.parse_args(argv)
     try:
         factors = check_factor_grid([float(value) for value in args.factors.split(",") if value.strip()], "--factors")
@@ -208,6 +247,21 @@ def main(argv=None) -> dict:
 
     result = {"command": "python benchmarks/quality/prompt_plus_steering.py " + " ".join(argv or sys.argv[1:])}
     per_set = defaultdict(list)
+    concept_set_names = args.concept_sets.split(",")
+    if args.pool_with:
+        conditions = {(job["method"], job["factor"]) for job in steering_jobs(["a", "b"], instructions[:1], factors)}
+        results = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.is_file() else {}
+        try:
+            recorded = recorded_run_rows(results, args.pool_with.split(","), concept_set_names, conditions)
+        except ValueError as error:
+            parser.error(str(error))
+        twice = sorted(set(recorded) & {value for value in args.run_dirs.split(",") if value})
+        if twice:
+            parser.error(f"--pool_with already holds the run(s) {twice}; drop them from --run_dirs.")
+        for run_sets in recorded.values():
+            for name, rows in run_sets.items():
+                per_set[name].append(rows)
+        result["pooled_runs"] = sorted(recorded)
     for run_dir in [Path(value) for value in args.run_dirs.split(",") if value.strip()]:
         model = HyperSteerModel.from_pretrained(run_dir).eval()
         result[str(run_dir)] = {}
@@ -221,6 +275,7 @@ def main(argv=None) -> dict:
             rows = aggregate_scores(scored)
             result[str(run_dir)][name] = rows
             per_set[name].append(rows)
+    result["pooled_runs"] = result.get("pooled_runs", []) + [str(value) for value in args.run_dirs.split(",") if value]
     result["pooled"] = {name: pooled_rows(rows) for name, rows in per_set.items()}
     for name, rows in result["pooled"].items():
         print(f"\n{name} (pooled over {len(per_set[name])} runs)")
