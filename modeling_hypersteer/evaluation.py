@@ -146,6 +146,12 @@ def steering_ratios(losses: dict[str, float]) -> dict[str, Any]:
     return {"gain_ratio": gain, "specificity_ratio": specificity, "undefined_ratios": undefined}
 
 
+def method_losses(losses: dict[str, float], method: str) -> dict[str, float]:
+    """`losses` with `method`'s own (`method` and `method_wrong`, e.g. `prompt_hypersteer`) in the `hypersteer` and
+    `hypersteer_wrong` places, where [`steering_ratios`] reads the steered method: its ratios against prompting."""
+    return {**losses, "hypersteer": losses[method], "hypersteer_wrong": losses[f"{method}_wrong"]}
+
+
 @torch.no_grad()
 def _row_losses(
     model: HyperSteerModel,
@@ -310,13 +316,7 @@ def offline_steering_metric(
     }
     result = {"losses": losses, **steering_ratios(losses)}
     if prompt_hypersteer:
-        result["prompt_hypersteer"] = steering_ratios(
-            {
-                **losses,
-                "hypersteer": losses["prompt_hypersteer"],
-                "hypersteer_wrong": losses["prompt_hypersteer_wrong"],
-            }
-        )
+        result["prompt_hypersteer"] = steering_ratios(method_losses(losses, "prompt_hypersteer"))
     return {
         **result,
         "steering_factor": steering_factor,
@@ -760,6 +760,7 @@ __all__ = [
     "summary_markdown",
     "side_by_side",
     "steering_ratios",
+    "method_losses",
     "model_fingerprint",
     "generation_run_key",
 ]

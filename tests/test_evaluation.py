@@ -443,6 +443,8 @@ def test_prompt_hypersteer_offline_benchmark_scores_both_methods_per_factor_and_
         benchmark.main(["--run_dirs", str(tmp_path), "--name", "empty", *common])
     with pytest.raises(SystemExit):
         benchmark.main(["--run_dirs", str(trained_dir), "--name", "sets", "--sets", "heldin,elsewhere", *common])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(trained_dir), "--name", "zero", "--factors", "0,1", *common])
 
 
 def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_stub):

@@ -28,7 +28,8 @@ import quality_ablation  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit  # noqa: E402
-from modeling_hypersteer.evaluation import offline_steering_metric  # noqa: E402
+from modeling_hypersteer.evaluation import method_losses, offline_steering_metric  # noqa: E402
+from modeling_hypersteer.text_metric import check_factor_grid  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
 
 
@@ -68,9 +69,7 @@ def run_rows(run_dir: Path, args) -> dict[str, list[dict]]:
 
 def method_view(result: dict, method: str) -> dict:
     """An offline result whose `hypersteer` losses are `method`'s, for `quality_ablation.pooled_ratios`."""
-    losses = dict(result["losses"])
-    losses["hypersteer"], losses["hypersteer_wrong"] = losses[method], losses[f"{method}_wrong"]
-    return {"losses": losses, "num_rows": result["num_rows"]}
+    return {"losses": method_losses(result["losses"], method), "num_rows": result["num_rows"]}
 
 
 def pooled(results: list[dict]) -> dict:
@@ -100,11 +99,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval_max_length", type=int, default=320)
     args = parser.parse_args(argv)
     try:
-        factors = [float(value) for value in args.factors.split(",") if value.strip()]
-    except ValueError:
-        parser.error(f"--factors must be comma-separated numbers, got {args.factors!r}.")
-    if not factors or any(not factor > 0 for factor in factors):
-        parser.error(f"--factors must be positive numbers, got {args.factors!r}.")
+        factors = check_factor_grid([float(value) for value in args.factors.split(",") if value.strip()], "--factors")
+    except ValueError as error:
+        parser.error(f"--factors {args.factors!r}: {error}")
     sets = [value for value in args.sets.split(",") if value.strip()]
     if not sets or set(sets) - set(SETS):
         parser.error(f"--sets takes some of {','.join(SETS)}, got {args.sets!r}.")
