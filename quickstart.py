@@ -70,6 +70,8 @@ RECIPE_OBJECTIVE_KEYS = (
     "distillation_reference",
     "calibrate_steering_factor",
     "calibration_factors",
+    "calibrate_prompted_steering_factor",
+    "prompted_calibration_factors",
 )
 # The text metric's first four instructions: none appears in the bundled training data or in the factor calibration.
 UNSEEN_INSTRUCTIONS = GENERIC_INSTRUCTIONS[:4]
@@ -92,20 +94,24 @@ class QuickstartArguments:
             "calibrates when the recipe turns calibration on."
         },
     )
-    prompted_steering_factor: float = field(
-        default=0.5,
+    prompted_steering_factor: float | None = field(
+        default=None,
         metadata={
             "help": "Factor of the side-by-side's 'Prompt + HyperSteer' line: the prompt-steered prompt plus the "
-            "vector of the same concept, the way to use a small base's vector on a concept it never trained on (0.5: "
-            "half the recipe's calibrated factor, measured on never-trained concepts; README, 'On top of a prompt')."
+            "vector of the same concept, the way to use a small base's vector on a concept it never trained on "
+            "(README, 'On top of a prompt'). Default: the model's `prompted_steering_factor`, which training "
+            "calibrates when the recipe turns that calibration on (else half of the side-by-side's factor)."
         },
     )
     offline_steering_factor: float = field(
         default=1.0, metadata={"help": "Factor of the offline ratios (1.0, as in the README's tables)."}
     )
     calibration_concepts: int = field(
-        default=8,
-        metadata={"help": "Held-in concepts the factor calibration generates for (fewer than the recipe's)."},
+        default=4,
+        metadata={
+            "help": "Held-in concepts each factor calibration (the vector alone, and on top of the prompt) generates "
+            "for: half the recipe's, so both fit the quickstart's 10 minutes."
+        },
     )
     calibration_max_new_tokens: int = field(
         default=32, metadata={"help": "Tokens per calibration generation (fewer than the recipe's, for time)."}
@@ -265,10 +271,16 @@ def main(argv: list[str] | None = None) -> dict:
         origin = "calibrated" if recipe.get("calibrate_steering_factor") else "the model's default"
     else:
         origin = "--steering_factor"
+    if args.prompted_steering_factor is None:
+        calibrated = model.config.prompted_steering_factor
+        args.prompted_steering_factor = calibrated if calibrated is not None else args.steering_factor / 2
+        prompted_origin = "calibrated" if calibrated is not None else "half the factor"
+    else:
+        prompted_origin = "--prompted_steering_factor"
 
     print(
         f"\n[2/4] Side by side (greedy decoding, steering factor {args.steering_factor}, {origin}; on top of the "
-        f"prompt {args.prompted_steering_factor}):"
+        f"prompt {args.prompted_steering_factor}, {prompted_origin}):"
     )
     pairs = [
         (concept, UNSEEN_INSTRUCTIONS[index % len(UNSEEN_INSTRUCTIONS)])

@@ -20,6 +20,9 @@ Ready-to-copy commands:
     # Any run can end by choosing its default steering factor (the recipe does; see README "Evaluation")
     python train_hypersteer.py ... same flags ... --calibrate_steering_factor --calibration_factors 1,2,4,8
 
+    # ... and the factor of the vector on top of a prompt that asks for the concept (the recipe does)
+    python train_hypersteer.py ... same flags ... --calibrate_prompted_steering_factor
+
     # Two CPU processes (DDP over gloo; accelerate's torchrun launcher plus --use_cpu, as the test suite runs it)
     accelerate launch --multi_gpu --num_processes 2 train_hypersteer.py --use_cpu ... same flags ...
 
@@ -200,6 +203,21 @@ class ModelArguments:
     calibration_factors: str = field(
         default="1,2,4,8", metadata={"help": "Comma-separated candidate factors of the calibration (each > 0)."}
     )
+    # A description the model never trained on shows in text when the prompt asks for it and the vector is added on
+    # top (README, "On top of a prompt"); the factor of that use is a second calibration on the same held-in concepts.
+    calibrate_prompted_steering_factor: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, choose `prompted_steering_factor`, the factor of the vector added on top of a "
+            "prompt that asks for the same concept (evaluation.prompt_steering_turns), by the same rule as "
+            "--calibrate_steering_factor on the same held-in concepts and instructions, over "
+            "--prompted_calibration_factors. Saved in config.json and recorded in training_summary.json."
+        },
+    )
+    prompted_calibration_factors: str = field(
+        default="0.25,0.5,0.75,1",
+        metadata={"help": "Comma-separated candidate factors of the prompted calibration (each > 0)."},
+    )
     calibration_concepts: int = field(
         default=8, metadata={"help": "Held-in concepts the calibration generates for (bounds its cost)."}
     )
@@ -238,14 +256,14 @@ class ModelArguments:
         if self.base_dtype not in DTYPE_CHOICES:
             raise ValueError(f"--base_dtype must be one of {list(DTYPE_CHOICES)}, got {self.base_dtype!r}.")
         self.calibration_factor_grid = []
+        self.prompted_calibration_factor_grid = []
         if self.calibrate_steering_factor:
-            try:
-                factors = [float(value) for value in self.calibration_factors.split(",") if value.strip()]
-            except ValueError as error:
-                raise ValueError(
-                    f"--calibration_factors must be comma-separated numbers, got {self.calibration_factors!r}."
-                ) from error
-            self.calibration_factor_grid = check_factor_grid(factors, "--calibration_factors")
+            self.calibration_factor_grid = _factor_grid(self.calibration_factors, "--calibration_factors")
+        if self.calibrate_prompted_steering_factor:
+            self.prompted_calibration_factor_grid = _factor_grid(
+                self.prompted_calibration_factors, "--prompted_calibration_factors"
+            )
+        if self.calibrate_steering_factor or self.calibrate_prompted_steering_factor:
             counts = {
                 "--calibration_concepts": (self.calibration_concepts, 1),
                 "--calibration_instructions": (self.calibration_instructions, 2),
@@ -260,6 +278,14 @@ class ModelArguments:
                     f"--calibration_instructions must be <= {len(CALIBRATION_INSTRUCTIONS)} (the calibration's "
                     f"instruction pool), got {self.calibration_instructions}."
                 )
+
+
+def _factor_grid(text: str, flag: str) -> list[float]:
+    try:
+        factors = [float(value) for value in text.split(",") if value.strip()]
+    except ValueError as error:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}.") from error
+    return check_factor_grid(factors, flag)
 
 
 @dataclass
@@ -443,11 +469,19 @@ def calibration_rows(raw, concept_split) -> list[dict]:
     ]
 
 
-def calibrate_default_steering_factor(
-    model, tokenizer, raw, concept_split, model_args, output_dir: str, prompt_placement: str = "user"
+def calibrate_saved_steering_factor(
+    model,
+    tokenizer,
+    raw,
+    concept_split,
+    model_args,
+    output_dir: str,
+    prompt_placement: str = "user",
+    method: str = "hypersteer",
 ) -> dict:
-    """Chooses `default_steering_factor` on the held-in concepts (see `calibrate_steering_factor`; prompting, the
-    fluency reference, places its instruction as `prompt_placement` says), stores it in the model's config and rewrites
+    """Chooses the factor `method` calibrates (`default_steering_factor` for the vector alone, `prompted_steering_factor`
+    on top of a prompt; see `calibrate_steering_factor`; prompting, the fluency reference, places its instruction as
+    `prompt_placement` says) on the held-in concepts, stores it in the model's config and rewrites
     `output_dir/config.json`; returns the calibration record for training_summary.json.
 
     The concept detector learns from the held-in concepts' responses and the negative rows only, so held-out concepts
@@ -459,21 +493,22 @@ def calibrate_default_steering_factor(
         model,
         tokenizer,
         rows,
-        model_args.calibration_factor_grid,
+        model_args.calibration_factor_grid if method == "hypersteer" else model_args.prompted_calibration_factor_grid,
         num_concepts=model_args.calibration_concepts,
         num_instructions=model_args.calibration_instructions,
         max_new_tokens=model_args.calibration_max_new_tokens,
         batch_size=model_args.calibration_batch_size,
         seed=concept_split.seed,
         prompt_placement=prompt_placement,
+        method=method,
     )
     # Wall time depends on what else runs on the machine; CPU time is what the calibration itself costs.
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
-    model.config.default_steering_factor = factor
+    setattr(model.config, record["field"], factor)
     model.config.save_pretrained(output_dir)
     logger.info(
-        f"default_steering_factor = {factor} ({record['chosen_by']}; calibration over {record['grid']} on "
+        f"{record['field']} = {factor} ({record['chosen_by']}; calibration over {record['grid']} on "
         f"{len(record['concepts'])} held-in concepts took {record['seconds']} s, {record['cpu_seconds']} s of CPU)."
     )
     return record
@@ -619,11 +654,20 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
-    calibration = None
-    if model_args.calibrate_steering_factor and training_args.should_save:
-        calibration = calibrate_default_steering_factor(
-            model, tokenizer, raw, concept_split, model_args, training_args.output_dir
-        )
+    calibrations = {}
+    if training_args.should_save:
+        for method, enabled, key in (
+            ("hypersteer", model_args.calibrate_steering_factor, "steering_factor_calibration"),
+            (
+                "prompt_hypersteer",
+                model_args.calibrate_prompted_steering_factor,
+                "prompted_steering_factor_calibration",
+            ),
+        ):
+            if enabled:
+                calibrations[key] = calibrate_saved_steering_factor(
+                    model, tokenizer, raw, concept_split, model_args, training_args.output_dir, method=method
+                )
 
     if training_args.should_save:
         if training_args.plot_loss_curve:
@@ -650,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "use_negatives": data_args.use_negatives,
                         "seed": data_args.concept_split_seed,
                     },
-                    **({"steering_factor_calibration": calibration} if calibration is not None else {}),
+                    **calibrations,
                 },
                 handle,
                 indent=2,

@@ -56,6 +56,11 @@ class HyperSteerConfig(PreTrainedConfig):
             activation at each position, so steering can be strong on some tokens and near zero on others.
         default_steering_factor (`float`, *optional*, defaults to 1.0):
             Factor used when a call gives none.
+        prompted_steering_factor (`float`, *optional*):
+            Factor for adding the vector on top of a prompt that also asks for the concept
+            (`evaluation.prompt_steering_turns`): the use that makes a description the model never trained on show in
+            text. Usually smaller than `default_steering_factor`: the prompt already carries the concept. `None`
+            until `train_hypersteer.py --calibrate_prompted_steering_factor` chooses it.
         hypernet_pooling (`str`, *optional*, defaults to `"last"`):
             How the hypernetwork's final states become one vector: the `"last"` real token (as a causal LM summarises
             a text), or the `"mean"` over all real tokens the hypernetwork reads.
@@ -148,6 +153,7 @@ class HyperSteerConfig(PreTrainedConfig):
     readout_norm: float | None = None
     steering_prompt_token_dropout: float = 0.0
     default_steering_factor: float = 1.0
+    prompted_steering_factor: float | None = None
     max_steering_prompt_length: int = 64
     hidden_size: int | None = None
     num_attention_heads: int | None = None
@@ -213,6 +219,10 @@ class HyperSteerConfig(PreTrainedConfig):
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"`hidden_size` must be positive, got {self.hidden_size}.")
         _check_number("default_steering_factor", self.default_steering_factor, math.isfinite, "a finite number")
+        if self.prompted_steering_factor is not None:
+            _check_number(
+                "prompted_steering_factor", self.prompted_steering_factor, math.isfinite, "a finite number or None"
+            )
         if self.rms_norm_eps <= 0 or self.initializer_range < 0:
             raise ValueError(
                 f"`rms_norm_eps` must be > 0 and `initializer_range` >= 0, got {self.rms_norm_eps} and {self.initializer_range}."

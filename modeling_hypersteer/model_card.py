@@ -30,6 +30,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers.utils import logging
 
 from . import __version__
+from .evaluation import prompt_steering_system_prompt
 from .utils import CONCEPT_SPLIT_FILE, EVALUATION_SUMMARY_FILE, TRAINING_SUMMARY_FILE
 
 
@@ -176,8 +177,9 @@ def render_model_card(
         "training_data_md": _training_data_markdown(sources, concept_split, training_summary),
         "evaluation_md": _evaluation_markdown(training_summary, evaluation_summary),
         "repo_id": repo_id or "path/to/this/checkpoint",
-        "default_steering_factor": _format_number(config.default_steering_factor),
+        "default_steering_factor": _format_factor(config.default_steering_factor),
         "default_factor_origin": _default_factor_origin(config, training_summary),
+        "prompted_use_md": _prompted_use_markdown(config),
         "extra_limitations": _extra_limitations(evaluation_summary),
         "license_name": _LICENSE_NAMES.get(license, license),
     }
@@ -320,7 +322,13 @@ def _model_details_table(config, base_name: str | None, base_is_hub_id: bool, nu
             "Steering positions (`steering_positions`)",
             f"`{config.steering_positions}`: {_POSITIONS.get(config.steering_positions, '')}",
         ),
-        ("Default steering factor", _format_number(config.default_steering_factor)),
+        ("Default steering factor", _format_factor(config.default_steering_factor)),
+        (
+            "Factor on top of a prompt (`prompted_steering_factor`)",
+            "not calibrated"
+            if config.prompted_steering_factor is None
+            else _format_factor(config.prompted_steering_factor),
+        ),
         ("Max steering prompt length", f"{config.max_steering_prompt_length} tokens"),
         ("Hidden size (length of `v`)", str(config.hidden_size) if config.hidden_size else "not recorded"),
         ("Hypernetwork parameters", _parameter_count_markdown(num_parameters)),
@@ -417,9 +425,10 @@ def _evaluation_markdown(training_summary: dict, evaluation_summary: dict) -> st
     text_metric = evaluation_summary.get("text_metric")
     if isinstance(text_metric, Mapping) and text_metric.get("rows"):
         lines += [_text_metric_markdown(text_metric), ""]
-    calibration = training_summary.get("steering_factor_calibration")
-    if isinstance(calibration, Mapping) and calibration.get("table"):
-        lines += [_calibration_markdown(calibration), ""]
+    for key in ("steering_factor_calibration", "prompted_steering_factor_calibration"):
+        calibration = training_summary.get(key)
+        if isinstance(calibration, Mapping) and calibration.get("table"):
+            lines += [_calibration_markdown(calibration), ""]
     other = _flatten_numbers(
         {key: value for key, value in evaluation_summary.items() if key not in _STRUCTURED_EVALUATION_KEYS}
     )
@@ -535,10 +544,11 @@ def _text_metric_markdown(result: Mapping[str, Any]) -> str:
 
 
 def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
-    """How `default_steering_factor` was chosen after training (`train_hypersteer.py --calibrate_steering_factor`)."""
+    """How `default_steering_factor` (or `prompted_steering_factor`) was chosen after training
+    (`train_hypersteer.py --calibrate_steering_factor`, `--calibrate_prompted_steering_factor`)."""
     rows = [
         (
-            _format_metric(row.get("factor")),
+            _format_factor(row.get("factor")),
             _format_metric(row.get("detector_accuracy")),
             _format_metric(row.get("nll")),
             _format_metric(row.get("distinct_bigrams")),
@@ -558,14 +568,21 @@ def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
                     "reference",
                 )
             )
-    outcome = (
-        f"chose **{_format_metric(calibration.get('factor'))}**"
-        if calibration.get("chosen_by") == "rule"
-        else f"found no factor within the bound and kept {_format_metric(calibration.get('factor'))}"
+    factor = calibration.get("factor")
+    if factor is None:
+        outcome = "found no factor within the bound and left it unset"
+    elif calibration.get("chosen_by") == "rule":
+        outcome = f"chose **{_format_factor(factor)}**"
+    else:
+        outcome = f"found no factor within the bound and kept {_format_factor(factor)}"
+    subject = (
+        "Prompted steering factor (the vector added on top of a prompt that asks for the same concept)"
+        if calibration.get("field") == "prompted_steering_factor"
+        else "Default steering factor"
     )
     return "\n".join(
         [
-            f"Default steering factor: the calibration at the end of training {outcome} on "
+            f"{subject}: the calibration at the end of training {outcome} on "
             f"{len(calibration.get('concepts') or [])} held-in concepts x {len(calibration.get('instructions') or [])} "
             f"generic instructions ({calibration.get('max_new_tokens')} greedy tokens), by the judge-free text metric. "
             f"Rule: {_inline(calibration.get('rule', ''))}."
@@ -573,6 +590,21 @@ def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
             "",
             _table(("Factor", "Detector accuracy", "NLL", "Distinct bigrams", "Within the fluency bound"), rows),
         ]
+    )
+
+
+def _prompted_use_markdown(config) -> str:
+    """How to steer toward a description unlike the training concepts, when training calibrated that use."""
+    if config.prompted_steering_factor is None:
+        return ""
+    instruction = prompt_steering_system_prompt("{concept}")
+    return (
+        "\n\nA description unlike the training concepts shows in text more often when the prompt asks for it too: "
+        f"start the user turn with `{_inline(instruction)}`, a blank line, then the request, and pass the same "
+        f"description as `steering_prompt` with `steering_factor={_format_factor(config.prompted_steering_factor)}` "
+        "(`config.prompted_steering_factor`, calibrated after training on held-in concepts; see "
+        "[Evaluation](#evaluation)). With the `modeling_hypersteer` package, "
+        "`modeling_hypersteer.evaluation.prompt_steering_turns(concept, request)` writes that turn."
     )
 
 
@@ -784,6 +816,13 @@ def _format_number(value) -> str:
     if value.is_integer() and abs(value) < 1e6:
         return f"{value:.1f}"
     return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.4f}"
+
+
+def _format_factor(value) -> str:
+    """A steering factor as a user types it: 1, 0.5, 1.5."""
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return "not recorded"
+    return f"{float(value):g}"
 
 
 def _format_metric(value) -> str:

@@ -722,6 +722,10 @@ def _headline(samples, nll_margin, distinct_fraction) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# The config field each calibrated method's factor is saved in.
+CALIBRATED_FACTOR_FIELDS = {"hypersteer": "default_steering_factor", "prompt_hypersteer": "prompted_steering_factor"}
+
+
 def calibrate_steering_factor(
     model,
     tokenizer,
@@ -736,7 +740,8 @@ def calibrate_steering_factor(
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
     seed: int = 0,
     prompt_placement: str = "user",
-) -> tuple[float, dict[str, Any]]:
+    method: str = "hypersteer",
+) -> tuple[float | None, dict[str, Any]]:
     """Chooses the factor at which the concept shows, within a fluency bound, on held-in concepts.
 
     `num_concepts` concepts of `rows` (a seeded sample) are steered with every factor of `factors` on the first
@@ -745,7 +750,11 @@ def calibrate_steering_factor(
     metric (see the module docstring). The factor with the highest detector accuracy among those whose fluency NLL is
     within `nll_margin` nats of prompting's and whose distinct-bigram share is at least `distinct_fraction` of
     prompting's wins, ties going to the smaller factor ([`select_steering_factor`]). When none passes, the model's
-    current `config.default_steering_factor` is kept, with a warning.
+    current value of the field the method calibrates ([`CALIBRATED_FACTOR_FIELDS`]) is kept, with a warning.
+
+    `method="hypersteer"` calibrates `default_steering_factor`, the vector alone; `method="prompt_hypersteer"`
+    calibrates `prompted_steering_factor`, the vector added on top of prompting's prompt for the same concept (the
+    way a description the model never trained on shows in text; README, "On top of a prompt").
 
     Args:
         model ([`HyperSteerModel`]): the trained model (not modified: the caller stores the factor).
@@ -756,18 +765,22 @@ def calibrate_steering_factor(
             8 concepts x 6 instructions are two batches; on CPU batches of 24 take half the time of batches of 8
             (SmolLM2-135M, 48 tokens: 25 s against 48 s for 24 generations).
         prompt_placement (`str`, *optional*, defaults to `"user"`): where the reference, prompting, puts the steering
-            instruction (see `evaluation.prompt_steering_turns`).
+            instruction (see `evaluation.prompt_steering_turns`); `prompt_hypersteer` puts it there too.
+        method (`str`, *optional*, defaults to `"hypersteer"`): the method whose factor is chosen, a key of
+            [`CALIBRATED_FACTOR_FIELDS`].
 
     Returns:
-        `(factor, record)`: the chosen (or kept) factor and a JSON-ready record with `factor`, `chosen_by`
-        (`"rule"` or `"kept_default"`), `grid`, `table` (per-factor numbers, with `passes` and why not),
-        `reference` (prompting's and the unsteered numbers), `prompt_placement`, `rule`, `concepts`, `instructions`
-        and `max_new_tokens`.
+        `(factor, record)`: the chosen (or kept; `None` when `prompted_steering_factor` was never set) factor and a
+        JSON-ready record with `method`, `field`, `factor`, `chosen_by` (`"rule"` or `"kept_default"`), `grid`,
+        `table` (per-factor numbers, with `passes` and why not), `reference` (prompting's and the unsteered numbers),
+        `prompt_placement`, `rule`, `concepts`, `instructions` and `max_new_tokens`.
 
     Raises:
-        `ValueError` for an empty grid, a non-positive factor, fewer than `num_instructions` instructions, or rows
-        without any concept.
+        `ValueError` for an unknown method, an empty grid, a non-positive factor, fewer than `num_instructions`
+        instructions, or rows without any concept.
     """
+    if method not in CALIBRATED_FACTOR_FIELDS:
+        raise ValueError(f"`method` must be one of {list(CALIBRATED_FACTOR_FIELDS)}, got {method!r}.")
     grid = check_factor_grid(factors, "calibration factors")
     if num_concepts is not None and num_concepts < 1:
         raise ValueError(f"`num_concepts` must be >= 1 (or None for all), got {num_concepts}.")
@@ -790,7 +803,7 @@ def calibrate_steering_factor(
         model,
         tokenizer,
         tasks,
-        ["hypersteer", "prompt", "none"],
+        [method, "prompt", "none"],
         grid,
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -801,10 +814,14 @@ def calibrate_steering_factor(
     table = aggregate_scores(scored)
     reference = _reference_row(table)
     factor, checked = select_steering_factor(
-        [row for row in table if row["method"] == "hypersteer"], reference, nll_margin, distinct_fraction
+        [row for row in table if row["method"] == method], reference, nll_margin, distinct_fraction
     )
-    current = float(model.config.default_steering_factor)
+    field = CALIBRATED_FACTOR_FIELDS[method]
+    current = getattr(model.config, field)
+    current = None if current is None else float(current)
     record = {
+        "method": method,
+        "field": field,
         "factor": factor if factor is not None else current,
         "chosen_by": "rule" if factor is not None else "kept_default",
         "grid": grid,
@@ -818,8 +835,8 @@ def calibrate_steering_factor(
     }
     if factor is None:
         logger.warning(
-            f"No steering factor of {grid} passed the fluency bound ({record['rule']}); keeping "
-            f"default_steering_factor={current}. Try a grid of smaller factors."
+            f"No {method} factor of {grid} passed the fluency bound ({record['rule']}); keeping "
+            f"{field}={current}. Try a grid of smaller factors."
         )
     return record["factor"], record
 
@@ -923,6 +940,7 @@ def text_metric_markdown(result: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "CALIBRATED_FACTOR_FIELDS",
     "DEGENERATE_DISTINCT_BIGRAMS",
     "GENERIC_INSTRUCTIONS",
     "METHOD_COLORS",

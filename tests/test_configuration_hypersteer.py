@@ -17,6 +17,7 @@ def test_round_trip_is_lossless(tmp_path):
         steering_positions="generated",
         token_gate=True,
         default_steering_factor=0.5,
+        prompted_steering_factor=0.25,
         max_steering_prompt_length=16,
         hidden_size=32,
         num_attention_heads=2,
@@ -45,11 +46,21 @@ def test_round_trip_is_lossless(tmp_path):
         ({"default_steering_factor": float("inf")}, "default_steering_factor"),
         ({"default_steering_factor": float("-inf")}, "default_steering_factor"),
         ({"default_steering_factor": True}, "default_steering_factor"),
+        ({"prompted_steering_factor": float("inf")}, "`prompted_steering_factor` must be a finite number or None"),
+        ({"prompted_steering_factor": "0.5"}, "prompted_steering_factor"),
     ],
 )
 def test_invalid_values_raise_with_the_field_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HyperSteerConfig(**kwargs)
+
+
+def test_prompted_steering_factor_is_unset_until_calibrated():
+    assert HyperSteerConfig().prompted_steering_factor is None
+    # A checkpoint saved before the field existed loads without it.
+    legacy = HyperSteerConfig(default_steering_factor=2.0).to_dict()
+    legacy.pop("prompted_steering_factor")
+    assert HyperSteerConfig.from_dict(legacy).prompted_steering_factor is None
 
 
 def test_random_init_allows_more_layers_than_the_base():

@@ -1,5 +1,6 @@
 """Evaluation: the offline metric and evaluate_steering.py end to end against a loopback OpenAI-protocol judge."""
 
+import argparse
 import json
 import math
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import AXBENCH_DIR, REPO_ROOT, build_tiny_base, cli_arguments, save_tiny_base
 from datasets import concatenate_datasets
 from openai_stub_server import stub_rating
@@ -36,6 +38,7 @@ from modeling_hypersteer.evaluation import (
 )
 from modeling_hypersteer.judge import build_judge_prompt, harmonic_score
 from modeling_hypersteer.model_card import write_model_card
+from modeling_hypersteer.text_metric import select_steering_factor
 
 
 AXBENCH_TRAIN = AXBENCH_DIR / "concept10" / "prod_2b_l20_v1" / "train_data.parquet"
@@ -445,6 +448,60 @@ def test_prompt_hypersteer_offline_benchmark_scores_both_methods_per_factor_and_
         benchmark.main(["--run_dirs", str(trained_dir), "--name", "sets", "--sets", "heldin,elsewhere", *common])
     with pytest.raises(SystemExit):
         benchmark.main(["--run_dirs", str(trained_dir), "--name", "zero", "--factors", "0,1", *common])
+
+
+def test_concept_part_scale_probe_changes_only_the_vectors(trained_dir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import probe_concept_part_scale as probe
+
+    vectors, mean = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([1.0, 1.0])
+    assert torch.equal(probe.transform(vectors, mean, "k1"), vectors)
+    assert torch.equal(probe.transform(vectors, mean, "k2"), 2 * vectors - mean)
+    assert torch.equal(probe.transform(vectors, mean, "c1"), vectors - mean)
+    rescaled = probe.transform(vectors, mean, "r1")
+    assert torch.allclose(rescaled.norm(dim=-1), vectors.norm(dim=-1))
+    assert torch.allclose(F.normalize(rescaled, dim=-1), F.normalize(vectors - mean, dim=-1))
+    for bad in ("x2", "k", "knan", "kinf"):
+        with pytest.raises(ValueError, match=f"got '{bad}'"):
+            probe.parse_variant(bad)
+    monkeypatch.setattr(probe, "RESULTS_PATH", tmp_path / "results.json")
+    common = ["--run_dirs", str(trained_dir), "--name", "tiny", "--sets", "heldout", "--heldback_data", ""]
+    result = probe.main([*common, "--variants", "k1,k2", "--heldout_rows_per_concept", "2"])
+    # k1 is the model's own vector: its losses are the hypernetwork's.
+    model = HyperSteerModel.from_pretrained(trained_dir)
+    arguments = argparse.Namespace(heldout_rows_per_concept=2, heldback_data="", sets="heldout")
+    rows = probe.prompt_hypersteer_offline.run_rows(trained_dir, arguments)["heldout"]
+    own = offline_steering_metric(model, model.tokenizer, rows, max_length=320)
+    run = result[str(trained_dir)]["heldout"]
+    for condition in ("hypersteer", "hypersteer_wrong", "prompt", "none"):
+        assert run["k1"]["losses"][condition] == pytest.approx(own["losses"][condition], abs=1e-5), condition
+    assert run["k2"]["losses"]["hypersteer"] != pytest.approx(own["losses"]["hypersteer"], abs=1e-5)
+    assert run["k2"]["losses"]["prompt"] == run["k1"]["losses"]["prompt"]
+    assert set(result["pooled"]["heldout"]) == {"k1", "k2"}
+    with pytest.raises(SystemExit):
+        probe.main([*common, "--variants", "k1,q2"])
+
+
+def test_prompted_calibration_benchmark_records_the_rule_without_changing_the_run(trained_dir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import prompted_calibration as benchmark
+
+    monkeypatch.setattr(benchmark, "RESULTS_PATH", tmp_path / "results.json")
+    config_before = (trained_dir / "config.json").read_text()
+    settings = ["--calibration_concepts", "2", "--calibration_instructions", "2", "--calibration_max_new_tokens", "4"]
+    result = benchmark.main(["--run_dirs", str(trained_dir), "--name", "tiny", "--factors", "1,0.5", *settings])
+    record = result[str(trained_dir)]
+    assert (trained_dir / "config.json").read_text() == config_before
+    assert record["method"] == "prompt_hypersteer" and record["grid"] == [0.5, 1.0]
+    expected, _ = select_steering_factor(record["table"], record["reference"]["prompt"])
+    assert record["factor"] == expected
+    split = ConceptSplit.from_json(trained_dir / "concept_split.json")
+    assert len(record["concepts"]) == 2 and set(record["concepts"]) <= set(split.heldin_concepts)
+    assert "tiny" in json.loads((tmp_path / "results.json").read_text())["runs"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(trained_dir), "--name", "bad", "--factors", "0.5,inf"])
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(tmp_path), "--name", "empty"])
 
 
 def test_evaluate_steering_with_a_loopback_judge(trained_dir, tmp_path, openai_stub):

@@ -49,6 +49,18 @@ def test_quickstart_runs_end_to_end_in_reduced_mode(smollm2_dir, tmp_path):
 
     results = json.loads((output_dir / "quickstart_results.json").read_text())
     assert all({"none", "prompt", "hypersteer", "prompt_hypersteer"} <= set(row) for row in results["side_by_side"])
+    # The recipe calibrates both factors; the side-by-side uses what training saved.
+    config = json.loads((output_dir / "config.json").read_text())
+    summary = json.loads((output_dir / "training_summary.json").read_text())
+    prompted = summary["prompted_steering_factor_calibration"]
+    assert config["prompted_steering_factor"] == prompted["factor"]
+    assert prompted["concepts"] == summary["steering_factor_calibration"]["concepts"]
+    if prompted["factor"] is not None:
+        assert results["arguments"]["prompted_steering_factor"] == prompted["factor"]
+        assert f"on top of the prompt {prompted['factor']}, calibrated" in stdout
+    else:
+        assert results["arguments"]["prompted_steering_factor"] == config["default_steering_factor"] / 2
+        assert "half the factor" in stdout
     for name in ("heldin", "heldout"):
         offline = results["offline"][name]
         assert offline["num_concepts"] == (15 if name == "heldin" else 3)

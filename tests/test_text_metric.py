@@ -13,13 +13,14 @@ import train_hypersteer
 from modeling_hypersteer import HyperSteerConfig, HyperSteerModel
 from modeling_hypersteer import text_metric as text_metric_module
 from modeling_hypersteer.data import format_prompt
-from modeling_hypersteer.evaluation import METHODS, summary_markdown
+from modeling_hypersteer.evaluation import FACTOR_METHODS, METHODS, summary_markdown
 from modeling_hypersteer.model_card import write_model_card
 from modeling_hypersteer.text_metric import (
     CALIBRATION_INSTRUCTIONS,
     GENERIC_INSTRUCTIONS,
     METHOD_COLORS,
     ConceptDetector,
+    calibrate_steering_factor,
     check_factor_grid,
     distinct_bigram_share,
     generation_nll,
@@ -161,13 +162,21 @@ def _scripted_generation(texts_by_method_factor):
     def fake(model, tokenizer, tasks, methods, factors, **kwargs):
         samples = []
         for method in methods:
-            for factor in factors if method == "hypersteer" else [1.0 if method == "prompt" else 0.0]:
+            for factor in factors if method in FACTOR_METHODS else [1.0 if method == "prompt" else 0.0]:
                 for task in tasks:
                     text = texts_by_method_factor[(method, float(factor))]
                     samples.append({**task, "method": method, "factor": float(factor), "generation": text(task)})
         return samples
 
     return fake
+
+
+def _scripted_model(monkeypatch, tokenizer, scripted):
+    """A tiny model whose generations the calibration and text metric take from `scripted` (its NLL stays real)."""
+    monkeypatch.setattr(text_metric_module, "generate_samples", _scripted_generation(scripted))
+    return HyperSteerModel.from_base_model(
+        build_tiny_base("llama", len(tokenizer)), tokenizer=tokenizer, steering_layer=2, hypernet_num_layers=1
+    )
 
 
 def _concept_text(task):
@@ -184,13 +193,7 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
         ("hypersteer", 4.0): lambda task: LAW[6],
         ("hypersteer", 8.0): lambda task: " ".join(["court" if task["concept"] == "law" else "ocean"] * 12),
     }
-    monkeypatch.setattr(text_metric_module, "generate_samples", _scripted_generation(scripted))
-    model = HyperSteerModel.from_base_model(
-        build_tiny_base("llama", len(tiny_tokenizer)),
-        tokenizer=tiny_tokenizer,
-        steering_layer=2,
-        hypernet_num_layers=1,
-    )
+    model = _scripted_model(monkeypatch, tiny_tokenizer, scripted)
     result = text_metric(
         model, tiny_tokenizer, detector, ["law", "sea"], ["hypersteer", "prompt", "none"], [1, 2, 4, 8]
     )
@@ -215,6 +218,46 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
     assert "| hypersteer | 4 | 0.500 | 0.500 | " in markdown
 
 
+def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt(tiny_tokenizer, monkeypatch):
+    degenerate = lambda task: " ".join(["court" if task["concept"] == "law" else "ocean"] * 12)  # noqa: E731
+    scripted = {
+        ("none", 0.0): lambda task: NEUTRAL[4],
+        # The prompt alone does not show the concept; with the vector at 0.5 it does, at 1 the text degenerates.
+        ("prompt", 1.0): lambda task: NEUTRAL[5],
+        ("prompt_hypersteer", 0.25): lambda task: NEUTRAL[5],
+        ("prompt_hypersteer", 0.5): _concept_text,
+        ("prompt_hypersteer", 1.0): degenerate,
+    }
+    model = _scripted_model(monkeypatch, tiny_tokenizer, scripted)
+    rows = [
+        *(
+            {"output": text, "output_concept": concept, "is_negative": False}
+            for concept, texts in (("law", LAW[:6]), ("sea", SEA[:6]))
+            for text in texts
+        ),
+        *({"output": text, "output_concept": "", "is_negative": True} for text in NEUTRAL[:4]),
+    ]
+    calibrate = dict(num_concepts=None, num_instructions=2, max_new_tokens=8, method="prompt_hypersteer")
+    assert model.config.prompted_steering_factor is None
+    # Only the method being calibrated is generated at the grid's factors: a ("hypersteer", f) key would be missing.
+    factor, record = calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5, 0.25], **calibrate)
+    assert factor == 0.5 and record["chosen_by"] == "rule"
+    assert record["method"] == "prompt_hypersteer" and record["field"] == "prompted_steering_factor"
+    assert {row["method"] for row in record["table"]} == {"prompt_hypersteer"} and record["grid"] == [0.25, 0.5, 1.0]
+    assert set(record["reference"]) == {"prompt", "none"}
+    by_factor = {row["factor"]: row for row in record["table"]}
+    assert by_factor[0.5]["detector_accuracy"] == 1.0 and by_factor[0.25]["detector_accuracy"] == 0.0
+    assert "distinct-bigram share" in by_factor[1.0]["rejected_because"]
+    # Nothing within the bound: the field keeps its value, None for a model never calibrated.
+    scripted[("prompt_hypersteer", 0.5)] = degenerate
+    factor, record = calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5], **calibrate)
+    assert factor is None and record["chosen_by"] == "kept_default" and record["factor"] is None
+    model.config.prompted_steering_factor = 0.75
+    assert calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5], **calibrate)[0] == 0.75
+    with pytest.raises(ValueError, match="`method` must be one of .* got 'prompt'"):
+        calibrate_steering_factor(model, tiny_tokenizer, rows, [1], **{**calibrate, "method": "prompt"})
+
+
 @pytest.fixture(scope="module")
 def calibrated_dir(tmp_path_factory, tiny_tokenizer, axbench_dir):
     root = tmp_path_factory.mktemp("calibrated")
@@ -235,6 +278,8 @@ def calibrated_dir(tmp_path_factory, tiny_tokenizer, axbench_dir):
             report_to="none",
             calibrate_steering_factor=True,
             calibration_factors="0.5,4,2",
+            calibrate_prompted_steering_factor=True,
+            prompted_calibration_factors="1,0.25",
             calibration_concepts=3,
             calibration_max_new_tokens=8,
         )
@@ -264,6 +309,25 @@ def test_training_with_calibration_saves_the_chosen_factor(calibrated_dir):
     assert "chosen by calibration" in card and f"over {record['grid']}" in card
 
 
+def test_training_calibrates_the_factor_on_top_of_a_prompt_on_the_same_concepts(calibrated_dir):
+    summary = json.loads((calibrated_dir / "training_summary.json").read_text())
+    record, plain = summary["prompted_steering_factor_calibration"], summary["steering_factor_calibration"]
+    assert record["grid"] == [0.25, 1.0] and record["method"] == "prompt_hypersteer"
+    assert {row["method"] for row in record["table"]} == {"prompt_hypersteer"}
+    assert record["concepts"] == plain["concepts"] and record["instructions"] == plain["instructions"]
+    expected, _ = select_steering_factor(record["table"], record["reference"]["prompt"])
+    assert record["factor"] == expected
+    config = HyperSteerConfig.from_pretrained(calibrated_dir)
+    # Each calibration writes its own field; the prompted one leaves the default factor as the first chose it.
+    assert config.prompted_steering_factor == record["factor"] and config.default_steering_factor == plain["factor"]
+    card = write_model_card(calibrated_dir, config).read_text()
+    assert "Prompted steering factor (the vector added on top of a prompt" in card
+    if expected is not None:
+        assert f"`steering_factor={expected:g}`" in card and "prompt_steering_turns(concept, request)" in card
+    else:
+        assert "found no factor within the bound and left it unset" in card and "prompt_steering_turns" not in card
+
+
 def test_calibration_flags_are_checked_before_training(tiny_tokenizer, tmp_path):
     required = ["--base_model_name_or_path", "x", "--dataset_name_or_path", "y", "--output_dir", str(tmp_path)]
     with pytest.raises(ValueError, match="got 0.0"):
@@ -276,6 +340,13 @@ def test_calibration_flags_are_checked_before_training(tiny_tokenizer, tmp_path)
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_instructions", "7"])
     with pytest.raises(ValueError, match="'1,two'"):
         train_hypersteer.parse_arguments([*required, "--calibrate_steering_factor", "--calibration_factors", "1,two"])
+    prompted = [*required, "--calibrate_prompted_steering_factor"]
+    with pytest.raises(ValueError, match="--prompted_calibration_factors .*got -0.5"):
+        train_hypersteer.parse_arguments([*prompted, "--prompted_calibration_factors", "0.5,-0.5"])
+    with pytest.raises(ValueError, match="--calibration_concepts must be >= 1, got 0"):
+        train_hypersteer.parse_arguments([*prompted, "--calibration_concepts", "0"])
+    model_args = train_hypersteer.parse_arguments([*prompted, "--prompted_calibration_factors", "1,0.5"])[0]
+    assert model_args.prompted_calibration_factor_grid == [0.5, 1.0] and model_args.calibration_factor_grid == []
 
 
 def test_evaluate_steering_text_metric_end_to_end(calibrated_dir, tmp_path, monkeypatch):

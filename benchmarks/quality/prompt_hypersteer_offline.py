@@ -72,17 +72,19 @@ def method_view(result: dict, method: str) -> dict:
     return {"losses": method_losses(result["losses"], method), "num_rows": result["num_rows"]}
 
 
+def pooled_with_worst(results: list[dict]) -> dict:
+    """Specificity and gain pooled over the runs' results (`quality_ablation.pooled_ratios`), and the worst run's
+    specificity."""
+    per_run = [quality_ablation.pooled_ratios([result])["specificity_ratio"] for result in results]
+    return {
+        **quality_ablation.pooled_ratios(results),
+        "worst_specificity_ratio": min((value for value in per_run if value is not None), default=None),
+    }
+
+
 def pooled(results: list[dict]) -> dict:
     """Per method: pooled specificity and gain over the runs' results, and the worst run's specificity."""
-    entry = {}
-    for method in METHODS:
-        views = [method_view(result, method) for result in results]
-        per_run = [quality_ablation.pooled_ratios([view])["specificity_ratio"] for view in views]
-        entry[method] = {
-            **quality_ablation.pooled_ratios(views),
-            "worst_specificity_ratio": min((value for value in per_run if value is not None), default=None),
-        }
-    return entry
+    return {method: pooled_with_worst([method_view(result, method) for result in results]) for method in METHODS}
 
 
 def main(argv=None) -> dict:
@@ -148,8 +150,8 @@ def main(argv=None) -> dict:
     for name, by_factor in result["pooled"].items():
         for factor, entry in by_factor.items():
             cells = [
-                f"{_fmt(entry[method]['specificity_ratio'])} / {_fmt(entry[method]['gain_ratio'])} "
-                f"({_fmt(entry[method]['worst_specificity_ratio'])})"
+                f"{fmt_ratio(entry[method]['specificity_ratio'])} / {fmt_ratio(entry[method]['gain_ratio'])} "
+                f"({fmt_ratio(entry[method]['worst_specificity_ratio'])})"
                 for method in METHODS
             ]
             print(f"| {name} | {factor} | {cells[0]} | {cells[1]} |")
@@ -157,7 +159,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def _fmt(value) -> str:
+def fmt_ratio(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 

@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         calibration_concepts=args.calibration_concepts,
         calibration_instructions=args.calibration_instructions,
     )
-    calibration = train_hypersteer.calibrate_default_steering_factor(
+    calibration = train_hypersteer.calibrate_saved_steering_factor(
         model,
         model.tokenizer,
         load_concept_data(sources),
