@@ -218,7 +218,9 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
     assert "| hypersteer | 4 | 0.500 | 0.500 | " in markdown
 
 
-def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt(tiny_tokenizer, monkeypatch):
+def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt(
+    tiny_tokenizer, monkeypatch, tmp_path
+):
     degenerate = lambda task: " ".join(["court" if task["concept"] == "law" else "ocean"] * 12)  # noqa: E731
     scripted = {
         ("none", 0.0): lambda task: NEUTRAL[4],
@@ -252,6 +254,11 @@ def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt
     scripted[("prompt_hypersteer", 0.5)] = degenerate
     factor, record = calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5], **calibrate)
     assert factor is None and record["chosen_by"] == "kept_default" and record["factor"] is None
+    card = write_model_card(
+        tmp_path, model.config, training_summary={"prompted_steering_factor_calibration": record}
+    ).read_text()
+    assert "found no factor within the bound and left it unset" in card and "prompt_steering_turns" not in card
+    assert "| Factor on top of a prompt (`prompted_steering_factor`) | not calibrated |" in card
     model.config.prompted_steering_factor = 0.75
     assert calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5], **calibrate)[0] == 0.75
     with pytest.raises(ValueError, match="`method` must be one of .* got 'prompt'"):
