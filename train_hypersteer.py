@@ -654,8 +654,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
 
-    calibrations = {}
     if training_args.should_save:
+        calibrations = {}
         for method, enabled, key in (
             ("hypersteer", model_args.calibrate_steering_factor, "steering_factor_calibration"),
             (
@@ -668,8 +668,6 @@ def main(argv: list[str] | None = None) -> dict:
                 calibrations[key] = calibrate_saved_steering_factor(
                     model, tokenizer, raw, concept_split, model_args, training_args.output_dir, method=method
                 )
-
-    if training_args.should_save:
         if training_args.plot_loss_curve:
             try:
                 plot_loss_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))

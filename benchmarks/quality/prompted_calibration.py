@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
         model = HyperSteerModel.from_pretrained(run_dir).eval()
         summary = json.loads((run_dir / TRAINING_SUMMARY_FILE).read_text())
         split = ConceptSplit.from_json(run_dir / CONCEPT_SPLIT_FILE)
-        rows = train_hypersteer.calibration_rows(load_concept_data(summary["sources"]), split)
+        sources = [quality_ablation.data_path(source) for source in summary["sources"]]
+        rows = train_hypersteer.calibration_rows(load_concept_data(sources), split)
         start = time.perf_counter()
         factor, record = calibrate_steering_factor(
             model,
