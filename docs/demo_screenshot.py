@@ -1,6 +1,6 @@
 """Regenerate `docs/demo.png`: `hypersteer-demo`'s page on SmolLM2-135M-Instruct, captured in headless Chromium.
 
-    OMP_NUM_THREADS=1 python docs/demo_screenshot.py [path/to/hypersteer-checkpoint]
+    OMP_NUM_THREADS=1 python docs/demo_screenshot.py [path/to/hypersteer-checkpoint] [--concept TEXT] [--prompt TEXT]
 
 Without a checkpoint it uses an untrained no_context hypernetwork whose last projection is random (seeded, |v| = 60,
 about a third of the residual norm at layer 15), as the llama.cpp test does: the HyperSteer column then shows a
@@ -8,9 +8,9 @@ steered but not concept-specific answer. A trained checkpoint (e.g. `make quicks
 the real thing.
 """
 
+import argparse
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.demo import DemoSettings, build_demo
+from modeling_hypersteer.demo import ANSWER_IDS, DemoSettings, build_demo
 from modeling_hypersteer.smollm2 import smollm2_path
 
 
@@ -44,11 +44,16 @@ def load_model(checkpoint: str | None) -> HyperSteerModel:
 
 
 def main() -> None:
-    model = load_model(sys.argv[1] if len(sys.argv) > 1 else None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", nargs="?", help="A saved HyperSteer folder (default: the random one above).")
+    parser.add_argument("--concept", default="references to oceans, tides and marine life")
+    parser.add_argument("--prompt", default="Describe your ideal weekend in two sentences.")
+    args = parser.parse_args()
+    model = load_model(args.checkpoint)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = build_demo(model, DemoSettings(max_new_tokens=48, max_steering_factor=10.0))
+    app = build_demo(model, DemoSettings.for_model(model, max_new_tokens=48, max_steering_factor=10.0))
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as playwright:
@@ -66,18 +71,14 @@ def main() -> None:
             )
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(f"http://127.0.0.1:{port}/")
-            page.locator("#concepts textarea").fill("references to oceans, tides and marine life")
-            page.locator("#prompt textarea").fill("Describe your ideal weekend in two sentences.")
+            page.locator("#concepts textarea").fill(args.concept)
+            page.locator("#prompt textarea").fill(args.prompt)
             page.click("#generate")
-            for name in ("unsteered", "prompt_steered", "hypersteer"):
+            for name in ANSWER_IDS:
                 expect(page.locator(f"#{name} textarea")).not_to_have_value("", timeout=120_000)
             # Wait until the stream ends (the answers stop changing).
             previous = None
-            while (
-                current := [
-                    page.locator(f"#{n} textarea").input_value() for n in ("unsteered", "prompt_steered", "hypersteer")
-                ]
-            ) != previous:
+            while (current := [page.locator(f"#{name} textarea").input_value() for name in ANSWER_IDS]) != previous:
                 previous = current
                 page.wait_for_timeout(3_000)
             page.click("#export")

@@ -9,9 +9,11 @@ Ready-to-copy commands:
 The concept box takes one concept per line, optionally with its own factor after a bar (`pirate speech | 0.5`); lines
 without one use the slider's factor. Several lines compose as in `generate` (`sum_k factor_k * v_k`). Prompt steering
 writes the concepts into the user turn before the prompt (`prompt_steering_turns`, the evaluation's baseline; factors
-do not apply to it). The three answers come from ONE batched, greedy `generate` call (rows: the plain prompt
-unsteered, the prompt with the steering instruction unsteered, the plain prompt steered by HyperSteer) and stream
-token by token.
+do not apply to it). "Prompt + HyperSteer" adds the concepts' vectors on top of that prompt, each at the second
+slider's factor (the model's calibrated `prompted_steering_factor`, else half the steering factor): the use that
+shows concepts the model never trained on. The four answers come from ONE batched, greedy `generate` call (rows: the
+plain prompt unsteered, the prompt with the steering instruction unsteered, the plain prompt steered by HyperSteer,
+the prompt with the steering instruction steered by HyperSteer) and stream token by token.
 
 "Export control vector" writes the current concepts as a llama.cpp control vector (see `modeling_hypersteer.export`);
 for `cross_attention` / `in_context` models the vector is the one for the prompt in the page.
@@ -40,7 +42,8 @@ from .modeling_hypersteer import HyperSteerModel
 
 logger = logging.get_logger(__name__)
 
-METHOD_LABELS = ("Unsteered", "Prompt-steered", "HyperSteer")
+METHOD_LABELS = ("Unsteered", "Prompt-steered", "HyperSteer", "Prompt + HyperSteer")
+ANSWER_IDS = ("unsteered", "prompt_steered", "hypersteer", "prompt_hypersteer")
 MAX_CONCEPTS = 8
 
 
@@ -130,6 +133,24 @@ class DemoSettings:
     max_new_tokens: int = 128
     max_steering_factor: float = 10.0
     default_steering_factor: float = 1.0
+    # The factor of the vectors on top of the prompt; None when the model was never calibrated for that use.
+    prompted_steering_factor: float | None = None
+
+    @property
+    def prompted_factor(self) -> float:
+        """The second slider's starting value: the calibrated factor, else half the steering factor."""
+        if self.prompted_steering_factor is not None:
+            return self.prompted_steering_factor
+        return self.default_steering_factor / 2
+
+    @classmethod
+    def for_model(cls, model: HyperSteerModel, **kwargs) -> "DemoSettings":
+        """Settings whose factors are the ones `model`'s config carries."""
+        return cls(
+            default_steering_factor=model.config.default_steering_factor,
+            prompted_steering_factor=model.config.prompted_steering_factor,
+            **kwargs,
+        )
 
 
 class SteeringDemo:
@@ -140,7 +161,7 @@ class SteeringDemo:
             raise ValueError("The demo needs the model's tokenizer with a chat template; save it with the model.")
         self.model = model
         self.tokenizer = model.tokenizer
-        self.settings = settings or DemoSettings(default_steering_factor=model.config.default_steering_factor)
+        self.settings = settings or DemoSettings.for_model(model)
         self.lock = threading.Lock()  # one generation at a time on the shared model
         self.export_dir = Path(tempfile.mkdtemp(prefix="hypersteer-demo-"))
 
@@ -149,20 +170,24 @@ class SteeringDemo:
             raise DemoInputError("Enter a prompt for the model to answer.")
         return user_prompt.strip()
 
-    def stream_answers(self, concept_text: str, factor: float, user_prompt: str) -> Iterator[tuple[str, str, str]]:
-        """Yield the three answers `(unsteered, prompt_steered, hypersteer)` as they grow.
+    def stream_answers(
+        self, concept_text: str, factor: float, user_prompt: str, prompted_factor: float | None = None
+    ) -> Iterator[tuple[str, str, str, str]]:
+        """Yield the four answers `(unsteered, prompt_steered, hypersteer, prompt_hypersteer)` as they grow.
+
+        `prompted_factor` is every concept's factor on top of the prompt (defaults to `settings.prompted_factor`).
 
         Raises:
             [`DemoInputError`] for an empty concept or prompt, or a factor out of range.
         """
         concepts = parse_concepts(concept_text, factor, self.settings.max_steering_factor)
+        if prompted_factor is None:
+            prompted_factor = self.settings.prompted_factor
+        _check_factor(prompted_factor, self.settings.max_steering_factor, "The factor on top of the prompt")
         user_prompt = self._check_prompt(user_prompt)
         names = [concept for concept, _ in concepts]
-        texts = [
-            format_prompt(self.tokenizer, user_prompt),
-            format_prompt(self.tokenizer, *prompt_steering_turns("; ".join(names), user_prompt)),
-            format_prompt(self.tokenizer, user_prompt),
-        ]
+        prompted_text = format_prompt(self.tokenizer, *prompt_steering_turns(names, user_prompt))
+        texts = [format_prompt(self.tokenizer, user_prompt), prompted_text] * 2
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
@@ -182,8 +207,8 @@ class SteeringDemo:
                     self.model.generate(
                         **inputs,
                         # Composition with empty lists leaves the first two rows unsteered in the same batch.
-                        steering_prompt=[[], [], names],
-                        steering_factor=[[], [], [value for _, value in concepts]],
+                        steering_prompt=[[], [], names, names],
+                        steering_factor=[[], [], [value for _, value in concepts], [prompted_factor] * len(names)],
                         max_new_tokens=self.settings.max_new_tokens,
                         do_sample=False,
                         streamer=streamer,
@@ -194,14 +219,14 @@ class SteeringDemo:
                 streamer.end()
 
         eos = self.generation_eos_ids()
-        tokens = [[], [], []]
-        finished = [False, False, False]
+        tokens = [[] for _ in texts]
+        finished = [False for _ in texts]
         with self.lock:
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
             try:
                 while (step := streamer.queue.get()) is not None:
-                    for row in range(3):
+                    for row in range(len(texts)):
                         for token in step[row].tolist():
                             if finished[row]:
                                 break
@@ -246,12 +271,12 @@ def build_demo(model: HyperSteerModel, settings: DemoSettings | None = None):
     settings = demo_logic.settings
     limit = settings.max_steering_factor
 
-    def answer(concept_text, factor, user_prompt):
+    def answer(concept_text, factor, prompted_factor, user_prompt):
         try:
-            for unsteered, prompted, steered in demo_logic.stream_answers(concept_text, factor, user_prompt):
-                yield unsteered, prompted, steered, ""
+            for answers in demo_logic.stream_answers(concept_text, factor, user_prompt, prompted_factor):
+                yield *answers, ""
         except DemoInputError as error:
-            yield "", "", "", f"⚠️ {error}"
+            yield *([""] * len(METHOD_LABELS)), f"⚠️ {error}"
 
     def export(concept_text, factor, user_prompt):
         try:
@@ -291,6 +316,20 @@ def build_demo(model: HyperSteerModel, settings: DemoSettings | None = None):
                 label="Steering factor",
                 elem_id="factor",
             )
+            prompted_factor = gr.Slider(
+                minimum=-limit,
+                maximum=limit,
+                value=settings.prompted_factor,
+                step=0.05,
+                label="Factor on top of the prompt ("
+                + (
+                    "the model's calibrated one"
+                    if settings.prompted_steering_factor is not None
+                    else "not calibrated; starts at half the steering factor"
+                )
+                + ")",
+                elem_id="prompted_factor",
+            )
         prompt = gr.Textbox(label="Your prompt", placeholder="Describe a city.", lines=2, elem_id="prompt")
         with gr.Row():
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -300,9 +339,9 @@ def build_demo(model: HyperSteerModel, settings: DemoSettings | None = None):
         with gr.Row():
             outputs = [
                 gr.Textbox(label=label, lines=8, interactive=False, elem_id=elem_id)
-                for label, elem_id in zip(METHOD_LABELS, ("unsteered", "prompt_steered", "hypersteer"))
+                for label, elem_id in zip(METHOD_LABELS, ANSWER_IDS)
             ]
-        generate_button.click(answer, [concepts, factor, prompt], [*outputs, status])
+        generate_button.click(answer, [concepts, factor, prompted_factor, prompt], [*outputs, status])
         export_button.click(export, [concepts, factor, prompt], [download, status])
     return page
 
@@ -344,10 +383,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError as error:
         raise ImportError('The demo needs Gradio: `pip install "modeling-hypersteer[demo]"`.') from error
     model = HyperSteerModel.from_pretrained(args.model, dtype=resolve_dtype(args.dtype)).eval()
-    settings = DemoSettings(
-        max_new_tokens=args.max_new_tokens,
-        max_steering_factor=args.max_steering_factor,
-        default_steering_factor=model.config.default_steering_factor,
+    settings = DemoSettings.for_model(
+        model, max_new_tokens=args.max_new_tokens, max_steering_factor=args.max_steering_factor
     )
     build_demo(model, settings).queue().launch(server_name=args.host, server_port=args.port)
 
@@ -356,4 +393,13 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DemoArguments", "DemoInputError", "SteeringDemo", "build_demo", "main", "parse_concepts"]
+__all__ = [
+    "ANSWER_IDS",
+    "DemoArguments",
+    "DemoInputError",
+    "DemoSettings",
+    "SteeringDemo",
+    "build_demo",
+    "main",
+    "parse_concepts",
+]

@@ -78,12 +78,17 @@ def check_prompt_placement(placement: str) -> str:
     return placement
 
 
-def prompt_steering_turns(concept: str, instruction: str, placement: str = "user") -> tuple[str, str | None]:
+def prompt_steering_turns(
+    concept: str | Sequence[str], instruction: str, placement: str = "user"
+) -> tuple[str, str | None]:
     """The prompting baseline's `(user turn, system turn)` for `instruction` steered toward `concept`.
 
     `"user"`: the steering instruction, a blank line, then `instruction`, and no system turn; `"system"`: `instruction`
-    alone with the steering instruction as the system turn. Pass both to [`format_prompt`].
+    alone with the steering instruction as the system turn. Pass both to [`format_prompt`]. Several concepts (a list)
+    share one instruction, joined by "; ".
     """
+    if not isinstance(concept, str):
+        concept = "; ".join(concept)
     steering = prompt_steering_system_prompt(concept)
     if check_prompt_placement(placement) == "user":
         return f"{steering}\n\n{instruction}", None

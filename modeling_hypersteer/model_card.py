@@ -604,7 +604,8 @@ def _prompted_use_markdown(config) -> str:
         f"description as `steering_prompt` with `steering_factor={_format_factor(config.prompted_steering_factor)}` "
         "(`config.prompted_steering_factor`, calibrated after training on held-in concepts; see "
         "[Evaluation](#evaluation)). With the `modeling_hypersteer` package, "
-        "`modeling_hypersteer.evaluation.prompt_steering_turns(concept, request)` writes that turn."
+        "`modeling_hypersteer.evaluation.prompt_steering_turns(concept, request)` writes that turn, and "
+        '`hypersteer-serve` does both for a steering concept marked `"in_prompt": true`.'
     )
 
 

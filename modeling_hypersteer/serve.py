@@ -13,7 +13,9 @@ Endpoints: `POST /v1/chat/completions` (JSON or, with `"stream": true`, server-s
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. The extra request field `steering`
 (`extra_body={"steering": ...}` with the official client) is `{"prompt": str, "factor": float}`, a list of such objects
 (composed: the row is steered by `sum_k factor_k * v_k`, see `HyperSteerModel.generate`), or absent/`null` for the
-unsteered base. The OpenAI fields `stop`, `seed`, `n`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+unsteered base. A concept with `"in_prompt": true` is also asked for in the last user turn, in the prompting baseline's
+words (`evaluation.prompt_steering_turns`), and its factor defaults to the model's `prompted_steering_factor`: the use
+that shows concepts the model never trained on. The OpenAI fields `stop`, `seed`, `n`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `max_completion_tokens`, `stream_options.include_usage` and `user` are honoured; what cannot be honoured (`tools`,
 a non-text `response_format`, image or audio content, `logprobs`) is refused with a 400 naming the field.
 
@@ -53,6 +55,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from jinja2.exceptions import TemplateError
@@ -61,6 +64,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from transformers.utils import logging
 
 from .cli import DTYPE_CHOICES, resolve_dtype
+from .evaluation import prompt_steering_turns
 from .modeling_hypersteer import HyperSteerModel
 
 
@@ -98,7 +102,7 @@ SUPPORTED_FIELDS = (
     "modalities",
     "service_tier",
 )
-STEERING_KEYS = ("prompt", "factor")
+STEERING_KEYS = ("prompt", "factor", "in_prompt")
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4
 # torch.Generator.manual_seed accepts this range.
@@ -150,6 +154,9 @@ class ServeSettings:
     api_key: str | None = None
     vector_cache_size: int = 1024
     default_steering_factor: float = 1.0
+    # The factor of a concept also asked for in the prompt (`"in_prompt": true`); None when the model was never
+    # calibrated for that use, so such a request must name its factor.
+    prompted_steering_factor: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,8 +351,17 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_steering(value, tokenizer, settings: ServeSettings, max_prompt_tokens: int) -> list[tuple[str, float]]:
-    """Validate the `steering` field and return `[(steering_prompt, factor), ...]` (empty for the unsteered base)."""
+class SteeringItem(NamedTuple):
+    """One concept of a request's `steering` field."""
+
+    prompt: str
+    factor: float
+    # Also ask for the concept in the last user turn (`evaluation.prompt_steering_turns`), as `prompt_hypersteer` does.
+    in_prompt: bool = False
+
+
+def parse_steering(value, tokenizer, settings: ServeSettings, max_prompt_tokens: int) -> list[SteeringItem]:
+    """Validate the `steering` field and return its concepts in order (none for the unsteered base)."""
     if value is None:
         return []
     items = value if isinstance(value, list) else [value]
@@ -384,7 +400,20 @@ def parse_steering(value, tokenizer, settings: ServeSettings, max_prompt_tokens:
                 "(`max_steering_prompt_length` in its config). Shorten it.",
                 param=f"{where}.prompt",
             )
-        factor = item.get("factor", settings.default_steering_factor)
+        in_prompt = item.get("in_prompt", False)
+        if not isinstance(in_prompt, bool):
+            raise ServeError(
+                f"`{where}.in_prompt` must be true or false, got {json.dumps(in_prompt)}.", param=f"{where}.in_prompt"
+            )
+        if in_prompt and "factor" not in item and settings.prompted_steering_factor is None:
+            raise ServeError(
+                f"`{where}` asks for its concept in the prompt too (`in_prompt`) without a `factor`, and this model "
+                "has no calibrated factor for that use (`prompted_steering_factor` in its config; "
+                "`train_hypersteer.py --calibrate_prompted_steering_factor` sets it). Pass a factor, e.g. 0.5.",
+                param=f"{where}.factor",
+            )
+        default_factor = settings.prompted_steering_factor if in_prompt else settings.default_steering_factor
+        factor = item.get("factor", default_factor)
         if not _is_number(factor) or not math.isfinite(factor):
             raise ServeError(
                 f"`{where}.factor` must be a finite number, got {factor!r}.",
@@ -396,8 +425,28 @@ def parse_steering(value, tokenizer, settings: ServeSettings, max_prompt_tokens:
                 f"{settings.max_steering_factor}] (`--max_steering_factor`).",
                 param=f"{where}.factor",
             )
-        concepts.append((prompt, float(factor)))
+        concepts.append(SteeringItem(prompt, float(factor), in_prompt))
     return concepts
+
+
+def ask_for_concepts_in_prompt(messages: list[dict], concepts: Sequence[SteeringItem]) -> list[dict]:
+    """`messages` with the `in_prompt` concepts asked for in the last user turn, as the prompting baseline words it.
+
+    Raises:
+        [`ServeError`] when the conversation has no user turn to put them in.
+    """
+    prompted = [item.prompt for item in concepts if item.in_prompt]
+    if not prompted:
+        return messages
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "user":
+            user_turn, _ = prompt_steering_turns(prompted, messages[index]["content"])
+            return [*messages[:index], {**messages[index], "content": user_turn}, *messages[index + 1 :]]
+    raise ServeError(
+        "`steering` asks for a concept in the prompt (`in_prompt`), but `messages` has no user turn to ask in; add "
+        "one or drop `in_prompt`.",
+        param="messages",
+    )
 
 
 def _check_inert_fields(body: dict) -> None:
@@ -601,6 +650,7 @@ def parse_chat_request(
         )
     sampling = _parse_sampling(body, vocab_size, settings.max_batch_size)
     concepts = parse_steering(steering, tokenizer, settings, max_prompt_tokens)
+    messages = ask_for_concepts_in_prompt(messages, concepts)
 
     try:
         prompt_ids = tokenizer.apply_chat_template(
@@ -647,7 +697,7 @@ def parse_chat_request(
         )
     return ChatJob(
         prompt_ids=prompt_ids,
-        concepts=concepts,
+        concepts=[(item.prompt, item.factor) for item in concepts],
         max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(stream_options.get("include_usage", False)),
@@ -1380,6 +1430,7 @@ def load_engine(args: argparse.Namespace) -> BatchingEngine:
         api_key=args.api_key,
         vector_cache_size=args.vector_cache_size,
         default_steering_factor=model.config.default_steering_factor,
+        prompted_steering_factor=model.config.prompted_steering_factor,
     )
     return BatchingEngine(model, settings)
 

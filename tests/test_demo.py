@@ -11,7 +11,14 @@ import torch
 from conftest import build_tiny_base, free_port
 
 from modeling_hypersteer import HyperSteerModel
-from modeling_hypersteer.demo import DemoInputError, DemoSettings, SteeringDemo, build_demo, parse_concepts
+from modeling_hypersteer.demo import (
+    ANSWER_IDS,
+    DemoInputError,
+    DemoSettings,
+    SteeringDemo,
+    build_demo,
+    parse_concepts,
+)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -58,12 +65,12 @@ def test_parse_concepts_reads_lines_and_factors_and_names_bad_input():
             parse_concepts(text, factor, 10.0)
 
 
-def test_streamed_answers_are_the_unsteered_prompt_steered_and_hypersteer_rows(tiny_tokenizer):
+def test_streamed_answers_are_the_unsteered_prompt_steered_hypersteer_and_prompt_hypersteer_rows(tiny_tokenizer):
     model = _tiny_model(tiny_tokenizer)
     demo = SteeringDemo(model, DemoSettings(max_new_tokens=10))
-    steps = list(demo.stream_answers("legal terms\npirate speech | 0.5", 2.0, "Explain sorting."))
+    steps = list(demo.stream_answers("legal terms\npirate speech | 0.5", 2.0, "Explain sorting.", 0.75))
     assert len(steps) > 2  # streamed: partial answers before the final one
-    unsteered, prompted, steered = steps[-1]
+    unsteered, prompted, steered, prompted_steered = steps[-1]
     assert all(answer for answer in steps[-1])
 
     def alone(text, **steering):
@@ -82,9 +89,29 @@ def test_streamed_answers_are_the_unsteered_prompt_steered_and_hypersteer_rows(t
     # The HyperSteer row has the longest prompt's padding removed only when prompts are equally long; the prompt row
     # is the longest, so it is unpadded and must match exactly.
     assert prompted == alone(prompted_prompt, steering_factor=0.0, steering_vectors=torch.zeros(1, 32))
+    # Every concept's vector on top of the prompt, at the second factor (the lines' own factors are the HyperSteer row's).
+    assert prompted_steered == alone(
+        prompted_prompt, steering_prompt=[["legal terms", "pirate speech"]], steering_factor=[[0.75, 0.75]]
+    )
+    assert prompted_steered != prompted
     assert steered == alone(plain, steering_prompt=[["legal terms", "pirate speech"]], steering_factor=[[2.0, 0.5]])
     assert unsteered == alone(plain, steering_factor=0.0, steering_vectors=torch.zeros(1, 32))
     assert steered != unsteered
+
+
+def test_the_factor_on_top_of_the_prompt_defaults_to_the_calibrated_one_else_half_the_steering_factor(tiny_tokenizer):
+    model = _tiny_model(tiny_tokenizer)
+    assert DemoSettings.for_model(model).prompted_factor == model.config.default_steering_factor / 2
+    model.config.prompted_steering_factor = 0.3
+    settings = DemoSettings.for_model(model, max_new_tokens=6)
+    assert (settings.prompted_factor, settings.max_new_tokens) == (0.3, 6)
+    demo = SteeringDemo(model)
+    assert demo.settings.prompted_factor == 0.3
+    by_default = list(demo.stream_answers("legal terms", 1.0, "Explain sorting."))[-1]
+    assert by_default == list(demo.stream_answers("legal terms", 1.0, "Explain sorting.", 0.3))[-1]
+    assert by_default[3] != list(demo.stream_answers("legal terms", 1.0, "Explain sorting.", 2.0))[-1][3]
+    with pytest.raises(DemoInputError, match="The factor on top of the prompt is 11.0, outside"):
+        next(demo.stream_answers("legal terms", 1.0, "Explain sorting.", 11.0))
 
 
 def test_a_stream_closed_early_stops_its_generation_and_releases_the_model(tiny_tokenizer):
@@ -117,7 +144,7 @@ def test_demo_in_a_real_browser(tmp_path, tiny_tokenizer, artifacts_dir):
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
             page.goto(f"http://127.0.0.1:{port}/")
             concepts, prompt = page.locator("#concepts textarea"), page.locator("#prompt textarea")
-            answers = [page.locator(f"#{name} textarea") for name in ("unsteered", "prompt_steered", "hypersteer")]
+            answers = [page.locator(f"#{name} textarea") for name in ANSWER_IDS]
             status = page.locator("#status")
 
             concepts.fill("references to legal terminology\npirate speech | 0.5")
@@ -128,7 +155,7 @@ def test_demo_in_a_real_browser(tmp_path, tiny_tokenizer, artifacts_dir):
             page.wait_for_timeout(500)
             texts = [answer.input_value() for answer in answers]
             assert all(text.strip() for text in texts)
-            assert texts[2] != texts[0]
+            assert texts[2] != texts[0] and texts[3] != texts[1]
             page.screenshot(path=str(artifacts_dir / "demo.png"), full_page=True)
 
             # The concept as a llama.cpp control vector, downloaded through the page.

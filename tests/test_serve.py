@@ -24,6 +24,7 @@ import torch
 from conftest import REPO_ROOT, build_tiny_base, free_port
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.evaluation import prompt_steering_turns
 
 
 LEGAL, CODE, MATH = "references to legal terminology", "C/C++ syntax", "mathematical equations"
@@ -90,7 +91,7 @@ class ServerProcess:
         self.log.close()
 
 
-def _save_tiny_hypersteer(directory, tokenizer, hypernet_type):
+def _save_tiny_hypersteer(directory, tokenizer, hypernet_type, **config_overrides):
     """A tiny random Llama base and a HyperSteer over it (output projection perturbed so steering shows), on disk."""
     base_dir, model_dir = directory / "base", directory / "hypersteer"
     torch.manual_seed(0)
@@ -106,6 +107,7 @@ def _save_tiny_hypersteer(directory, tokenizer, hypernet_type):
         steering_layer=2,
         hypernet_num_layers=2,
         base_model_name_or_path=str(base_dir),
+        **config_overrides,
     )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -261,6 +263,22 @@ def test_composition_equals_composed_generate(tiny_cross_attention):
     assert composed.choices[0].message.content != single.choices[0].message.content
 
 
+def test_a_concept_asked_for_in_the_prompt_too_equals_generate_on_the_prompted_turn(tiny_cross_attention):
+    server, reference = tiny_cross_attention
+    text = "Explain sorting."
+    prompted_turn, _ = prompt_steering_turns(LEGAL, text)
+    for factor in (2.0, 0.0):  # factor 0: the prompting baseline itself
+        steering = {"prompt": LEGAL, "factor": factor, "in_prompt": True}
+        _assert_matches(
+            _create(server, text, steering), reference.expect(None, steering, messages=_messages(prompted_turn))
+        )
+    # Composed: only the `in_prompt` concept is asked for in the prompt, and both vectors steer.
+    steering = [{"prompt": LEGAL, "factor": 1.0, "in_prompt": True}, {"prompt": CODE, "factor": -1.5}]
+    _assert_matches(
+        _create(server, text, steering), reference.expect(None, steering, messages=_messages(prompted_turn))
+    )
+
+
 def test_streaming_has_openai_chunk_shapes_and_equals_generate(tiny_cross_attention):
     server, reference = tiny_cross_attention
     steering = {"prompt": CODE, "factor": 3.0}
@@ -361,6 +379,16 @@ BAD_REQUESTS = [
     ({"steering": [{"prompt": LEGAL}] * 4}, "steering"),
     ({"steering": "legal"}, "steering"),
     ({"steering": {"prompt": "legal " * 80}}, "steering.prompt"),
+    # This model was never calibrated for the prompted use, so such a concept must name its factor.
+    ({"steering": {"prompt": LEGAL, "in_prompt": True}}, "steering.factor"),
+    ({"steering": [{"prompt": LEGAL, "factor": 1.0, "in_prompt": "yes"}]}, "steering[0].in_prompt"),
+    (
+        {
+            "messages": [{"role": "system", "content": "Be brief."}],
+            "steering": {"prompt": LEGAL, "factor": 1.0, "in_prompt": True},
+        },
+        "messages",
+    ),
     ({"max_tokens": 600}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"messages": []}, "messages"),
@@ -862,6 +890,46 @@ def test_limits_api_key_and_unexpected_errors_answer_in_openai_shape(tiny_tokeni
     error = _assert_openai_error(client.post("/v1/chat/completions", json=good, headers=auth), 500)
     assert error["type"] == "server_error" and "a bug" in error["message"]
     assert engine.queued == 0
+
+
+def test_the_saved_factors_are_the_defaults_and_in_prompt_concepts_go_into_the_last_user_turn(
+    tmp_path, tiny_tokenizer
+):
+    from modeling_hypersteer.serve import load_engine, make_parser, parse_chat_request
+
+    model_dir = _save_tiny_hypersteer(
+        tmp_path, tiny_tokenizer, "no_context", default_steering_factor=1.5, prompted_steering_factor=0.25
+    )
+    engine = load_engine(make_parser().parse_args([str(model_dir)]))
+    settings, tokenizer = engine.settings, engine.model.tokenizer
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Explain sorting."},
+    ]
+
+    def parse(steering):
+        return parse_chat_request(
+            {"messages": conversation, "steering": steering, "max_tokens": 4}, tokenizer, settings, 64, None
+        )
+
+    def template(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    plain = parse({"prompt": LEGAL})
+    assert plain.concepts == [(LEGAL, 1.5)] and plain.prompt_ids == list(template(conversation))
+    prompted = parse([{"prompt": LEGAL, "in_prompt": True}, {"prompt": CODE}, {"prompt": MATH, "in_prompt": True}])
+    assert prompted.concepts == [(LEGAL, 0.25), (CODE, 1.5), (MATH, 0.25)]
+    # Both asked-for concepts share one instruction in the LAST user turn; the earlier turns stay as they were.
+    expected = [
+        *conversation[:2],
+        {"role": "user", "content": prompt_steering_turns([LEGAL, MATH], "Explain sorting.")[0]},
+    ]
+    assert (
+        expected[2]["content"].startswith("Answer the user's request") and f"{LEGAL}; {MATH}" in expected[2]["content"]
+    )
+    assert prompted.prompt_ids == list(template(expected))
+    assert parse({"prompt": LEGAL, "factor": 3.0, "in_prompt": True}).concepts == [(LEGAL, 3.0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -260,6 +260,9 @@ def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt
     assert "found no factor within the bound and left it unset" in card and "prompt_steering_turns" not in card
     assert "| Factor on top of a prompt (`prompted_steering_factor`) | not calibrated |" in card
     model.config.prompted_steering_factor = 0.75
+    card = write_model_card(tmp_path, model.config).read_text()
+    assert "`steering_factor=0.75`" in card and "prompt_steering_turns(concept, request)" in card
+    assert '`hypersteer-serve` does both for a steering concept marked `"in_prompt": true`' in card
     assert calibrate_steering_factor(model, tiny_tokenizer, rows, [1, 0.5], **calibrate)[0] == 0.75
     with pytest.raises(ValueError, match="`method` must be one of .* got 'prompt'"):
         calibrate_steering_factor(model, tiny_tokenizer, rows, [1], **{**calibrate, "method": "prompt"})
