@@ -10,7 +10,8 @@ Ready-to-copy commands:
         "temperature": 0, "steering": {"prompt": "references to oceans, tides and marine life", "factor": 1.0}}'
 
 Endpoints: `POST /v1/chat/completions` (JSON or, with `"stream": true`, server-sent events in OpenAI's chunk shapes),
-`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`. The extra request field `steering`
+`GET /v1/models` and `GET /v1/models/{id}` (each model with a `steering` field: its calibrated factors and this
+server's limits), `GET /health`. The extra request field `steering`
 (`extra_body={"steering": ...}` with the official client) is `{"prompt": str, "factor": float}`, a list of such objects
 (composed: the row is steered by `sum_k factor_k * v_k`, see `HyperSteerModel.generate`), or absent/`null` for the
 unsteered base. A concept with `"in_prompt": true` is also asked for in the last user turn, in the prompting baseline's
@@ -1153,9 +1154,19 @@ def build_app(engine: BatchingEngine):
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
     def model_card() -> dict:
-        return Model(id=settings.model_id, created=started, object="model", owned_by="hypersteer").model_dump(
-            exclude_unset=True
-        )
+        # OpenAI's model object plus what a client needs to steer well: the factors the model was calibrated with
+        # (`prompted_steering_factor` is null when it never was) and this server's limits.
+        steering = {
+            "hypernet_type": engine.model.config.hypernet_type,
+            "steering_layer": engine.model.config.steering_layer,
+            "default_steering_factor": settings.default_steering_factor,
+            "prompted_steering_factor": settings.prompted_steering_factor,
+            "max_steering_factor": settings.max_steering_factor,
+            "max_concepts": settings.max_concepts,
+        }
+        return Model(
+            id=settings.model_id, created=started, object="model", owned_by="hypersteer", steering=steering
+        ).model_dump(exclude_unset=True)
 
     async def authorize(request: Request) -> None:
         if settings.api_key is None:

@@ -638,7 +638,18 @@ def test_content_parts_assistant_null_and_client_defaults_are_accepted(tiny_cros
 
 def test_get_model_by_id(tiny_cross_attention):
     server, _ = tiny_cross_attention
-    assert server.client.models.retrieve(server.model_id).id == server.model_id
+    model = server.client.models.retrieve(server.model_id)
+    assert model.id == server.model_id
+    # What a client needs to steer: the model's factors (never calibrated for the prompted use) and the limits.
+    assert model.steering == {
+        "hypernet_type": "cross_attention",
+        "steering_layer": 2,
+        "default_steering_factor": 1.0,
+        "prompted_steering_factor": None,
+        "max_steering_factor": 8.0,
+        "max_concepts": 3,
+    }
+    assert server.client.models.list().data[0].steering == model.steering
     with pytest.raises(openai.NotFoundError) as error:
         server.client.models.retrieve("gpt-4o")
     assert error.value.body["code"] == "model_not_found"
@@ -930,6 +941,16 @@ def test_the_saved_factors_are_the_defaults_and_in_prompt_concepts_go_into_the_l
     )
     assert prompted.prompt_ids == list(template(expected))
     assert parse({"prompt": LEGAL, "factor": 3.0, "in_prompt": True}).concepts == [(LEGAL, 3.0)]
+    # Clients can read both factors from the model list.
+    from fastapi.testclient import TestClient
+
+    from modeling_hypersteer.serve import build_app
+
+    (listed,) = TestClient(build_app(engine)).get("/v1/models").json()["data"]
+    assert (listed["steering"]["default_steering_factor"], listed["steering"]["prompted_steering_factor"]) == (
+        1.5,
+        0.25,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
