@@ -43,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import datasets
@@ -77,7 +78,7 @@ from modeling_hypersteer.data import (
 )
 from modeling_hypersteer.evaluation import prompt_steering_system_prompt
 from modeling_hypersteer.smollm2 import smollm2_path
-from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, calibrate_steering_factor, check_factor_grid
+from modeling_hypersteer.text_metric import CALIBRATION_INSTRUCTIONS, calibrate_steering_factors, check_factor_grid
 from modeling_hypersteer.trainer import (
     HyperSteerTrainer,
     HyperSteerTrainingArguments,
@@ -469,49 +470,65 @@ def calibration_rows(raw, concept_split) -> list[dict]:
     ]
 
 
-def calibrate_saved_steering_factor(
+# Where each calibrated method's record goes in training_summary.json.
+CALIBRATION_SUMMARY_KEYS = {
+    "hypersteer": "steering_factor_calibration",
+    "prompt_hypersteer": "prompted_steering_factor_calibration",
+}
+
+
+def calibrate_saved_steering_factors(
     model,
     tokenizer,
     raw,
     concept_split,
     model_args,
     output_dir: str,
+    methods: Sequence[str] = ("hypersteer",),
     prompt_placement: str = "user",
-    method: str = "hypersteer",
-) -> dict:
-    """Chooses the factor `method` calibrates (`default_steering_factor` for the vector alone, `prompted_steering_factor`
-    on top of a prompt; see `calibrate_steering_factor`; prompting, the fluency reference, places its instruction as
-    `prompt_placement` says) on the held-in concepts, stores it in the model's config and rewrites
-    `output_dir/config.json`; returns the calibration record for training_summary.json.
+) -> dict[str, dict]:
+    """Chooses the factor each of `methods` calibrates (`hypersteer`: `default_steering_factor`, the vector alone;
+    `prompt_hypersteer`: `prompted_steering_factor`, on top of a prompt; see `calibrate_steering_factors`; prompting,
+    the fluency reference, places its instruction as `prompt_placement` says) on the held-in concepts, in one
+    calibration that generates prompting's and the unsteered answers once, stores the factors in the model's config
+    and rewrites `output_dir/config.json`; returns `{method: record}` for training_summary.json (each record's
+    `seconds` and `cpu_seconds` are the whole calibration's).
 
     The concept detector learns from the held-in concepts' responses and the negative rows only, so held-out concepts
     stay unseen by everything the saved model carries."""
     rows = calibration_rows(raw, concept_split)
+    grids = {
+        "hypersteer": model_args.calibration_factor_grid,
+        "prompt_hypersteer": model_args.prompted_calibration_factor_grid,
+    }
     model.eval()
     start, cpu_start = time.perf_counter(), time.process_time()
-    factor, record = calibrate_steering_factor(
+    results = calibrate_steering_factors(
         model,
         tokenizer,
         rows,
-        model_args.calibration_factor_grid if method == "hypersteer" else model_args.prompted_calibration_factor_grid,
+        {method: grids[method] for method in methods},
         num_concepts=model_args.calibration_concepts,
         num_instructions=model_args.calibration_instructions,
         max_new_tokens=model_args.calibration_max_new_tokens,
         batch_size=model_args.calibration_batch_size,
         seed=concept_split.seed,
         prompt_placement=prompt_placement,
-        method=method,
     )
     # Wall time depends on what else runs on the machine; CPU time is what the calibration itself costs.
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    record["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
-    setattr(model.config, record["field"], factor)
+    seconds, cpu_seconds = round(time.perf_counter() - start, 1), round(time.process_time() - cpu_start, 1)
+    records = {}
+    for method, (factor, record) in results.items():
+        record.update(seconds=seconds, cpu_seconds=cpu_seconds)
+        setattr(model.config, record["field"], factor)
+        logger.info(f"{record['field']} = {factor} ({record['chosen_by']}; calibrated over {record['grid']}).")
+        records[method] = record
     model.config.save_pretrained(output_dir)
     logger.info(
-        f"{record['field']} = {factor} ({record['chosen_by']}; calibration over {record['grid']} on "
-        f"{len(record['concepts'])} held-in concepts took {record['seconds']} s, {record['cpu_seconds']} s of CPU)."
+        f"Calibrating {', '.join(methods)} on {len(record['concepts'])} held-in concepts took {seconds} s "
+        f"({cpu_seconds} s of CPU)."
     )
-    return record
+    return records
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -655,19 +672,20 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(eval_metrics)
 
     if training_args.should_save:
+        calibrated = [
+            method
+            for method, enabled in (
+                ("hypersteer", model_args.calibrate_steering_factor),
+                ("prompt_hypersteer", model_args.calibrate_prompted_steering_factor),
+            )
+            if enabled
+        ]
         calibrations = {}
-        for method, enabled, key in (
-            ("hypersteer", model_args.calibrate_steering_factor, "steering_factor_calibration"),
-            (
-                "prompt_hypersteer",
-                model_args.calibrate_prompted_steering_factor,
-                "prompted_steering_factor_calibration",
-            ),
-        ):
-            if enabled:
-                calibrations[key] = calibrate_saved_steering_factor(
-                    model, tokenizer, raw, concept_split, model_args, training_args.output_dir, method=method
-                )
+        if calibrated:
+            records = calibrate_saved_steering_factors(
+                model, tokenizer, raw, concept_split, model_args, training_args.output_dir, methods=calibrated
+            )
+            calibrations = {CALIBRATION_SUMMARY_KEYS[method]: record for method, record in records.items()}
         if training_args.plot_loss_curve:
             try:
                 plot_loss_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))

@@ -29,7 +29,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,11 @@ SELECT_SPLIT, TEST_SPLIT = "select", "test"
 PROMPT_PLACEMENTS = ("user", "system")
 
 
-def prompt_steering_system_prompt(concept: str) -> str:
-    """The fixed prompt-steering instruction for `concept` (see [`prompt_steering_turns`] for where it goes)."""
+def prompt_steering_system_prompt(concept: str | Sequence[str]) -> str:
+    """The fixed prompt-steering instruction for `concept` (see [`prompt_steering_turns`] for where it goes); several
+    concepts (a list) share one instruction, joined by "; "."""
+    if not isinstance(concept, str):
+        concept = "; ".join(concept)
     return PROMPT_STEERING_TEMPLATE.format(concept=concept)
 
 
@@ -85,10 +88,8 @@ def prompt_steering_turns(
 
     `"user"`: the steering instruction, a blank line, then `instruction`, and no system turn; `"system"`: `instruction`
     alone with the steering instruction as the system turn. Pass both to [`format_prompt`]. Several concepts (a list)
-    share one instruction, joined by "; ".
+    share one instruction ([`prompt_steering_system_prompt`]).
     """
-    if not isinstance(concept, str):
-        concept = "; ".join(concept)
     steering = prompt_steering_system_prompt(concept)
     if check_prompt_placement(placement) == "user":
         return f"{steering}\n\n{instruction}", None
@@ -425,7 +426,7 @@ def generate_samples(
     tokenizer,
     tasks: Sequence[dict[str, Any]],
     methods: Sequence[str],
-    steering_factors: Sequence[float],
+    steering_factors: Sequence[float] | Mapping[str, Sequence[float]],
     generations_path: str | os.PathLike | None = None,
     max_new_tokens: int = 128,
     do_sample: bool = True,
@@ -436,8 +437,9 @@ def generate_samples(
     prompt_placement: str = "user",
 ) -> list[dict[str, Any]]:
     """Generate for every task, method and (for the methods of `FACTOR_METHODS`) factor, in batches, with a progress
-    bar. `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`; `prompt_placement` is
-    where `prompt` and `prompt_hypersteer` put the steering instruction ([`prompt_steering_turns`]).
+    bar. `steering_factors` is one grid for every such method, or a grid per method (`{method: factors}`).
+    `concept_vectors` maps each baseline method in `methods` to its `{concept: vector}`; `prompt_placement` is where
+    `prompt` and `prompt_hypersteer` put the steering instruction ([`prompt_steering_turns`]).
 
     Each finished generation is appended to `generations_path` at once, so a crashed run loses nothing done and a
     rerun skips what is already there. Rows are reused only when they carry the same `run_key`
@@ -452,6 +454,10 @@ def generate_samples(
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
     check_prompt_placement(prompt_placement)
+    if isinstance(steering_factors, Mapping):
+        missing = sorted(set(methods) & set(FACTOR_METHODS) - set(steering_factors))
+        if missing:
+            raise ValueError(f"`steering_factors` has no grid for {missing}; give one per steered method.")
     concept_vectors = concept_vectors or {}
     for method in set(methods) & set(BASELINE_METHODS):
         missing = sorted({task["concept"] for task in tasks} - set(concept_vectors.get(method, {})))
@@ -491,10 +497,16 @@ def generate_samples(
                 f"{len(previous) - len(done)} generation(s) in {generations_path} come from another model or other "
                 "decoding settings; they are not reused."
             )
+
+    def factors_of(method: str) -> Sequence[float]:
+        if method not in FACTOR_METHODS:
+            return [1.0 if method == "prompt" else 0.0]
+        return steering_factors[method] if isinstance(steering_factors, Mapping) else steering_factors
+
     all_jobs = [
         {"method": method, "factor": float(factor), "run_key": run_keys.get(method), **task}
         for method in methods
-        for factor in (steering_factors if method in FACTOR_METHODS else [1.0 if method == "prompt" else 0.0])
+        for factor in factors_of(method)
         for task in tasks
     ]
     jobs = [job for job in all_jobs if _sample_key(job) not in done]

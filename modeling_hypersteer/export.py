@@ -11,6 +11,10 @@ Ready-to-copy commands:
     # cross_attention / in_context models read the user's prompt: export for one prompt, or the mean over a set
     hypersteer-export outputs/ca --steering_prompt "legal terminology" --context "Describe a city." --output city.gguf
     hypersteer-export outputs/ca --steering_prompt "legal terminology" --context_file prompts.txt --output mean.gguf
+    # A concept the model never trained on: the vector at the model's prompted_steering_factor, to add while the
+    # prompt asks for the concept too (the file records the instruction, and the command prints it)
+    hypersteer-export outputs/quickstart --steering_prompt "terms related to online gambling" --in_prompt \
+        --output gambling.gguf
     # then, in llama.cpp
     llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --control-vector oceans.gguf -p "Describe a city."
 
@@ -35,6 +39,10 @@ What llama.cpp cannot reproduce, and what the file records (`hypersteer.*` keys)
   (`hypersteer.context = "mean"`), with the prompts themselves in `hypersteer.context_prompts`.
 - llama.cpp adds the vector at every position; a model with `steering_positions != "all"` or a `token_gate` steers
   differently in llama.cpp (the export warns).
+- `in_prompt`: the vector is meant to be added while the prompt also asks for the concept (the use that shows
+  concepts the model never trained on); the file records `hypersteer.in_prompt` and, in
+  `hypersteer.prompt_instruction` (only then), the words to start the user turn with (the prompting baseline's,
+  `evaluation.prompt_steering_turns`); context prompts are read with that instruction before them.
 
 Importing (`load_control_vector`): HyperSteer steers one layer. A file with directions for several layers (repeng
 writes one per layer) gives the direction of the model's steering layer and a warning naming the layers it ignores;
@@ -55,6 +63,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .cli import DTYPE_CHOICES, parse_arguments, resolve_dtype
+from .evaluation import prompt_steering_system_prompt, prompt_steering_turns
 from .modeling_hypersteer import HyperSteerModel
 
 
@@ -211,23 +220,39 @@ def compute_export_vector(
     steering_factor: float | Sequence[float] | None = None,
     contexts: Sequence[str] | None = None,
     batch_size: int = 8,
+    in_prompt: bool = False,
 ) -> tuple[torch.FloatTensor, dict]:
     """The vector llama.cpp should add: `sum_k factor_k * v_k` (as `generate` composes concepts), and its metadata.
 
     Args:
         steering_prompt (`str` or `list[str]`): the concept(s).
         steering_factor (`float` or `list[float]`, *optional*): one factor per concept (or one for all); defaults to
-            `config.default_steering_factor`.
+            `config.default_steering_factor`, or with `in_prompt` to `config.prompted_steering_factor`.
         contexts (`list[str]`, *optional*): user prompts (plain text, rendered with the chat template like a chat
             turn). Required for `cross_attention` / `in_context`: one prompt gives the exact vector for it, several
             their mean. Ignored (with a warning) for `no_context`.
         batch_size (`int`, defaults to 8): context prompts per base pass.
+        in_prompt (`bool`, defaults to `False`): export for use on top of a prompt that asks for the concepts too
+            (`evaluation.prompt_steering_turns`); contexts are read with that request before them.
 
     Returns:
         `(vector, metadata)`: a `torch.FloatTensor` of shape `(hidden_size,)` and the `hypersteer.*` keys to record.
+
+    Raises:
+        `ValueError` with `in_prompt` and no factor when the model was never calibrated for that use
+        (`config.prompted_steering_factor` is None).
     """
     config = model.config
-    prompts, factors = _as_lists(steering_prompt, steering_factor, config.default_steering_factor)
+    default_factor = config.default_steering_factor
+    if in_prompt:
+        default_factor = config.prompted_steering_factor
+        if default_factor is None and steering_factor is None:
+            raise ValueError(
+                "This model has no `prompted_steering_factor` (train_hypersteer.py "
+                "--calibrate_prompted_steering_factor sets it), so an `in_prompt` export needs its factor: pass one "
+                "(`--factor 0.5`)."
+            )
+    prompts, factors = _as_lists(steering_prompt, steering_factor, default_factor)
     contexts = list(contexts or [])
     if config.hypernet_type == "no_context":
         if contexts:
@@ -244,7 +269,7 @@ def compute_export_vector(
                 f"A `{config.hypernet_type}` model's vector depends on the user's prompt: pass the prompt to export "
                 "for (`--context`, exact for that prompt) or a prompt set (`--context_file`, exported as the mean)."
             )
-        vector = _mean_context_vector(model, prompts, factors, contexts, batch_size)
+        vector = _mean_context_vector(model, prompts, factors, contexts, batch_size, in_prompt)
         context_mode = CONTEXT_PROMPT if len(contexts) == 1 else CONTEXT_MEAN
     if config.steering_positions != "all":
         logger.warning(
@@ -269,12 +294,16 @@ def compute_export_vector(
         "hypersteer.context": context_mode,
         "hypersteer.context_count": len(contexts),
         "hypersteer.context_prompts": contexts,
+        "hypersteer.in_prompt": bool(in_prompt),
     }
+    if in_prompt:
+        metadata["hypersteer.prompt_instruction"] = prompt_steering_system_prompt(prompts)
     return vector.detach().float().cpu(), metadata
 
 
-def _mean_context_vector(model, prompts, factors, contexts, batch_size) -> torch.FloatTensor:
-    """Mean over `contexts` of each context's composed vector; returns shape `(hidden_size,)`."""
+def _mean_context_vector(model, prompts, factors, contexts, batch_size, in_prompt=False) -> torch.FloatTensor:
+    """Mean over `contexts` of each context's composed vector (with `in_prompt`, each context asks for the concepts
+    first); returns shape `(hidden_size,)`."""
     from .data import format_prompt
 
     tokenizer = model.tokenizer
@@ -289,7 +318,10 @@ def _mean_context_vector(model, prompts, factors, contexts, batch_size) -> torch
     try:
         for start in range(0, len(contexts), batch_size):
             chunk = contexts[start : start + batch_size]
-            texts = [format_prompt(tokenizer, context) for context in chunk]
+            texts = [
+                format_prompt(tokenizer, prompt_steering_turns(prompts, context)[0] if in_prompt else context)
+                for context in chunk
+            ]
             encoding = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
             with torch.no_grad():
                 vectors = model.compute_steering_vectors(
@@ -312,11 +344,12 @@ def export_control_vector(
     steering_factor: float | Sequence[float] | None = None,
     contexts: Sequence[str] | None = None,
     batch_size: int = 8,
+    in_prompt: bool = False,
 ) -> Path:
     """Write the concept(s) as a llama.cpp control vector at `path` (see [`compute_export_vector`] for the args)."""
     config = model.config
     layer = control_vector_layer(config.steering_layer, config.base_num_hidden_layers)
-    vector, metadata = compute_export_vector(model, steering_prompt, steering_factor, contexts, batch_size)
+    vector, metadata = compute_export_vector(model, steering_prompt, steering_factor, contexts, batch_size, in_prompt)
     model_hint = model.language_model.config.get_text_config().model_type
     return write_control_vector(path, ControlVector({layer: vector}, model_hint=model_hint, metadata=metadata))
 
@@ -450,7 +483,18 @@ class ExportArguments:
     output: str = field(metadata={"help": "Path of the control-vector GGUF to write (e.g. concept.gguf)."})
     factor: list[float] | None = field(
         default=None,
-        metadata={"help": "One steering factor per concept, or one for all (default: the model's default factor)."},
+        metadata={
+            "help": "One steering factor per concept, or one for all (default: the model's default factor; with "
+            "--in_prompt, its prompted_steering_factor)."
+        },
+    )
+    in_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Export for use while the prompt also asks for the concept (what shows concepts the model never "
+            "trained on): the factor defaults to the model's prompted_steering_factor, and the words to start the "
+            "user turn with are printed and stored in the file."
+        },
     )
     context: list[str] | None = field(
         default=None,
@@ -479,8 +523,8 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser(
         ExportArguments,
         prog="hypersteer-export",
-        usage="hypersteer-export MODEL --steering_prompt P [P ...] [--factor F [F ...]] --output FILE.gguf "
-        "[--context TEXT [TEXT ...] | --context_file FILE]",
+        usage="hypersteer-export MODEL --steering_prompt P [P ...] [--factor F [F ...]] [--in_prompt] --output "
+        "FILE.gguf [--context TEXT [TEXT ...] | --context_file FILE]",
         description=__doc__.split("\n\n")[0],
     )
 
@@ -505,11 +549,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         contexts = load_instructions(args.context_file, flag="--context_file")
     model = HyperSteerModel.from_pretrained(args.model, dtype=resolve_dtype(args.dtype))
-    path = export_control_vector(model, args.output, args.steering_prompt, args.factor, contexts, args.batch_size)
+    path = export_control_vector(
+        model, args.output, args.steering_prompt, args.factor, contexts, args.batch_size, args.in_prompt
+    )
     logger.info(
         f"Wrote {path}: direction.{model.config.steering_layer} for {args.steering_prompt}; use it with "
         f"`llama-cli -m <base>.gguf --control-vector {path}`."
     )
+    if args.in_prompt:
+        instruction = read_control_vector(path).metadata["hypersteer.prompt_instruction"]
+        logger.info(f"Start each user turn with this line, then a blank line, then the request:\n{instruction}")
     return path
 
 

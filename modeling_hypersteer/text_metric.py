@@ -726,11 +726,11 @@ def _headline(samples, nll_margin, distinct_fraction) -> dict[str, Any]:
 CALIBRATED_FACTOR_FIELDS = {"hypersteer": "default_steering_factor", "prompt_hypersteer": "prompted_steering_factor"}
 
 
-def calibrate_steering_factor(
+def calibrate_steering_factors(
     model,
     tokenizer,
     rows: Iterable[Mapping[str, Any]],
-    factors: Sequence[float],
+    grids: Mapping[str, Sequence[float]],
     num_concepts: int | None = 8,
     num_instructions: int = 6,
     max_new_tokens: int = 48,
@@ -740,48 +740,51 @@ def calibrate_steering_factor(
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
     seed: int = 0,
     prompt_placement: str = "user",
-    method: str = "hypersteer",
-) -> tuple[float | None, dict[str, Any]]:
-    """Chooses the factor at which the concept shows, within a fluency bound, on held-in concepts.
+) -> dict[str, tuple[float | None, dict[str, Any]]]:
+    """Chooses, for each method of `grids`, the factor at which the concept shows, within a fluency bound, on held-in
+    concepts.
 
-    `num_concepts` concepts of `rows` (a seeded sample) are steered with every factor of `factors` on the first
+    `num_concepts` concepts of `rows` (a seeded sample) are steered with every factor of the method's grid on the first
     `num_instructions` of `instructions` each (by default [`CALIBRATION_INSTRUCTIONS`], none of which the text metric
-    reports on), next to prompting and the unsteered base, and scored by the text
-    metric (see the module docstring). The factor with the highest detector accuracy among those whose fluency NLL is
-    within `nll_margin` nats of prompting's and whose distinct-bigram share is at least `distinct_fraction` of
-    prompting's wins, ties going to the smaller factor ([`select_steering_factor`]). When none passes, the model's
-    current value of the field the method calibrates ([`CALIBRATED_FACTOR_FIELDS`]) is kept, with a warning.
+    reports on), next to prompting and the unsteered base, and scored by the text metric (see the module docstring).
+    The factor with the highest detector accuracy among those whose fluency NLL is within `nll_margin` nats of
+    prompting's and whose distinct-bigram share is at least `distinct_fraction` of prompting's wins, ties going to the
+    smaller factor ([`select_steering_factor`]). When none passes, the model's current value of the field the method
+    calibrates ([`CALIBRATED_FACTOR_FIELDS`]) is kept, with a warning. Every method is calibrated on the same concepts,
+    instructions, detector and reference, which are generated and scored once.
 
-    `method="hypersteer"` calibrates `default_steering_factor`, the vector alone; `method="prompt_hypersteer"`
-    calibrates `prompted_steering_factor`, the vector added on top of prompting's prompt for the same concept (the
-    way a description the model never trained on shows in text; README, "On top of a prompt").
+    `hypersteer` calibrates `default_steering_factor`, the vector alone; `prompt_hypersteer` calibrates
+    `prompted_steering_factor`, the vector added on top of prompting's prompt for the same concept (the way a
+    description the model never trained on shows in text; README, "On top of a prompt").
 
     Args:
-        model ([`HyperSteerModel`]): the trained model (not modified: the caller stores the factor).
+        model ([`HyperSteerModel`]): the trained model (not modified: the caller stores the factors).
         rows (`Iterable[dict]`): concept-data rows of the concepts to calibrate on (the training run's held-in
             concepts) plus any negative rows; they train the concept detector.
-        factors (`Sequence[float]`): the candidate factors, each finite and positive.
+        grids (`Mapping[str, Sequence[float]]`): the candidate factors of each method to calibrate (keys of
+            [`CALIBRATED_FACTOR_FIELDS`]), each finite and positive.
         batch_size (`int`, *optional*, defaults to 24): generation and NLL batch size. One factor's generations for
             8 concepts x 6 instructions are two batches; on CPU batches of 24 take half the time of batches of 8
             (SmolLM2-135M, 48 tokens: 25 s against 48 s for 24 generations).
         prompt_placement (`str`, *optional*, defaults to `"user"`): where the reference, prompting, puts the steering
             instruction (see `evaluation.prompt_steering_turns`); `prompt_hypersteer` puts it there too.
-        method (`str`, *optional*, defaults to `"hypersteer"`): the method whose factor is chosen, a key of
-            [`CALIBRATED_FACTOR_FIELDS`].
 
     Returns:
-        `(factor, record)`: the chosen (or kept; `None` when `prompted_steering_factor` was never set) factor and a
-        JSON-ready record with `method`, `field`, `factor`, `chosen_by` (`"rule"` or `"kept_default"`), `grid`,
+        `{method: (factor, record)}`: the chosen (or kept; `None` when `prompted_steering_factor` was never set) factor
+        and a JSON-ready record with `method`, `field`, `factor`, `chosen_by` (`"rule"` or `"kept_default"`), `grid`,
         `table` (per-factor numbers, with `passes` and why not), `reference` (prompting's and the unsteered numbers),
         `prompt_placement`, `rule`, `concepts`, `instructions` and `max_new_tokens`.
 
     Raises:
-        `ValueError` for an unknown method, an empty grid, a non-positive factor, fewer than `num_instructions`
+        `ValueError` for no or an unknown method, an empty grid, a non-positive factor, fewer than `num_instructions`
         instructions, or rows without any concept.
     """
-    if method not in CALIBRATED_FACTOR_FIELDS:
-        raise ValueError(f"`method` must be one of {list(CALIBRATED_FACTOR_FIELDS)}, got {method!r}.")
-    grid = check_factor_grid(factors, "calibration factors")
+    if not grids:
+        raise ValueError(f"Give at least one method to calibrate, from {list(CALIBRATED_FACTOR_FIELDS)}.")
+    for method in grids:
+        if method not in CALIBRATED_FACTOR_FIELDS:
+            raise ValueError(f"`method` must be one of {list(CALIBRATED_FACTOR_FIELDS)}, got {method!r}.")
+    grids = {method: check_factor_grid(factors, f"{method} calibration factors") for method, factors in grids.items()}
     if num_concepts is not None and num_concepts < 1:
         raise ValueError(f"`num_concepts` must be >= 1 (or None for all), got {num_concepts}.")
     if num_instructions < 2 or len(dict.fromkeys(instructions)) < num_instructions:
@@ -803,8 +806,8 @@ def calibrate_steering_factor(
         model,
         tokenizer,
         tasks,
-        [method, "prompt", "none"],
-        grid,
+        [*grids, "prompt", "none"],
+        grids,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         batch_size=batch_size,
@@ -813,32 +816,44 @@ def calibrate_steering_factor(
     scored = score_samples(samples, detector, model.language_model, tokenizer, batch_size=batch_size)
     table = aggregate_scores(scored)
     reference = _reference_row(table)
-    factor, checked = select_steering_factor(
-        [row for row in table if row["method"] == method], reference, nll_margin, distinct_fraction
-    )
-    field = CALIBRATED_FACTOR_FIELDS[method]
-    current = getattr(model.config, field)
-    current = None if current is None else float(current)
-    record = {
-        "method": method,
-        "field": field,
-        "factor": factor if factor is not None else current,
-        "chosen_by": "rule" if factor is not None else "kept_default",
-        "grid": grid,
-        "table": checked,
-        "reference": {row["method"]: row for row in table if row["method"] in ("prompt", "none")},
-        "prompt_placement": prompt_placement,
-        "rule": _rule_text(nll_margin, distinct_fraction),
-        "concepts": concepts,
-        "instructions": chosen,
-        "max_new_tokens": max_new_tokens,
-    }
-    if factor is None:
-        logger.warning(
-            f"No {method} factor of {grid} passed the fluency bound ({record['rule']}); keeping "
-            f"{field}={current}. Try a grid of smaller factors."
+    rule = _rule_text(nll_margin, distinct_fraction)
+    results = {}
+    for method, grid in grids.items():
+        factor, checked = select_steering_factor(
+            [row for row in table if row["method"] == method], reference, nll_margin, distinct_fraction
         )
-    return record["factor"], record
+        field = CALIBRATED_FACTOR_FIELDS[method]
+        current = getattr(model.config, field)
+        current = None if current is None else float(current)
+        record = {
+            "method": method,
+            "field": field,
+            "factor": factor if factor is not None else current,
+            "chosen_by": "rule" if factor is not None else "kept_default",
+            "grid": grid,
+            "table": checked,
+            "reference": {row["method"]: row for row in table if row["method"] in ("prompt", "none")},
+            "prompt_placement": prompt_placement,
+            "rule": rule,
+            "concepts": concepts,
+            "instructions": chosen,
+            "max_new_tokens": max_new_tokens,
+        }
+        if factor is None:
+            logger.warning(
+                f"No {method} factor of {grid} passed the fluency bound ({rule}); keeping {field}={current}. Try a "
+                "grid of smaller factors."
+            )
+        results[method] = (record["factor"], record)
+    return results
+
+
+def calibrate_steering_factor(
+    model, tokenizer, rows: Iterable[Mapping[str, Any]], factors: Sequence[float], method: str = "hypersteer", **kwargs
+) -> tuple[float | None, dict[str, Any]]:
+    """[`calibrate_steering_factors`] for one method (`"hypersteer"` or `"prompt_hypersteer"`) over `factors`;
+    returns `(factor, record)`."""
+    return calibrate_steering_factors(model, tokenizer, rows, {method: factors}, **kwargs)[method]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -947,6 +962,7 @@ __all__ = [
     "ConceptDetector",
     "aggregate_scores",
     "calibrate_steering_factor",
+    "calibrate_steering_factors",
     "check_factor_grid",
     "distinct_bigram_share",
     "generation_nll",

@@ -498,6 +498,17 @@ def test_prompted_calibration_benchmark_records_the_rule_without_changing_the_ru
     split = ConceptSplit.from_json(trained_dir / "concept_split.json")
     assert len(record["concepts"]) == 2 and set(record["concepts"]) <= set(split.heldin_concepts)
     assert "tiny" in json.loads((tmp_path / "results.json").read_text())["runs"]
+    # Both factors in one pass, as the recipe does: the same prompted record, and the default factor's.
+    both = benchmark.main(
+        ["--run_dirs", str(trained_dir), "--name", "both", "--factors", "1,0.5", "--default_factors", "1,2", *settings]
+    )
+    assert both[str(trained_dir)]["table"] == record["table"] and both[str(trained_dir)]["factor"] == record["factor"]
+    default = both["default_factor"][str(trained_dir)]
+    assert default["method"] == "hypersteer" and default["grid"] == [1.0, 2.0]
+    assert default["reference"] == both[str(trained_dir)]["reference"]
+    assert (trained_dir / "config.json").read_text() == config_before
+    with pytest.raises(SystemExit):
+        benchmark.main(["--run_dirs", str(trained_dir), "--name", "bad", "--default_factors", "0"])
     with pytest.raises(SystemExit):
         benchmark.main(["--run_dirs", str(trained_dir), "--name", "bad", "--factors", "0.5,inf"])
     with pytest.raises(SystemExit):

@@ -12,6 +12,7 @@ from conftest import build_tiny_base
 from transformers import AutoModelForCausalLM
 
 from modeling_hypersteer import HyperSteerModel
+from modeling_hypersteer.evaluation import prompt_steering_system_prompt, prompt_steering_turns
 from modeling_hypersteer.export import (
     ControlVector,
     control_vector_layer,
@@ -148,6 +149,44 @@ def test_export_for_a_context_or_the_mean_over_a_prompt_set(tmp_path, tiny_token
     assert mean.metadata["hypersteer.hypernet_type"] == hypernet_type
 
 
+def test_export_for_use_on_top_of_a_prompt_takes_the_prompted_factor_and_records_the_instruction(
+    tmp_path, tiny_tokenizer
+):
+    model = _tiny_hypersteer(tiny_tokenizer)
+    with pytest.raises(ValueError, match="no `prompted_steering_factor`.*`--factor 0.5`"):
+        export_control_vector(model, tmp_path / "x.gguf", CONCEPTS[0], in_prompt=True)
+    assert not (tmp_path / "x.gguf").exists()
+    model.config.prompted_steering_factor = 0.25
+    exported = read_control_vector(export_control_vector(model, tmp_path / "p.gguf", CONCEPTS, in_prompt=True))
+    single = model.compute_steering_vectors(steering_prompt=CONCEPTS).detach()
+    torch.testing.assert_close(exported.directions[STEERING_LAYER], 0.25 * (single[0] + single[1]))
+    instruction = exported.metadata["hypersteer.prompt_instruction"]
+    assert exported.metadata["hypersteer.in_prompt"] is True and exported.metadata["hypersteer.steering_factors"] == [
+        0.25,
+        0.25,
+    ]
+    assert instruction == prompt_steering_system_prompt(CONCEPTS) and f"{CONCEPTS[0]}; {CONCEPTS[1]}" in instruction
+    plain = read_control_vector(export_control_vector(model, tmp_path / "plain.gguf", CONCEPTS)).metadata
+    assert plain["hypersteer.in_prompt"] is False and "hypersteer.prompt_instruction" not in plain
+    assert plain["hypersteer.steering_factors"] == [model.config.default_steering_factor] * 2
+
+    # A context-dependent model reads each context with the request for the concept before it, as it steers then.
+    cross = _tiny_hypersteer(tiny_tokenizer, hypernet_type="cross_attention", prompted_steering_factor=0.5)
+    prompted_turn, _ = prompt_steering_turns(CONCEPTS[0], "Explain sorting.")
+    expected = (
+        0.5
+        * cross.compute_steering_vectors(
+            **_chat(tiny_tokenizer, [prompted_turn]), steering_prompt=CONCEPTS[0]
+        ).detach()[0]
+    )
+    path = export_control_vector(
+        cross, tmp_path / "c.gguf", CONCEPTS[0], contexts=["Explain sorting."], in_prompt=True
+    )
+    torch.testing.assert_close(read_control_vector(path).directions[STEERING_LAYER], expected, rtol=1e-4, atol=1e-5)
+    unprompted = export_control_vector(cross, tmp_path / "u.gguf", CONCEPTS[0], 0.5, ["Explain sorting."])
+    assert (read_control_vector(unprompted).directions[STEERING_LAYER] - expected).norm() > 1e-3
+
+
 def test_export_refuses_bad_concepts_and_layer_zero(tmp_path, tiny_tokenizer):
     model = _tiny_hypersteer(tiny_tokenizer)
     with pytest.raises(ValueError, match="non-empty steering prompt"):
@@ -238,6 +277,15 @@ def test_cli_exports_several_concepts_from_a_saved_model(tmp_path, tiny_tokenize
     )
     expected = reloaded.compute_steering_vectors(steering_prompt=[CONCEPTS], steering_factor=[[1.0, 0.5]])[0]
     torch.testing.assert_close(read_control_vector(output).directions[STEERING_LAYER], expected.detach())
+
+    # --in_prompt: the saved prompted factor (this model has none, so the CLI asks for --factor).
+    with pytest.raises(ValueError, match="no `prompted_steering_factor`"):
+        main([str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--in_prompt", "--output", str(output)])
+    prompted = main(
+        [str(tmp_path / "hypersteer"), "--steering_prompt", CONCEPTS[0], "--in_prompt", "--factor", "0.5"]
+        + ["--output", str(tmp_path / "prompted.gguf")]
+    )
+    assert read_control_vector(prompted).metadata["hypersteer.prompt_instruction"].startswith("Answer the user's")
 
     with pytest.raises(ValueError, match="2 steering factors for 1 steering prompts"):
         main(

@@ -21,6 +21,7 @@ from modeling_hypersteer.text_metric import (
     METHOD_COLORS,
     ConceptDetector,
     calibrate_steering_factor,
+    calibrate_steering_factors,
     check_factor_grid,
     distinct_bigram_share,
     generation_nll,
@@ -156,13 +157,17 @@ def test_bad_factor_grids_are_rejected_naming_the_value(factors, message):
         check_factor_grid(factors, "--calibration_factors")
 
 
-def _scripted_generation(texts_by_method_factor):
-    """A stand-in for `generate_samples` that writes the given text for each (method, factor) and concept."""
+def _scripted_generation(texts_by_method_factor, calls=None):
+    """A stand-in for `generate_samples` that writes the given text for each (method, factor) and concept; each call's
+    methods are appended to `calls`."""
 
     def fake(model, tokenizer, tasks, methods, factors, **kwargs):
+        if calls is not None:
+            calls.append(list(methods))
         samples = []
         for method in methods:
-            for factor in factors if method in FACTOR_METHODS else [1.0 if method == "prompt" else 0.0]:
+            grid = factors[method] if isinstance(factors, dict) and method in FACTOR_METHODS else factors
+            for factor in grid if method in FACTOR_METHODS else [1.0 if method == "prompt" else 0.0]:
                 for task in tasks:
                     text = texts_by_method_factor[(method, float(factor))]
                     samples.append({**task, "method": method, "factor": float(factor), "generation": text(task)})
@@ -171,9 +176,9 @@ def _scripted_generation(texts_by_method_factor):
     return fake
 
 
-def _scripted_model(monkeypatch, tokenizer, scripted):
+def _scripted_model(monkeypatch, tokenizer, scripted, calls=None):
     """A tiny model whose generations the calibration and text metric take from `scripted` (its NLL stays real)."""
-    monkeypatch.setattr(text_metric_module, "generate_samples", _scripted_generation(scripted))
+    monkeypatch.setattr(text_metric_module, "generate_samples", _scripted_generation(scripted, calls))
     return HyperSteerModel.from_base_model(
         build_tiny_base("llama", len(tokenizer)), tokenizer=tokenizer, steering_layer=2, hypernet_num_layers=1
     )
@@ -218,6 +223,44 @@ def test_text_metric_on_scripted_generations_picks_the_fluent_factor(tiny_tokeni
     assert "| hypersteer | 4 | 0.500 | 0.500 | " in markdown
 
 
+def _calibration_rows():
+    return [
+        *(
+            {"output": text, "output_concept": concept, "is_negative": False}
+            for concept, texts in (("law", LAW[:6]), ("sea", SEA[:6]))
+            for text in texts
+        ),
+        *({"output": text, "output_concept": "", "is_negative": True} for text in NEUTRAL[:4]),
+    ]
+
+
+def test_both_factors_calibrated_together_equal_each_calibrated_alone_with_one_reference(tiny_tokenizer, monkeypatch):
+    scripted = {
+        ("none", 0.0): lambda task: NEUTRAL[4],
+        ("prompt", 1.0): lambda task: NEUTRAL[5],
+        ("hypersteer", 1.0): lambda task: NEUTRAL[5],
+        ("hypersteer", 2.0): _concept_text,
+        ("prompt_hypersteer", 0.25): lambda task: NEUTRAL[5],
+        ("prompt_hypersteer", 0.5): _concept_text,
+    }
+    calls = []
+    model = _scripted_model(monkeypatch, tiny_tokenizer, scripted, calls)
+    settings = dict(num_concepts=None, num_instructions=2, max_new_tokens=8)
+    grids = {"hypersteer": [1, 2], "prompt_hypersteer": [0.25, 0.5]}
+    together = calibrate_steering_factors(model, tiny_tokenizer, _calibration_rows(), grids, **settings)
+    # Prompting and the unsteered base were generated once for both methods.
+    assert sum(call.count("prompt") for call in calls) == 1 and sum(call.count("none") for call in calls) == 1
+    assert {method: factor for method, (factor, _) in together.items()} == {
+        "hypersteer": 2.0,
+        "prompt_hypersteer": 0.5,
+    }
+    for method, grid in grids.items():
+        alone = calibrate_steering_factor(model, tiny_tokenizer, _calibration_rows(), grid, method=method, **settings)
+        assert alone == together[method]
+    with pytest.raises(ValueError, match="at least one method"):
+        calibrate_steering_factors(model, tiny_tokenizer, _calibration_rows(), {}, **settings)
+
+
 def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt(
     tiny_tokenizer, monkeypatch, tmp_path
 ):
@@ -231,14 +274,7 @@ def test_the_prompted_calibration_chooses_among_the_vectors_on_top_of_the_prompt
         ("prompt_hypersteer", 1.0): degenerate,
     }
     model = _scripted_model(monkeypatch, tiny_tokenizer, scripted)
-    rows = [
-        *(
-            {"output": text, "output_concept": concept, "is_negative": False}
-            for concept, texts in (("law", LAW[:6]), ("sea", SEA[:6]))
-            for text in texts
-        ),
-        *({"output": text, "output_concept": "", "is_negative": True} for text in NEUTRAL[:4]),
-    ]
+    rows = _calibration_rows()
     calibrate = dict(num_concepts=None, num_instructions=2, max_new_tokens=8, method="prompt_hypersteer")
     assert model.config.prompted_steering_factor is None
     # Only the method being calibrated is generated at the grid's factors: a ("hypersteer", f) key would be missing.

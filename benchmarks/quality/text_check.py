@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         calibration_concepts=args.calibration_concepts,
         calibration_instructions=args.calibration_instructions,
     )
-    calibration = train_hypersteer.calibrate_saved_steering_factor(
+    calibration = train_hypersteer.calibrate_saved_steering_factors(
         model,
         model.tokenizer,
         load_concept_data(sources),
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         model_args,
         str(run_dir),
         prompt_placement=args.prompt_placement,
-    )
+    )["hypersteer"]
     factor = model.config.default_steering_factor
     result = {"run_dir": str(run_dir), "calibration": calibration, "factor": factor}
     selections = {
