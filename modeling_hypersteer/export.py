@@ -557,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"`llama-cli -m <base>.gguf --control-vector {path}`."
     )
     if args.in_prompt:
-        instruction = read_control_vector(path).metadata["hypersteer.prompt_instruction"]
+        instruction = prompt_steering_system_prompt(args.steering_prompt)
         logger.info(f"Start each user turn with this line, then a blank line, then the request:\n{instruction}")
     return path
 

@@ -11,14 +11,15 @@ Ready-to-copy commands:
 
 Endpoints: `POST /v1/chat/completions` (JSON or, with `"stream": true`, server-sent events in OpenAI's chunk shapes),
 `GET /v1/models` and `GET /v1/models/{id}` (each model with a `steering` field: its calibrated factors and this
-server's limits), `GET /health`. The extra request field `steering`
-(`extra_body={"steering": ...}` with the official client) is `{"prompt": str, "factor": float}`, a list of such objects
-(composed: the row is steered by `sum_k factor_k * v_k`, see `HyperSteerModel.generate`), or absent/`null` for the
-unsteered base. A concept with `"in_prompt": true` is also asked for in the last user turn, in the prompting baseline's
-words (`evaluation.prompt_steering_turns`), and its factor defaults to the model's `prompted_steering_factor`: the use
-that shows concepts the model never trained on. The OpenAI fields `stop`, `seed`, `n`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`max_completion_tokens`, `stream_options.include_usage` and `user` are honoured; what cannot be honoured (`tools`,
-a non-text `response_format`, image or audio content, `logprobs`) is refused with a 400 naming the field.
+server's limits), `GET /health`. The extra request field `steering` (`extra_body={"steering": ...}` with the official
+client) is `{"prompt": str, "factor": float}`, a list of such objects (composed: the row is steered by
+`sum_k factor_k * v_k`, see `HyperSteerModel.generate`), or absent/`null` for the unsteered base. A concept with
+`"in_prompt": true` is also asked for in the last user turn, in the prompting baseline's words
+(`evaluation.prompt_steering_turns`), and its factor defaults to the model's `prompted_steering_factor`: the use that
+shows concepts the model never trained on. The OpenAI fields `stop`, `seed`, `n`, `presence_penalty`,
+`frequency_penalty`, `logit_bias`, `max_completion_tokens`, `stream_options.include_usage` and `user` are honoured;
+what cannot be honoured (`tools`, a non-text `response_format`, image or audio content, `logprobs`) is refused with a
+400 naming the field.
 
 How requests run: one background thread owns the model and its tokenizer (which it also uses to turn tokens into
 text, incrementally). Requests are validated, chat-templated and tokenized on a second thread with its own copy of the

@@ -1037,11 +1037,15 @@ def test_smollm2_server_equals_generate_alone_and_batched(tmp_path, smollm2_dir)
                 [{"prompt": "terms related to baking bread", "factor": 3.0}, {"prompt": "legal terms", "factor": 2.0}],
             ),
             ("Why do people enjoy travelling?", None),
+            # Asked for in the prompt too, batched with the plain requests.
+            ("Why do people enjoy travelling?", {"prompt": "mentions of trains", "factor": 2.0, "in_prompt": True}),
         ]
         with ThreadPoolExecutor(len(others)) as pool:
             results = list(pool.map(lambda request: _create(server, *request, max_tokens=16), others))
         for (prompt, request_steering), completion in zip(others, results):
-            _assert_matches(completion, reference.expect(prompt, request_steering, max_tokens=16))
+            in_prompt = isinstance(request_steering, dict) and request_steering.get("in_prompt")
+            messages = _messages(prompt_steering_turns(request_steering["prompt"], prompt)[0]) if in_prompt else None
+            _assert_matches(completion, reference.expect(prompt, request_steering, max_tokens=16, messages=messages))
         assert server.get("/health")["largest_batch"] >= 3
     finally:
         server.stop()
