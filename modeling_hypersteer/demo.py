@@ -1,4 +1,5 @@
-"""A browser demo: unsteered, prompt-steered and HyperSteer answers side by side, and the concept as a control vector.
+"""A browser demo: unsteered, prompt-steered, HyperSteer and Prompt + HyperSteer answers side by side, and the concept
+as a control vector.
 
 Ready-to-copy commands:
 
