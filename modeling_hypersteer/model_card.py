@@ -543,9 +543,9 @@ def _text_metric_markdown(result: Mapping[str, Any]) -> str:
     )
 
 
-def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
-    """How `default_steering_factor` (or `prompted_steering_factor`) was chosen after training
-    (`train_hypersteer.py --calibrate_steering_factor`, `--calibrate_prompted_steering_factor`)."""
+def calibration_table_markdown(calibration: Mapping[str, Any]) -> str:
+    """A factor calibration's record (`text_metric.calibrate_steering_factors`) as a markdown table: one row per
+    factor, whether it is within the fluency bound (and why not), then the reference rows."""
     rows = [
         (
             _format_factor(row.get("factor")),
@@ -568,6 +568,12 @@ def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
                     "reference",
                 )
             )
+    return _table(("Factor", "Detector accuracy", "NLL", "Distinct bigrams", "Within the fluency bound"), rows)
+
+
+def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
+    """How `default_steering_factor` (or `prompted_steering_factor`) was chosen after training
+    (`train_hypersteer.py --calibrate_steering_factor`, `--calibrate_prompted_steering_factor`)."""
     factor = calibration.get("factor")
     if factor is None:
         outcome = "found no factor within the bound and left it unset"
@@ -588,7 +594,7 @@ def _calibration_markdown(calibration: Mapping[str, Any]) -> str:
             f"Rule: {_inline(calibration.get('rule', ''))}."
             + _prompting_placement_text(calibration.get("prompt_placement")),
             "",
-            _table(("Factor", "Detector accuracy", "NLL", "Distinct bigrams", "Within the fluency bound"), rows),
+            calibration_table_markdown(calibration),
         ]
     )
 
@@ -847,6 +853,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 __all__ = [
     "EVALUATION_SUMMARY_FILE",
+    "calibration_table_markdown",
     "push_to_hub",
     "render_model_card",
     "write_model_card",

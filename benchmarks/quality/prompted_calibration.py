@@ -33,6 +33,7 @@ import quality_ablation  # noqa: E402
 import train_hypersteer  # noqa: E402
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.data import ConceptSplit, load_concept_data  # noqa: E402
+from modeling_hypersteer.model_card import calibration_table_markdown  # noqa: E402
 from modeling_hypersteer.text_metric import calibrate_steering_factors, check_factor_grid  # noqa: E402
 from modeling_hypersteer.utils import CONCEPT_SPLIT_FILE, TRAINING_SUMMARY_FILE  # noqa: E402
 
@@ -97,14 +98,7 @@ def main(argv=None) -> dict:
             else:
                 result.setdefault("default_factor", {})[str(run_dir)] = record
             print(f"\n{run_dir}: {record['field']} = {factor} ({record['chosen_by']}; the pass took {seconds} s)")
-            print("| factor | detector accuracy | NLL | distinct bigrams | within the bound |\n|---|---|---|---|---|")
-            for row in [*record["table"], *record["reference"].values()]:
-                label = row["method"] if row["method"] in ("prompt", "none") else f"{row['factor']:g}"
-                passes = "reference" if "passes" not in row else ("yes" if row["passes"] else row["rejected_because"])
-                print(
-                    f"| {label} | {row['detector_accuracy']:.3f} | {row['nll']:.3f} | {row['distinct_bigrams']:.3f} | "
-                    f"{passes} |"
-                )
+            print(calibration_table_markdown(record))
     quality_ablation.record_run(RESULTS_PATH, args.name, result)
     return result
 
