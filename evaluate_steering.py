@@ -1,4 +1,4 @@
-"""Evaluate a HyperSteer checkpoint the AxBench way, against any OpenAI-compatible judge, or offline.
+r"""Evaluate a HyperSteer checkpoint the AxBench way, against any OpenAI-compatible judge, or offline.
 
 Ready-to-copy commands:
 

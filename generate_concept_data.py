@@ -1,5 +1,5 @@
 # Copyright 2025 The HyperSteer Authors. Licensed under the Apache License, Version 2.0.
-"""Generate concept-steering training data with a teacher LLM, in the AxBench schema.
+r"""Generate concept-steering training data with a teacher LLM, in the AxBench schema.
 
 For every concept description, a fixed random sample of instructions is answered by a teacher model asked to weave
 the concept into its answer, or (`--response_style about`) paired with text the teacher writes about the concept

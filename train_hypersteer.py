@@ -1,4 +1,4 @@
-"""Train a HyperSteer hypernetwork on AxBench-style concept data with the HF Trainer.
+r"""Train a HyperSteer hypernetwork on AxBench-style concept data with the HF Trainer.
 
 Ready-to-copy commands:
 

@@ -1,4 +1,4 @@
-"""llama.cpp control vectors: export a HyperSteer steering vector, and steer `generate` with a llama.cpp/repeng one.
+r"""llama.cpp control vectors: export a HyperSteer steering vector, and steer `generate` with a llama.cpp/repeng one.
 
 Ready-to-copy commands:
 

@@ -1,4 +1,4 @@
-"""Diagnostic: how many directions do a trained no-context hypernetwork's concept features span?
+r"""Diagnostic: how many directions do a trained no-context hypernetwork's concept features span?
 
 For every concept of a run's split, the hypernetwork's pooled feature (before centring) and its vector minus the shared
 offset are collected; the script prints, per run, the participation ratio of the features' covariance across concepts

@@ -1,4 +1,4 @@
-"""Probe: does a fixed (untrained) lexical concept direction add specificity on top of a trained no-context model?
+r"""Probe: does a fixed (untrained) lexical concept direction add specificity on top of a trained no-context model?
 
 Each concept's vector is the trained model's `v(s)` plus `norm * u(s)`, where `u(s)` is the steering prompt's mean
 output-token embedding centred on the vocabulary mean (unit length); the vectors are scored with the ablation's offline

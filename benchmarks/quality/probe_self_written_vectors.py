@@ -1,4 +1,4 @@
-"""Probe: does text the base writes *about* a concept train a vector that shows the concept, as real rows do?
+r"""Probe: does text the base writes *about* a concept train a vector that shows the concept, as real rows do?
 
 One vector per concept trained with the LM loss on AxBench rows shows its concept in text far better than HyperSteer
 (`text_vector_bound.json`), and directions *read* from the base do not show it at all

@@ -1,4 +1,4 @@
-"""Probe: can a direction read from the frozen base, with no training, stand in for a concept's LM-trained vector?
+r"""Probe: can a direction read from the frozen base, with no training, stand in for a concept's LM-trained vector?
 
 Never-trained descriptions get from HyperSteer little more than what such a direction gives them (the lexical prior),
 and the vectors that do show a concept in text are trained per concept (`probe_vector_regression.py`). This probe

@@ -1,4 +1,4 @@
-"""Probe: does the LM-trained vector of a concept follow from its description's words, for concepts a map never saw?
+r"""Probe: does the LM-trained vector of a concept follow from its description's words, for concepts a map never saw?
 
 One vector per concept trained with the LM loss alone (the `vector` baseline) shows its concept in text far better
 than HyperSteer (`benchmarks/results/text_vector_bound.json`). This probe asks whether such vectors can be predicted

@@ -1,4 +1,4 @@
-"""Steering on top of prompting: on concepts a run never trained on, does its vector, added while the prompt already
+r"""Steering on top of prompting: on concepts a run never trained on, does its vector, added while the prompt already
 asks for the concept, make the concept show in the answers more often than the prompt alone, and more often than
 another never-trained concept's vector on the same prompt?
 
@@ -12,7 +12,7 @@ Every answer is scored by the text metric (`score_samples`: the concept detector
 NLL, distinct bigrams). In `prompt_wrong_vector` the metric's wrong-concept detector is the vector's concept, so its
 `wrong_concept_accuracy` says how often the vector's concept shows against the prompt's.
 
-    python benchmarks/quality/prompt_plus_steering.py --name recipe_x3 \\
+    python benchmarks/quality/prompt_plus_steering.py --name recipe_x3 \
         --run_dirs /tmp/hq6/recipe_split42,/tmp/hq6/recipe_split7,/tmp/hq7/recipe_split13
 
 Records per-run and pooled rows in `benchmarks/results/prompt_plus_steering.json` and prints the pooled table. A

@@ -1,4 +1,4 @@
-"""Probe: where the concept shows in text against what it costs in fluency, for a trained run and two inference-time
+r"""Probe: where the concept shows in text against what it costs in fluency, for a trained run and two inference-time
 variants of its steering, next to prompting and the unsteered base.
 
 The factor calibration (`train_hypersteer.py --calibrate_steering_factor`) picks the factor with the highest concept
