@@ -566,7 +566,7 @@ def _variants(runs: dict) -> list[dict]:
         settings = {
             key: value
             for key, value in run["config"].items()
-            if key not in (*DESCRIPTIVE_KEYS, SPLIT_KEY) and not key.startswith("calibrat")
+            if key not in (*DESCRIPTIVE_KEYS, SPLIT_KEY) and "calibrat" not in key
         }
         variants.setdefault(json.dumps(settings, sort_keys=True), {}).setdefault(
             run["config"].get(SPLIT_KEY), (name, run)

@@ -469,7 +469,11 @@ def select_steering_factor(
     nll_margin: float = DEFAULT_NLL_MARGIN,
     distinct_fraction: float = DEFAULT_DISTINCT_FRACTION,
 ) -> tuple[float | None, list[dict[str, Any]]]:
-    """The factor with the highest detector accuracy among those within the fluency bound; ties go to the smaller.
+    """The factor with the highest detector accuracy among those within the fluency bound.
+
+    Ties in accuracy (common: a few dozen answers, of which a small base shows the concept in a handful) go to the
+    higher mean detector probability, the same detector's graded score on the same answers, and only then to the
+    smaller factor.
 
     A factor passes when
 
@@ -480,7 +484,7 @@ def select_steering_factor(
 
     Args:
         candidates (`Sequence[dict]`): one row per factor with `factor`, `detector_accuracy`, `nll` and
-            `distinct_bigrams` (as [`aggregate_scores`] returns them).
+            `distinct_bigrams`, and optionally `detector_probability` (as [`aggregate_scores`] returns them).
         reference (`dict`): the reference row, with `nll` and `distinct_bigrams`.
 
     Returns:
@@ -516,8 +520,8 @@ def select_steering_factor(
     passing = [row for row in table if row["passes"]]
     if not passing:
         return None, table
-    # Sorted by factor, and `max` keeps the first of equal maxima: ties go to the smaller factor.
-    best = max(passing, key=lambda row: row["detector_accuracy"] or 0.0)
+    # Sorted by factor, and `max` keeps the first of equal maxima: full ties go to the smaller factor.
+    best = max(passing, key=lambda row: (row["detector_accuracy"] or 0.0, row.get("detector_probability") or 0.0))
     return float(best["factor"]), table
 
 
@@ -675,7 +679,7 @@ def _rule_text(nll_margin: float, distinct_fraction: float) -> str:
     return (
         "highest detector accuracy among factors with NLL <= reference NLL + "
         f"{nll_margin} nats and distinct-bigram share >= {distinct_fraction} x the reference's (reference: "
-        "prompting, else unsteered); ties to the smaller factor"
+        "prompting, else unsteered); ties to the higher mean detector probability, then to the smaller factor"
     )
 
 
@@ -749,9 +753,9 @@ def calibrate_steering_factors(
     reports on), next to prompting and the unsteered base, and scored by the text metric (see the module docstring).
     The factor with the highest detector accuracy among those whose fluency NLL is within `nll_margin` nats of
     prompting's and whose distinct-bigram share is at least `distinct_fraction` of prompting's wins, ties going to the
-    smaller factor ([`select_steering_factor`]). When none passes, the model's current value of the field the method
-    calibrates ([`CALIBRATED_FACTOR_FIELDS`]) is kept, with a warning. Every method is calibrated on the same concepts,
-    instructions, detector and reference, which are generated and scored once.
+    higher mean detector probability ([`select_steering_factor`]). When none passes, the model's current value of the
+    field the method calibrates ([`CALIBRATED_FACTOR_FIELDS`]) is kept, with a warning. Every method is calibrated on
+    the same concepts, instructions, detector and reference, which are generated and scored once.
 
     `hypersteer` calibrates `default_steering_factor`, the vector alone; `prompt_hypersteer` calibrates
     `prompted_steering_factor`, the vector added on top of prompting's prompt for the same concept (the way a

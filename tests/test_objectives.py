@@ -659,6 +659,31 @@ def test_ablation_reuses_reference_losses_only_for_the_same_rows(tmp_path):
     assert path != quality_ablation.reference_losses_path(Args, "heldout", rows, "system")
 
 
+def test_ablation_pools_runs_that_differ_only_in_split_description_or_factor_calibration():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import quality_ablation
+
+    trained = {"max_steps": 400, "contrast_loss_weight": 0.5, "calibrate_steering_factor": False}
+    # The recipe command's own run: both calibrations on, with their grids; another split and description.
+    recipe = {
+        **trained,
+        "calibrate_steering_factor": True,
+        "calibration_factors": "1,1.5,2,4,8",
+        "calibrate_prompted_steering_factor": True,
+        "prompted_calibration_factors": "0.25,0.5,0.75,1",
+    }
+    runs = {
+        "a": {"config": {**trained, "concept_split_seed": 42, "description": "x"}},
+        "b": {"config": {**recipe, "concept_split_seed": 5, "description": "y"}},
+        "c": {"config": {**trained, "contrast_loss_weight": 1.0, "concept_split_seed": 7}},
+        "d": {"config": {**recipe, "concept_split_seed": 42}},  # a rerun of split 42 is not another split
+    }
+    variants = quality_ablation._variants(runs)
+    assert sorted(sorted(name for name, _ in per_split.values()) for per_split in variants) == [["a", "b"], ["c"]]
+
+
 def test_an_ablation_rescoring_experiment_scores_another_run_with_its_own_evaluation_settings(tmp_path, monkeypatch):
     import shutil
     import sys
@@ -1340,6 +1365,27 @@ def test_prompt_plus_steering_adds_each_concepts_vector_to_its_prompt_and_pools_
         probe.recorded_run_rows(results, ["earlier"], ["heldout"], conditions | {("prompt_hypersteer", 1.0)})
     with pytest.raises(ValueError, match="no heldback rows"):
         probe.recorded_run_rows(results, ["earlier"], ["heldout", "heldback"], conditions)
+
+    # Pooling recorded rows alone (no new run) keeps their runs' rows in the new row, so it can be pooled in turn.
+    recorded = [*first, row("prompt_wrong_vector", 0.5, 0.1, 10)]
+    results["runs"]["earlier"]["/runs/a"]["heldout"] = recorded
+    results["runs"]["other"] = {"command": "...", "/runs/b": {"heldout": recorded}, "pooled": {}}
+    results_path = tmp_path / "prompt_plus_steering.json"
+    results_path.write_text(json.dumps(results))
+    original_path, probe.RESULTS_PATH = probe.RESULTS_PATH, results_path
+    try:
+        flags = ["--factors", "0.5", "--concept_sets", "heldout", "--run_dirs", ""]
+        both = probe.main([*flags, "--name", "both", "--pool_with", "earlier,other"])
+        assert both["pooled_runs"] == ["/runs/a", "/runs/b"] and both["/runs/b"] == {"heldout": recorded}
+        again = probe.main([*flags, "--name", "again", "--pool_with", "both"])
+        assert again["pooled"] == both["pooled"]
+        by_condition = {entry["method"]: entry for entry in again["pooled"]["heldout"]}
+        assert by_condition["prompt_hypersteer"]["detected"] == 8 and by_condition["prompt"]["detected"] == 4
+        with pytest.raises(SystemExit):
+            probe.main([*flags, "--name", "nothing"])
+    finally:
+        probe.RESULTS_PATH = original_path
+    assert set(json.loads(results_path.read_text())["runs"]) == {"earlier", "other", "both", "again"}
 
 
 def test_ablation_results_file_keeps_other_runs_when_one_is_recorded(tmp_path):

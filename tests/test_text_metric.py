@@ -127,7 +127,7 @@ def _row(factor, accuracy, nll, distinct):
     }
 
 
-def test_factor_selection_rejects_degenerate_and_broken_factors_and_prefers_the_smaller_on_ties():
+def test_factor_selection_rejects_degenerate_and_broken_factors_and_breaks_ties_by_detector_probability():
     reference = {"nll": 2.0, "distinct_bigrams": 0.9}
     table = [
         _row(8.0, 1.0, 0.8, 0.2),  # the concept word repeated: highest accuracy, low NLL, degenerate
@@ -141,9 +141,17 @@ def test_factor_selection_rejects_degenerate_and_broken_factors_and_prefers_the_
     assert [row["passes"] for row in checked] == [True, True, False, False]
     assert "distinct-bigram share 0.200 < 0.675" in checked[3]["rejected_because"]
     assert "NLL 2.900 > 2.500" in checked[2]["rejected_because"]
-    # Equal accuracy: the smaller factor wins.
-    tie, _ = select_steering_factor([_row(3.0, 0.5, 2.0, 0.9), _row(1.5, 0.5, 2.0, 0.9)], reference)
-    assert tie == 1.5
+    # Equal accuracy: the higher mean detector probability wins, whichever factor it belongs to; then the smaller.
+    tie = [_row(3.0, 0.5, 2.0, 0.9), _row(1.5, 0.5, 2.0, 0.9)]
+    assert select_steering_factor(tie, reference)[0] == 1.5
+    tie[0]["detector_probability"], tie[1]["detector_probability"] = 0.41, 0.40
+    assert select_steering_factor(tie, reference)[0] == 3.0
+    tie[0]["detector_probability"], tie[1]["detector_probability"] = 0.39, 0.40
+    assert select_steering_factor(tie, reference)[0] == 1.5
+    # The probability only breaks ties: higher accuracy wins over a higher probability.
+    tie[0]["detector_accuracy"] = 0.25
+    tie[0]["detector_probability"] = 0.9
+    assert select_steering_factor(tie, reference)[0] == 1.5
     nothing, _ = select_steering_factor([_row(8.0, 1.0, 0.8, 0.2)], reference)
     assert nothing is None
 

@@ -217,7 +217,11 @@ def concept_sets(run_dir: Path, args) -> dict[str, tuple[list[str], object]]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dirs", required=True, help="Comma-separated finished training runs, pooled.")
+    parser.add_argument(
+        "--run_dirs",
+        required=True,
+        help="Comma-separated finished training runs, pooled ('' with --pool_with: only pool recorded rows).",
+    )
     parser.add_argument("--name", required=True, help="Row name in results/prompt_plus_steering.json.")
     parser.add_argument("--factors", default="0.5", help="Steering factors of the vector added to the prompt.")
     parser.add_argument("--concept_sets", default="heldout,heldback", help="Of heldout, heldback.")
@@ -242,6 +246,8 @@ def main(argv=None) -> dict:
         parser.error(f"--concept_sets takes heldout and/or heldback, got {args.concept_sets!r}.")
     if not 1 <= args.instructions_per_concept <= len(GENERIC_INSTRUCTIONS):
         parser.error(f"--instructions_per_concept must be in 1..{len(GENERIC_INSTRUCTIONS)}.")
+    if not args.run_dirs.strip(",") and not args.pool_with:
+        parser.error("--run_dirs is empty and --pool_with names no recorded row: there is nothing to pool.")
     transformers.utils.logging.set_verbosity_warning()
     instructions = list(GENERIC_INSTRUCTIONS)[: args.instructions_per_concept]
 
@@ -258,7 +264,9 @@ def main(argv=None) -> dict:
         twice = sorted(set(recorded) & {value for value in args.run_dirs.split(",") if value})
         if twice:
             parser.error(f"--pool_with already holds the run(s) {twice}; drop them from --run_dirs.")
-        for run_sets in recorded.values():
+        for run_dir, run_sets in recorded.items():
+            # Kept in this row too, so a later row can pool with it alone.
+            result[run_dir] = run_sets
             for name, rows in run_sets.items():
                 per_set[name].append(rows)
         result["pooled_runs"] = sorted(recorded)
