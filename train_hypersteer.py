@@ -197,8 +197,8 @@ class ModelArguments:
             "help": "After training, choose `default_steering_factor` on held-in concepts with the judge-free text "
             "metric (modeling_hypersteer/text_metric.py): the factor of --calibration_factors with the highest "
             "concept-detector accuracy whose fluency NLL is within 0.5 nats of prompting's and whose distinct-bigram "
-            "share is at least 0.75 of prompting's (ties to the smaller). Saved in config.json and recorded in "
-            "training_summary.json."
+            "share is at least 0.75 of prompting's (ties to the higher mean detector probability). Saved in "
+            "config.json and recorded in training_summary.json."
         },
     )
     calibration_factors: str = field(
