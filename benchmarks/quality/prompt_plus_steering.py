@@ -246,7 +246,8 @@ def main(argv=None) -> dict:
         parser.error(f"--concept_sets takes heldout and/or heldback, got {args.concept_sets!r}.")
     if not 1 <= args.instructions_per_concept <= len(GENERIC_INSTRUCTIONS):
         parser.error(f"--instructions_per_concept must be in 1..{len(GENERIC_INSTRUCTIONS)}.")
-    if not args.run_dirs.strip(",") and not args.pool_with:
+    run_dirs = [value.strip() for value in args.run_dirs.split(",") if value.strip()]
+    if not run_dirs and not args.pool_with:
         parser.error("--run_dirs is empty and --pool_with names no recorded row: there is nothing to pool.")
     transformers.utils.logging.set_verbosity_warning()
     instructions = list(GENERIC_INSTRUCTIONS)[: args.instructions_per_concept]
@@ -261,7 +262,7 @@ def main(argv=None) -> dict:
             recorded = recorded_run_rows(results, args.pool_with.split(","), concept_set_names, conditions)
         except ValueError as error:
             parser.error(str(error))
-        twice = sorted(set(recorded) & {value for value in args.run_dirs.split(",") if value})
+        twice = sorted(set(recorded) & set(run_dirs))
         if twice:
             parser.error(f"--pool_with already holds the run(s) {twice}; drop them from --run_dirs.")
         for run_dir, run_sets in recorded.items():
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
             for name, rows in run_sets.items():
                 per_set[name].append(rows)
         result["pooled_runs"] = sorted(recorded)
-    for run_dir in [Path(value) for value in args.run_dirs.split(",") if value.strip()]:
+    for run_dir in map(Path, run_dirs):
         model = HyperSteerModel.from_pretrained(run_dir).eval()
         result[str(run_dir)] = {}
         for name, (concepts, data) in concept_sets(run_dir, args).items():
@@ -283,7 +284,7 @@ def main(argv=None) -> dict:
             rows = aggregate_scores(scored)
             result[str(run_dir)][name] = rows
             per_set[name].append(rows)
-    result["pooled_runs"] = result.get("pooled_runs", []) + [str(value) for value in args.run_dirs.split(",") if value]
+    result["pooled_runs"] = result.get("pooled_runs", []) + run_dirs
     result["pooled"] = {name: pooled_rows(rows) for name, rows in per_set.items()}
     for name, rows in result["pooled"].items():
         print(f"\n{name} (pooled over {len(per_set[name])} runs)")
