@@ -1204,6 +1204,64 @@ def test_vector_regression_probe_fits_the_map_and_scores_retrieval():
     assert shuffled["retrieval_accuracy"] == 0.0 and shuffled["own_cosine"] < 1.0
 
 
+def test_cosine_to_text_probe_sets_the_cosine_and_reads_the_curves():
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "quality"))
+    import probe_cosine_to_text as probe
+
+    torch.manual_seed(0)
+    own = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    others = [torch.nn.functional.normalize(torch.randn(5, 16), dim=-1) for _ in range(4)]
+    error = probe.error_directions(own, others)
+    torch.testing.assert_close((error * own).sum(-1), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(error.norm(dim=-1), torch.ones(4))
+    # The error lies in the span of the other concepts' vectors (and the own one, removed from it).
+    for index in range(4):
+        basis = torch.cat([others[index], own[index : index + 1]])
+        coefficients = torch.linalg.lstsq(basis.T, error[index][:, None]).solution
+        torch.testing.assert_close((basis.T @ coefficients)[:, 0], error[index], atol=1e-5, rtol=0)
+    for cosine in (0.0, 0.3, 1.0):
+        directions = probe.vectors_at_cosine(own, error, cosine)
+        torch.testing.assert_close(directions.norm(dim=-1), torch.ones(4))
+        torch.testing.assert_close((directions * own).sum(-1), torch.full((4,), cosine), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="1.5"):
+        probe.vectors_at_cosine(own, error, 1.5)
+
+    levels = [{"cosine": 0.0, "gain": 0.0}, {"cosine": 0.5, "gain": 0.1}, {"cosine": 1.0, "gain": 0.5}]
+    assert probe.cosine_for_share(levels, prompt_gain=0.2, share=0.5) == pytest.approx(0.5)
+    assert probe.cosine_for_share(levels, prompt_gain=0.2, share=1.0) == pytest.approx(0.625)
+    assert probe.cosine_for_share(levels, prompt_gain=0.2, share=3.0) is None
+    # 0.1 per doubling from 0.1 at 16 concepts: 0.4 is three doublings on. Pooled sizes ("56+43") are not fitted.
+    fit = probe.concepts_for_cosine({"16": [0.1, 0.0], "32": [0.2, 0.0], "64": [0.3, 0.0], "56+43": [0.9, 0.0]}, 0.4)
+    assert fit["cosine_per_doubling"] == pytest.approx(0.1) and fit["concepts_needed"] == 128
+    assert probe.concepts_for_cosine({"16": [0.2, 0.0], "32": [0.1, 0.0]}, 0.4)["concepts_needed"] is None
+    with pytest.raises(ValueError, match="two or more"):
+        probe.concepts_for_cosine({"16": [0.2, 0.0]}, 0.4)
+
+    def row(accuracy, samples, **extra):
+        scores = {"detector_accuracy": accuracy, "wrong_concept_accuracy": 0.0, "nll": 1.0, "distinct_bigrams": 0.9}
+        return {**scores, "num_samples": samples, **extra}
+
+    def run(prompt, level, samples):
+        return {
+            "none": row(0.0, samples, method="none"),
+            "prompt": row(prompt, samples, method="prompt"),
+            "levels": [row(level, samples, method="vector", factor=4.0, cosine=0.5)],
+            "answers_per_condition": samples,
+        }
+
+    # Pooled by answer count: 0.3 of 100 and 0.0 of 300 answers is 0.075 of 400.
+    pooled = probe.pooled_rows([run(0.2, 0.3, 100), run(0.1, 0.0, 300)])
+    assert pooled["answers_per_condition"] == 400 and pooled["prompt"]["detector_accuracy"] == pytest.approx(0.125)
+    assert pooled["levels"][0]["detector_accuracy"] == pytest.approx(0.075)
+    assert pooled["levels"][0]["gain"] == pytest.approx(0.075) and pooled["levels"][0]["num_samples"] == 400
+    unmatched = run(0.1, 0.0, 300)
+    unmatched["levels"][0]["cosine"] = 0.75
+    with pytest.raises(ValueError, match="every run"):
+        probe.pooled_rows([run(0.2, 0.3, 100), unmatched])
+
+
 def test_training_free_direction_probe_reads_the_prior_and_weights_rare_words(tiny_tokenizer):
     import sys
 

@@ -8,7 +8,10 @@ never-trained ones (the run's held-out concepts and held-back concept_llama conc
 ridge map `u(s) -> vector` on the held-in concepts, and reports, on the never-trained concepts,
 
 * the cosine of each prediction with the concept's own trained vector, centred on the held-in mean vector (the part
-  shared by every concept says nothing about which concept it is), against the same cosine of HyperSteer's vector;
+  shared by every concept says nothing about which concept it is), against the same cosine of HyperSteer's vector,
+  on never-trained and held-in concepts (`hypersteer`: centred on the trained vectors' held-in mean, which leaves
+  HyperSteer's own shared part in; `hypersteer_own_centre`: on HyperSteer's held-in mean, so only what tells its
+  vectors apart is compared);
 * retrieval: the share of never-trained concepts whose prediction is nearer (centred cosine) their own trained
   vector than any other never-trained concept's.
 
@@ -83,10 +86,12 @@ def summary(cosines: torch.Tensor) -> dict:
     }
 
 
-def add_vector_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of [`trained_concept_vectors`]."""
-    parser.add_argument("--run_dir", required=True, help="A finished training run (its split and HyperSteer vectors).")
-    parser.add_argument("--output_dir", required=True, help="Where the trained vectors and generations are kept.")
+def add_vector_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags of [`trained_concept_vectors`] (`--run_dir` and `--output_dir` optional when not `required`)."""
+    parser.add_argument(
+        "--run_dir", required=required, help="A finished training run (its split and HyperSteer vectors)."
+    )
+    parser.add_argument("--output_dir", required=required, help="Where the trained vectors and generations are kept.")
     parser.add_argument("--heldback_data", default="../shared/data/axbench_more/concept_llama")
     parser.add_argument("--heldback_concepts", type=int, default=24)
     parser.add_argument("--steps", type=int, default=400, help="Training steps (batch 4) of the per-concept vectors.")
@@ -153,7 +158,6 @@ def main(argv=None) -> dict:
     run_dir = Path(args.run_dir)
     model = HyperSteerModel.from_pretrained(run_dir).eval()
     vectors, heldin_concepts, never_concepts = trained_concept_vectors(model, run_dir, Path(args.output_dir), args)
-    targets = {name: torch.stack([vectors[c] for c in concepts]) for name, concepts in never_concepts.items()}
     heldin_targets = torch.stack([vectors[c] for c in heldin_concepts])
     centre = heldin_targets.mean(0)
     heldin_features = lexical_directions(model, heldin_concepts)
@@ -177,17 +181,36 @@ def main(argv=None) -> dict:
         "ridge": ridge,
         "splits": {},
     }
+    with torch.no_grad():
+        heldin_hypersteer = model.compute_steering_vectors(steering_prompt=heldin_concepts).float()
+    hypersteer_centre = heldin_hypersteer.mean(0)
+
+    def hypersteer_cosines(hypersteer: torch.Tensor, targets: torch.Tensor) -> dict:
+        return {
+            # Both centred on the LM vectors' held-in mean, which leaves HyperSteer's own shared part in its vectors.
+            "hypersteer": summary(centred_cosines(hypersteer, targets, centre)),
+            # Each centred on its own held-in mean: only the parts that tell one concept's vector from another's.
+            "hypersteer_own_centre": summary(
+                F.normalize(hypersteer - hypersteer_centre, dim=-1) @ F.normalize(targets - centre, dim=-1).T
+            ),
+        }
+
+    result["splits"]["heldin"] = {
+        "num_concepts": len(heldin_concepts),
+        **hypersteer_cosines(heldin_hypersteer, heldin_targets.float()),
+    }
     for name, concepts in never_concepts.items():
+        targets = torch.stack([vectors[c] for c in concepts]).float()
         features = lexical_directions(model, concepts)
         predicted = centre + kernel_ridge(heldin_features, heldin_targets - centre, features, ridge)
         with torch.no_grad():
             hypersteer = model.compute_steering_vectors(steering_prompt=concepts).float()
         result["splits"][name] = {
             "num_concepts": len(concepts),
-            "ridge_from_lexical": summary(centred_cosines(predicted, targets[name], centre)),
-            "lexical_direction_itself": summary(centred_cosines(centre + features, targets[name], centre)),
-            "hypersteer": summary(centred_cosines(hypersteer, targets[name], centre)),
-            "vector_norm": round(targets[name].norm(dim=-1).mean().item(), 2),
+            "ridge_from_lexical": summary(centred_cosines(predicted, targets, centre)),
+            "lexical_direction_itself": summary(centred_cosines(centre + features, targets, centre)),
+            **hypersteer_cosines(hypersteer, targets),
+            "vector_norm": round(targets.norm(dim=-1).mean().item(), 2),
         }
     return report(result, RESULTS_PATH, args.name)
 
