@@ -99,8 +99,9 @@ class QuickstartArguments:
         metadata={
             "help": "Factor of the side-by-side's 'Prompt + HyperSteer' line: the prompt-steered prompt plus the "
             "vector of the same concept, the way to use a small base's vector on a concept it never trained on "
-            "(README, 'On top of a prompt'). Default: the model's `prompted_steering_factor`, which training "
-            "calibrates when the recipe turns that calibration on (else half of the side-by-side's factor)."
+            "(docs/concept_steering.md, 'On top of a prompt'). Default: the model's `prompted_steering_factor`, "
+            "which training calibrates when the recipe turns that calibration on (else half of the side-by-side's "
+            "factor)."
         },
     )
     offline_steering_factor: float = field(

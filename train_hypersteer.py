@@ -205,7 +205,8 @@ class ModelArguments:
         default="1,2,4,8", metadata={"help": "Comma-separated candidate factors of the calibration (each > 0)."}
     )
     # A description the model never trained on shows in text when the prompt asks for it and the vector is added on
-    # top (README, "On top of a prompt"); the factor of that use is a second calibration on the same held-in concepts.
+    # top (docs/concept_steering.md, "On top of a prompt"); the factor of that use is a second calibration on the same
+    # held-in concepts.
     calibrate_prompted_steering_factor: bool = field(
         default=False,
         metadata={

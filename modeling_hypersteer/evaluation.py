@@ -54,7 +54,7 @@ METHODS = ("hypersteer", "prompt", "prompt_hypersteer", "none", "diffmean", "vec
 BASELINE_METHODS = ("diffmean", "vector")
 # `prompt_hypersteer` is both: the prompting baseline's prompt plus HyperSteer's vector of the same concept. On a small
 # base a never-trained description's vector alone rarely shows its concept, but on top of a prompt that asks for it,
-# it does more often than the prompt alone (README, "On top of a prompt").
+# it does more often than the prompt alone (docs/concept_steering.md, "On top of a prompt").
 HYPERSTEER_METHODS = ("hypersteer", "prompt_hypersteer")
 PROMPTED_METHODS = ("prompt", "prompt_hypersteer")
 # Methods generated at every factor of the grid; the others at one fixed factor.

@@ -68,7 +68,8 @@ GENERIC_INSTRUCTIONS = (
 # prompting's NLL on the calibration's answers + a margin, and prompting's NLL per instruction spans 0.7-2.1 nats on
 # SmolLM2-135M: calibrated on the first two instructions above (prompting 1.77-1.95 there, 1.31-1.44 on the first
 # four), 6 of 11 runs shipped a factor whose text broke the bound on the evaluation's instructions; on these six, 0 of
-# 11 (README, "The calibration's own instructions"). The factor is then also reported on prompts it was not chosen on.
+# 11 (docs/concept_steering.md, "The calibration's own instructions"). The factor is then also reported on prompts
+# it was not chosen on.
 CALIBRATION_INSTRUCTIONS = (
     "How would you cheer up a friend who had a bad day?",
     "Describe your favourite meal and why you like it.",
@@ -759,7 +760,7 @@ def calibrate_steering_factors(
 
     `hypersteer` calibrates `default_steering_factor`, the vector alone; `prompt_hypersteer` calibrates
     `prompted_steering_factor`, the vector added on top of prompting's prompt for the same concept (the way a
-    description the model never trained on shows in text; README, "On top of a prompt").
+    description the model never trained on shows in text; docs/concept_steering.md, "On top of a prompt").
 
     Args:
         model ([`HyperSteerModel`]): the trained model (not modified: the caller stores the factors).
