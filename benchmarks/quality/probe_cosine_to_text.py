@@ -152,6 +152,11 @@ def main(argv=None) -> dict:
     model = HyperSteerModel.from_pretrained(run_dir).eval()
     vectors, heldin, never = trained_concept_vectors(model, run_dir, output_dir, args)
     axbench = heldin + never["heldout"]
+    if not 2 <= args.text_concepts <= len(axbench):
+        raise SystemExit(
+            f"--text_concepts {args.text_concepts}: the run has {len(axbench)} AxBench concepts; choose 2 to "
+            f"{len(axbench)} (a wrong concept needs a second one)."
+        )
     tested = sorted(random.Random(0).sample(axbench, args.text_concepts))
     stacked = torch.stack([vectors[c].float() for c in heldin])
     centre = stacked.mean(0)
