@@ -1232,6 +1232,15 @@ def test_cosine_to_text_probe_sets_the_cosine_and_reads_the_curves():
     assert probe.cosine_for_share(levels, prompt_gain=0.2, share=0.5) == pytest.approx(0.5)
     assert probe.cosine_for_share(levels, prompt_gain=0.2, share=1.0) == pytest.approx(0.625)
     assert probe.cosine_for_share(levels, prompt_gain=0.2, share=3.0) is None
+    # Per factor, for both target shares (0.5x and 1x prompting's gain).
+    at_two_factors = [{**level, "factor": 3.0} for level in levels] + [
+        {"cosine": 0.0, "gain": 0.0, "factor": 4.0},
+        {"cosine": 1.0, "gain": 0.2, "factor": 4.0},
+    ]
+    assert probe.cosines_for_target_shares(at_two_factors, prompt_gain=0.2) == {
+        3.0: {0.5: pytest.approx(0.5), 1.0: pytest.approx(0.625)},
+        4.0: {0.5: pytest.approx(0.5), 1.0: 1.0},
+    }
     # 0.1 per doubling from 0.1 at 16 concepts: 0.4 is three doublings on. Pooled sizes ("56+43") are not fitted.
     fit = probe.concepts_for_cosine({"16": [0.1, 0.0], "32": [0.2, 0.0], "64": [0.3, 0.0], "56+43": [0.9, 0.0]}, 0.4)
     assert fit["cosine_per_doubling"] == pytest.approx(0.1) and fit["concepts_needed"] == 128

@@ -49,6 +49,7 @@ from probe_vector_regression import (  # noqa: E402
     report,
     trained_concept_vectors,
 )
+from prompt_plus_steering import pooled_rows as steering_pooled_rows  # noqa: E402
 
 from modeling_hypersteer import HyperSteerModel  # noqa: E402
 from modeling_hypersteer.text_metric import ConceptDetector, text_metric  # noqa: E402
@@ -102,6 +103,19 @@ def cosine_for_share(levels: list[dict], prompt_gain: float, share: float) -> fl
             fraction = (goal - below["gain"]) / (above["gain"] - below["gain"])
             return round(below["cosine"] + fraction * (above["cosine"] - below["cosine"]), 4)
     return None
+
+
+def cosines_for_target_shares(levels: list[dict], prompt_gain: float) -> dict[float, dict[float, float | None]]:
+    """`{factor: {share: cosine}}`: [`cosine_for_share`] at every factor of `levels` and every share of
+    `TARGET_SHARES`."""
+    factors = sorted({level["factor"] for level in levels})
+    return {
+        factor: {
+            share: cosine_for_share([level for level in levels if level["factor"] == factor], prompt_gain, share)
+            for share in TARGET_SHARES
+        }
+        for factor in factors
+    }
 
 
 def concepts_for_cosine(curve: dict[str, list[float]], cosine: float) -> dict:
@@ -207,40 +221,31 @@ def main(argv=None) -> dict:
         "prompt": baselines["prompt"],
         "none": baselines["none"],
         "levels": levels,
-        "cosine_for_share_of_prompting": {
-            str(factor): {
-                str(share): cosine_for_share([lv for lv in levels if lv["factor"] == factor], prompt_gain, share)
-                for share in TARGET_SHARES
-            }
-            for factor in factors
-        },
+        "cosine_for_share_of_prompting": cosines_for_target_shares(levels, prompt_gain),
     }
     return report(result, RESULTS_PATH, args.name)
 
 
 def pooled_rows(runs: list[dict]) -> dict:
-    """Recorded rows of several runs pooled by answer count: `{"prompt", "none", "levels", "answers_per_condition"}`,
-    each accuracy, NLL and distinct-bigram share averaged over all answers, and each level's `gain` recomputed."""
+    """Recorded rows of several runs pooled by answer count (`prompt_plus_steering.pooled_rows`): `{"prompt", "none",
+    "levels", "answers_per_condition"}`, each level's `gain` over the pooled unsteered accuracy.
 
-    def pool(rows: list[dict]) -> dict:
-        total = sum(row["num_samples"] for row in rows)
-        keys = ("detector_accuracy", "wrong_concept_accuracy", "nll", "distinct_bigrams")
-        pooled = {key: round(sum(row[key] * row["num_samples"] for row in rows) / total, 4) for key in keys}
-        return {**{key: rows[0][key] for key in rows[0] if key not in keys}, **pooled, "num_samples": total}
-
-    none, prompt = pool([run["none"] for run in runs]), pool([run["prompt"] for run in runs])
-    conditions = sorted({(level["cosine"], level["factor"]) for run in runs for level in run["levels"]})
-    levels = []
-    for cosine, factor in conditions:
-        rows = [lv for run in runs for lv in run["levels"] if (lv["cosine"], lv["factor"]) == (cosine, factor)]
-        if len(rows) != len(runs):
-            raise ValueError(f"Cosine {cosine} at factor {factor} was not measured in every run pooled.")
-        level = pool(rows)
-        level["gain"] = round(level["detector_accuracy"] - none["detector_accuracy"], 4)
-        levels.append(level)
+    Raises:
+        `ValueError` when a (cosine, factor) level was not measured in every run: its pool would weigh other runs.
+    """
+    conditions = [{(level["cosine"], level["factor"]) for level in run["levels"]} for run in runs]
+    missing = sorted(set().union(*conditions) - set.intersection(*conditions))
+    if missing:
+        raise ValueError(f"The (cosine, factor) levels {missing} were not measured in every run pooled.")
+    pooled = steering_pooled_rows(
+        [[run["none"], run["prompt"], *run["levels"]] for run in runs], keys=("method", "factor", "cosine")
+    )
+    by_method = {entry["method"]: entry for entry in pooled if entry["method"] in ("none", "prompt")}
+    levels = [entry for entry in pooled if entry["method"] not in by_method]
+    for level in levels:
+        level["gain"] = level["detector_accuracy"] - by_method["none"]["detector_accuracy"]
     return {
-        "none": none,
-        "prompt": prompt,
+        **by_method,
         "levels": levels,
         "answers_per_condition": sum(run["answers_per_condition"] for run in runs),
     }
@@ -261,14 +266,8 @@ def plot(names: list[str], path: Path) -> dict:
         raise SystemExit(f"{RESULTS_PATH} has no row {missing}; rows: {sorted(recorded)}.")
     run = pooled_rows([recorded[name] for name in names])
     none, prompt = run["none"]["detector_accuracy"], run["prompt"]["detector_accuracy"]
-    factors = sorted({level["factor"] for level in run["levels"]})
-    thresholds = {
-        factor: {
-            share: cosine_for_share([lv for lv in run["levels"] if lv["factor"] == factor], prompt - none, share)
-            for share in TARGET_SHARES
-        }
-        for factor in factors
-    }
+    thresholds = cosines_for_target_shares(run["levels"], prompt - none)
+    factors = list(thresholds)
     map_curve = json.loads(DESCRIPTION_MAP_RESULTS.read_text())["runs"]["recipe_prior48_600"]["learning_curve"]
     curves = {
         "AxBench, cross-validated": map_curve[MAP_CURVE_KEY]["axbench_cross_validated"],

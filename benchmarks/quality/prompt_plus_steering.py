@@ -150,27 +150,29 @@ def generate_jobs(model, jobs: list[dict], max_new_tokens: int, batch_size: int,
     return [{**job, "generation": answers[key]} for job, key in zip(jobs, keys)]
 
 
-def pooled_rows(rows_per_run: list[list[dict]]) -> list[dict]:
-    """Rows of several runs' `aggregate_scores` pooled per (method, factor), each mean weighted by `num_samples`,
-    with `detected` (answers showing the concept) and `gain_ratio`: the gain over `none` as a share of `prompt`'s."""
+def pooled_rows(rows_per_run: list[list[dict]], keys: tuple[str, ...] = ("method", "factor")) -> list[dict]:
+    """Rows of several runs' `aggregate_scores` pooled per condition (the values of `keys`; a row without one of them
+    has `None` there), each mean weighted by `num_samples`, with `detected` (answers showing the concept) and
+    `gain_ratio`: the gain over the `none` row as a share of the `prompt` row's."""
     groups = defaultdict(list)
     for rows in rows_per_run:
         for row in rows:
-            groups[(row["method"], row["factor"])].append(row)
-    pooled = {}
-    for (method, factor), rows in sorted(groups.items()):
+            groups[tuple(row.get(key) for key in keys)].append(row)
+    pooled = []
+    for condition, rows in sorted(groups.items(), key=lambda item: [(v is not None, v) for v in item[0]]):
         total = sum(row["num_samples"] for row in rows)
-        entry = {"method": method, "factor": factor, "num_samples": total}
+        entry = {**dict(zip(keys, condition)), "num_samples": total}
         for name in ("detector_accuracy", "detector_probability", "wrong_concept_accuracy", "nll", "distinct_bigrams"):
-            values = [(row[name], row["num_samples"]) for row in rows if row[name] is not None]
+            values = [(row[name], row["num_samples"]) for row in rows if row.get(name) is not None]
             entry[name] = sum(value * count for value, count in values) / sum(c for _, c in values) if values else None
         entry["detected"] = round(entry["detector_accuracy"] * total)
-        pooled[(method, factor)] = entry
-    none, prompt = pooled.get(("none", 0.0)), pooled.get(("prompt", 0.0))
-    for entry in pooled.values():
+        pooled.append(entry)
+    none = next((entry for entry in pooled if entry["method"] == "none"), None)
+    prompt = next((entry for entry in pooled if entry["method"] == "prompt"), None)
+    for entry in pooled:
         lift = None if none is None or prompt is None else prompt["detector_accuracy"] - none["detector_accuracy"]
         entry["gain_ratio"] = (entry["detector_accuracy"] - none["detector_accuracy"]) / lift if lift else None
-    return list(pooled.values())
+    return pooled
 
 
 def recorded_run_rows(results: dict, names: list[str], sets: list[str], conditions: set) -> dict[str, list[dict]]:
